@@ -1,0 +1,160 @@
+"""Arnoldi iteration over Hessian-vector products: Algorithm 1, lines 1–10, of Schioppa et al. (2022).
+
+After n steps, with Q_k the orthonormal Krylov basis and H̃ the (n + 1) × n Hessenberg matrix,
+
+    H Q_n = Q_{n+1} H̃                                                      (Alg. 1, lines 4–9)
+
+so the eigenpairs of the square block H̃[:n, :n] (``distill.py``) approximate the extreme
+eigenpairs of the Hessian H of the training loss.
+
+Design choices, each measured or required by scale:
+- The basis is a *stacked pytree* (one array of shape (n + 1, *leaf.shape) per parameter leaf) so it
+  can be sharded exactly like the parameters; a 300M-parameter model with n = 200 needs 240 GB.
+- Orthogonalisation is modified Gram–Schmidt followed by a second full pass ("twice is enough",
+  Giraud et al. 2005): one pass loses orthogonality once the Ritz values converge, which corrupts
+  the Hessenberg matrix; the reference implementation had only one pass.
+- Each step is one function of a *traced* iteration index, so it compiles once; the loop over
+  iterations is Python (``run_arnoldi``) because a conv HVP inside ``lax.fori_loop`` is ~15x slower
+  on CPU. The Gram–Schmidt inner loop has no HVP in it and stays a ``fori_loop``.
+- Breakdown (an invariant Krylov subspace: the new direction's norm falls below ``breakdown_tol``
+  times the norm of H v) stops the iteration early; the state up to that point is exact. The default
+  1e-4 sits between the two regimes measured in float32: the residual of an exactly invariant step
+  is HVP round-off, 1e-7 … 8.4e-6 of ‖H q_k‖ (tests/test_arnoldi.py, rank-3 problems), while on the
+  trained small CNN of Koh & Liang it never fell below 0.32 of ‖H q_k‖ in 200 iterations, fixed or
+  fresh batches. A tolerance at float32 eps (1e-7) misses real breakdowns and normalises round-off
+  into the basis.
+"""
+
+from collections.abc import Callable
+from typing import NamedTuple, TypedDict
+
+import jax
+import jax.numpy as jnp
+
+from influence import pytree
+from influence.hvp import HVP
+from influence.types import Batch, Params
+
+DEFAULT_BREAKDOWN_TOL = 1e-4
+
+
+class KrylovState(TypedDict):
+    """What Arnoldi carries between iterations (and what is checkpointed).
+
+    krylov_basis: stacked pytree, leaves (n + 1, *leaf.shape); row k is q_k.
+    hessenberg: (n + 1, n) float32; column k holds ⟨q_j, H q_k⟩ for j ≤ k and ‖w_k‖ at k + 1.
+    """
+
+    krylov_basis: Params
+    hessenberg: jax.Array
+
+
+class StepInfo(TypedDict):
+    hvp_norm: jax.Array  # ‖H q_k‖ before orthogonalisation
+    residual_norm: jax.Array  # ‖w‖ after orthogonalisation = hessenberg[k + 1, k]
+    breakdown: jax.Array  # bool: residual_norm <= breakdown_tol * hvp_norm
+
+
+class ArnoldiResult(NamedTuple):
+    state: KrylovState
+    num_completed: int  # iterations whose column of the Hessenberg matrix is filled
+    breakdown: str | None  # why the iteration stopped early, or None
+
+
+def start_vector(params_like: Params, key: jax.Array) -> Params:
+    """q_0 ~ N(0, I), normalised (Alg. 1, line 1); leaf i draws from ``fold_in(key, i)``.
+
+    With JAX's partitionable threefry the draw does not depend on how the output is sharded, so every
+    mesh starts from the same vector.
+    """
+    leaves, treedef = jax.tree.flatten(params_like)
+    drawn = [
+        jax.random.normal(jax.random.fold_in(key, i), leaf.shape, jnp.float32).astype(leaf.dtype)
+        for i, leaf in enumerate(leaves)
+    ]
+    q0 = jax.tree.unflatten(treedef, drawn)
+    return pytree.scale(1.0 / pytree.norm(q0), q0)
+
+
+def init_state(params_like: Params, num_iters: int, key: jax.Array) -> KrylovState:
+    """Storage for n + 1 basis vectors, q_0 set, and an all-zero Hessenberg matrix."""
+    basis = pytree.stacked_zeros(params_like, num_iters + 1)
+    basis = pytree.stacked_set(basis, 0, start_vector(params_like, key))
+    return KrylovState(
+        krylov_basis=basis, hessenberg=jnp.zeros((num_iters + 1, num_iters), jnp.float32)
+    )
+
+
+def _gram_schmidt_pass(
+    krylov_basis: Params, w: Params, coeffs: jax.Array, k: jax.Array
+) -> tuple[Params, jax.Array]:
+    """One modified Gram–Schmidt sweep of w against q_0 … q_k, accumulating the projections."""
+
+    def body(j: jax.Array, carry: tuple[Params, jax.Array]) -> tuple[Params, jax.Array]:
+        w, coeffs = carry
+        q_j = pytree.stacked_get(krylov_basis, j)
+        c = pytree.vdot(q_j, w)
+        return pytree.axpy(-c, q_j, w), coeffs.at[j].add(c)
+
+    return jax.lax.fori_loop(0, k + 1, body, (w, coeffs))
+
+
+def arnoldi_step(
+    hvp: HVP,
+    state: KrylovState,
+    params: Params,
+    batch: Batch,
+    k: jax.Array,
+    breakdown_tol: float = DEFAULT_BREAKDOWN_TOL,
+) -> tuple[KrylovState, StepInfo]:
+    """Iteration k (0-based) of Algorithm 1, lines 3–9: fills column k and q_{k+1}.
+
+    Differentiable-free and shape-stable in k, so it jits once for all iterations.
+    """
+    basis, hessenberg = state["krylov_basis"], state["hessenberg"]
+    w = hvp(params, batch, pytree.stacked_get(basis, k))  # line 4: w = H q_k
+    hvp_norm = pytree.norm(w)
+    coeffs = jnp.zeros((hessenberg.shape[0],), jnp.float32)
+    for _ in range(2):  # lines 5–7, then one re-orthogonalisation pass
+        w, coeffs = _gram_schmidt_pass(basis, w, coeffs, k)
+    residual_norm = pytree.norm(w)  # line 8: h_{k+1,k} = ‖w‖
+    coeffs = coeffs.at[k + 1].set(residual_norm)
+    breakdown = residual_norm <= breakdown_tol * jnp.maximum(hvp_norm, jnp.finfo(jnp.float32).tiny)
+    inv = jnp.where(breakdown, 0.0, 1.0 / jnp.where(breakdown, 1.0, residual_norm))
+    basis = pytree.stacked_set(basis, k + 1, pytree.scale(inv, w))  # line 9: q_{k+1} = w / h
+    hessenberg = jax.lax.dynamic_update_index_in_dim(hessenberg, coeffs, k, axis=1)
+    info = StepInfo(hvp_norm=hvp_norm, residual_norm=residual_norm, breakdown=breakdown)
+    return KrylovState(krylov_basis=basis, hessenberg=hessenberg), info
+
+
+StepFn = Callable[[KrylovState, Params, Batch, jax.Array], tuple[KrylovState, StepInfo]]
+
+
+def run_arnoldi(
+    step: StepFn,
+    state: KrylovState,
+    params: Params,
+    get_batch: Callable[[int], Batch],
+    num_iters: int,
+    start_iteration: int = 0,
+    on_iteration: Callable[[int, KrylovState, StepInfo], None] | None = None,
+) -> ArnoldiResult:
+    """The outer loop of Algorithm 1 (line 2), from ``start_iteration`` to ``num_iters``.
+
+    ``step`` is ``arnoldi_step`` with the HVP bound, usually jitted with shardings; ``get_batch(k)``
+    returns the HVP batch of iteration k (a deterministic function of k, so a resumed run draws the
+    same data). ``on_iteration(k + 1, state, info)`` runs after iteration k: checkpointing and
+    logging hook in there.
+    """
+    for k in range(start_iteration, num_iters):
+        state, info = step(state, params, get_batch(k), jnp.asarray(k, jnp.int32))
+        if on_iteration is not None:
+            on_iteration(k + 1, state, info)
+        if bool(info["breakdown"]):
+            reason = (
+                f"Krylov subspace became invariant at iteration {k}: residual norm "
+                f"{float(info['residual_norm']):.3e} <= breakdown_tol x ‖Hq‖ "
+                f"({float(info['hvp_norm']):.3e}); keeping {k + 1} Ritz pairs"
+            )
+            return ArnoldiResult(state, k + 1, reason)
+    return ArnoldiResult(state, num_iters, None)

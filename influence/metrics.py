@@ -1,0 +1,53 @@
+"""Retrieval metrics for mislabeled-example detection (Schioppa et al. 2022, §5.1).
+
+Examples are ranked by self-influence; the flipped ones are the positives. AUC is the ROC area,
+AP the average precision (area under the precision–recall curve, step-wise), both computed exactly
+with ties broken as scikit-learn does (a tie shares one threshold).
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+
+class Curves(NamedTuple):
+    fpr: np.ndarray
+    tpr: np.ndarray
+    precision: np.ndarray
+    recall: np.ndarray
+
+
+def _cumulative_counts(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, np.float64)
+    if labels.shape != scores.shape or labels.ndim != 1:
+        raise ValueError(
+            f"labels {labels.shape} and scores {scores.shape} must be equal 1-D shapes"
+        )
+    if labels.all() or not labels.any():
+        raise ValueError("need at least one positive and one negative example")
+    order = np.argsort(-scores, kind="mergesort")
+    scores, labels = scores[order], labels[order]
+    last_of_tie = np.r_[np.nonzero(np.diff(scores))[0], labels.size - 1]
+    tps = np.cumsum(labels)[last_of_tie]
+    fps = (last_of_tie + 1) - tps
+    return tps.astype(np.float64), fps.astype(np.float64)
+
+
+def curves(labels: np.ndarray, scores: np.ndarray) -> Curves:
+    tps, fps = _cumulative_counts(labels, scores)
+    tpr = np.r_[0.0, tps / tps[-1]]
+    fpr = np.r_[0.0, fps / fps[-1]]
+    precision = np.r_[1.0, tps / (tps + fps)]
+    return Curves(fpr=fpr, tpr=tpr, precision=precision, recall=tpr)
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    c = curves(labels, scores)
+    return float(np.trapezoid(c.tpr, c.fpr))
+
+
+def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Σ_k (R_k − R_{k−1}) P_k over thresholds, as in scikit-learn."""
+    c = curves(labels, scores)
+    return float(np.sum(np.diff(c.recall) * c.precision[1:]))

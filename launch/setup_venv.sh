@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create .venv with Python 3.11 and install this project (pinned deps, test extra). Idempotent:
+# a second call only re-checks the install. Sourced by launch/local.sh and launch/test.sh.
+set -euo pipefail
+PYTHON="${PYTHON:-python3}"
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+  echo "error: $PYTHON is not Python 3.11; set PYTHON=/path/to/python3.11" >&2
+  exit 2
+fi
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"

@@ -1,0 +1,12 @@
+"""Task lookup by name: config.task selects a module implementing ``make_task`` and ``load_splits``."""
+
+import importlib
+from types import ModuleType
+
+TASKS = {"mnist": "tasks.mnist"}
+
+
+def task_module(name: str) -> ModuleType:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+    return importlib.import_module(TASKS[name])

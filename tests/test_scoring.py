@@ -1,0 +1,181 @@
+"""Influence scores (influence/scoring.py) against explicit per-example gradients: the JVP projector
+is G ∇ℓ(x), and self-influence / train→test influence are the low-rank quadratic forms built from
+∇ℓ, with eigenpairs from a real (short) Arnoldi run on the small CNN."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from influence import arnoldi, distill, scoring
+from influence.distill import Eigenpairs
+from influence.hvp import make_hvp
+from influence.types import Batch, Params
+from tasks import mnist
+from tasks.base import ClassificationTask
+
+L2 = 1e-3
+NUM_ITERS, TOP_K = 20, 5
+NUM_TRAIN, NUM_TEST = 16, 8
+
+
+@pytest.fixture(scope="module")
+def task() -> ClassificationTask:
+    return mnist.make_task("small_cnn")
+
+
+@pytest.fixture(scope="module")
+def params(task: ClassificationTask) -> Params:
+    return task.init_params(jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def splits() -> tuple[Batch, Batch, Batch]:
+    """(Hessian batch of 64, train batch of 16 with flipped labels, clean test batch of 8)."""
+    train, test = mnist.load_splits(
+        num_train=64 + NUM_TRAIN, num_eval=NUM_TEST, flip_fraction=0.2, seed=0
+    )
+
+    def columns(split: dict[str, np.ndarray], rows: slice) -> Batch:
+        return {
+            "image": jnp.asarray(split["image"][rows]),
+            "label": jnp.asarray(split["label"][rows]),
+        }
+
+    return columns(train, slice(0, 64)), columns(train, slice(64, None)), columns(test, slice(None))
+
+
+@pytest.fixture(scope="module")
+def eigenpairs(
+    task: ClassificationTask, params: Params, splits: tuple[Batch, Batch, Batch]
+) -> Eigenpairs:
+    """Top-5 (by |λ|) eigenpairs distilled from 20 Arnoldi steps: realistic, unevenly spread λ."""
+    hessian_batch = splits[0]
+    step = jax.jit(functools.partial(arnoldi.arnoldi_step, make_hvp(task.per_example_loss, L2)))
+    # Jitted as in parallel/steps.py: eager, each leaf's random draw compiles separately (~6 s).
+    state = jax.jit(arnoldi.init_state, static_argnums=1)(params, NUM_ITERS, jax.random.key(1))
+    result = arnoldi.run_arnoldi(step, state, params, lambda k: hessian_batch, NUM_ITERS)
+    assert result.num_completed == NUM_ITERS
+    pairs = distill.distill(
+        np.asarray(result.state["hessenberg"]), result.state["krylov_basis"], NUM_ITERS, TOP_K
+    )
+    print(f"\neigenvalues: {pairs.eigvals}")
+    return pairs
+
+
+def per_example_gradients(task: ClassificationTask, params: Params, batch: Batch) -> np.ndarray:
+    """(B, P) float64 matrix of ∇_θ ℓ(θ, x_i), flattened in ravel_pytree order, via vmap(grad)."""
+    flat, unravel = ravel_pytree(params)
+
+    def single_loss(x: jax.Array, example: Batch) -> jax.Array:
+        one = {k: v[None] for k, v in example.items()}
+        return task.per_example_loss(unravel(x), one)[0]
+
+    grads = jax.jit(jax.vmap(jax.grad(single_loss), in_axes=(None, 0)))(flat, batch)
+    return np.asarray(grads, np.float64)
+
+
+def eigvec_matrix(pairs: Eigenpairs) -> np.ndarray:
+    """G: the distilled eigenvectors as a (p̃, P) float64 matrix, ravel_pytree order."""
+    return np.asarray(jax.vmap(lambda tree: ravel_pytree(tree)[0])(pairs.eigvecs), np.float64)
+
+
+def scale_atol(reference: np.ndarray, rel: float = 1e-5) -> float:
+    """Absolute tolerance for float32 results: entries that are sums of mixed-sign terms can cancel
+    far below the terms' size, where float32 round-off (~1e-7 of the terms) dominates any rtol.
+    ``rel`` of the largest entry bounds that round-off (well above it, well below any real error)."""
+    return rel * float(np.abs(reference).max())
+
+
+def test_projector_equals_eigvecs_times_per_example_gradients(
+    task: ClassificationTask,
+    params: Params,
+    splits: tuple[Batch, Batch, Batch],
+    eigenpairs: Eigenpairs,
+) -> None:
+    """project(θ, G, batch) is the (B, p̃) matrix ∇ℓ(x_i)ᵀ G_jᵀ: the JVPs along the eigenvectors
+    equal the explicit per-example gradients projected on them."""
+    _, train, _ = splits
+    project = jax.jit(scoring.make_projector(task.per_example_loss))
+    got = np.asarray(project(params, eigenpairs.eigvecs, train))
+    assert got.shape == (NUM_TRAIN, TOP_K) and got.dtype == np.float32
+    want = per_example_gradients(task, params, train) @ eigvec_matrix(eigenpairs).T
+    print(f"\nmax |Δg| / max |g| = {np.abs(got - want).max() / np.abs(want).max():.2e}")
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=scale_atol(want))
+
+
+def test_tangent_chunk_matches_unchunked(
+    task: ClassificationTask,
+    params: Params,
+    splits: tuple[Batch, Batch, Batch],
+    eigenpairs: Eigenpairs,
+) -> None:
+    """``tangent_chunk=2`` (lax.map over p̃ = 5 tangents in chunks of 2, one ragged) gives the same
+    projections as one vmap over all tangents."""
+    _, train, _ = splits
+    full = jax.jit(scoring.make_projector(task.per_example_loss))(params, eigenpairs.eigvecs, train)
+    chunked = jax.jit(scoring.make_projector(task.per_example_loss, tangent_chunk=2))(
+        params, eigenpairs.eigvecs, train
+    )
+    assert chunked.shape == full.shape == (NUM_TRAIN, TOP_K)
+    np.testing.assert_allclose(
+        np.asarray(chunked), np.asarray(full), rtol=1e-6, atol=scale_atol(np.asarray(full), 1e-7)
+    )
+
+
+def test_self_influence_and_influence_match_explicit_quadratic_forms(
+    task: ClassificationTask,
+    params: Params,
+    splits: tuple[Batch, Batch, Batch],
+    eigenpairs: Eigenpairs,
+) -> None:
+    """End to end from the projector: self_influence(x) = ∇ℓ(x)ᵀ Gᵀ diag(1/λ) G ∇ℓ(x) and
+    influence(x, z) = ∇ℓ(x)ᵀ Gᵀ diag(1/λ) G ∇ℓ(z), with ∇ℓ the explicit per-example gradients."""
+    _, train, test = splits
+    project = jax.jit(scoring.make_projector(task.per_example_loss))
+    eigvals = jnp.asarray(eigenpairs.eigvals, jnp.float32)
+    g_train = project(params, eigenpairs.eigvecs, train)
+    g_test = project(params, eigenpairs.eigvecs, test)
+
+    g = eigvec_matrix(eigenpairs)
+    inverse = g.T @ np.diag(1.0 / eigenpairs.eigvals) @ g  # (P, P) low-rank H⁻¹
+    grads_train = per_example_gradients(task, params, train)
+    grads_test = per_example_gradients(task, params, test)
+    want_self = np.einsum("ip,pq,iq->i", grads_train, inverse, grads_train)
+    want_cross = grads_train @ inverse @ grads_test.T
+
+    got_self = np.asarray(scoring.self_influence(g_train, eigvals))
+    got_cross = np.asarray(scoring.influence(g_train, g_test, eigvals))
+    assert got_self.shape == (NUM_TRAIN,)
+    assert got_cross.shape == (NUM_TRAIN, NUM_TEST)
+    print(
+        f"\nself-influence max rel err {np.max(np.abs(got_self - want_self) / np.abs(want_self)):.2e}"
+        f"; influence max |Δ| / max |I| "
+        f"{np.abs(got_cross - want_cross).max() / np.abs(want_cross).max():.2e}"
+    )
+    # Self-influence with λ of mixed sign is a sum of mixed-sign terms too: same atol rationale.
+    np.testing.assert_allclose(got_self, want_self, rtol=1e-4, atol=scale_atol(want_self))
+    np.testing.assert_allclose(got_cross, want_cross, rtol=1e-4, atol=scale_atol(want_cross))
+    # influence(x, x) is self-influence.
+    np.testing.assert_allclose(
+        np.diag(np.asarray(scoring.influence(g_train, g_train, eigvals))), got_self, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_top_influential_matches_argsort(k: int) -> None:
+    """top_influential returns, per test column, the k largest training scores in decreasing order,
+    the same indices and values as a numpy argsort; ``-scores`` gives the opponents."""
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(10, 4)).astype(np.float32)  # continuous: no ties
+    indices, values = scoring.top_influential(jnp.asarray(scores), k)
+    assert indices.shape == values.shape == (4, k)
+    want_indices = np.argsort(-scores.T, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(np.asarray(indices), want_indices)
+    np.testing.assert_array_equal(np.asarray(values), np.take_along_axis(scores.T, want_indices, 1))
+
+    opponents, _ = scoring.top_influential(-jnp.asarray(scores), k)
+    np.testing.assert_array_equal(np.asarray(opponents), np.argsort(scores.T, axis=1)[:, :k])
