@@ -1,0 +1,12 @@
+r"""The whole analysis in one process: train → arnoldi → score → evaluate.
+
+  python -m jobs.pipeline --config=configs/mnist.py --workdir=workdirs/mnist
+
+Each stage reuses results already in the workdir (after checking they come from the same config),
+so re-running after a crash or a preemption continues where it stopped.
+"""
+
+from pipeline import arnoldi, cli, evaluate, score, train
+
+if __name__ == "__main__":
+    cli.main([train.run, arnoldi.run, score.run, evaluate.run])

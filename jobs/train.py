@@ -1,0 +1,9 @@
+r"""The train job (pipeline/train.py).
+
+python -m jobs.train --config=configs/mnist.py --workdir=workdirs/mnist
+"""
+
+from pipeline import cli, train
+
+if __name__ == "__main__":
+    cli.main([train.run])

@@ -1,0 +1,66 @@
+"""The jitted, sharded steps of the pipeline: each is a function from influence/ with explicit
+in/out shardings, so the same code runs on 1 device, 8 fake CPU devices or a pod slice.
+"""
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from influence import arnoldi, distill, scoring
+from influence.hvp import HVP
+from parallel.mesh import DATA_AXIS
+from parallel.sharding import batch_sharding, replicated, stacked_shardings
+
+
+def krylov_shardings(param_sh: Any, mesh: Mesh) -> arnoldi.KrylovState:
+    return arnoldi.KrylovState(
+        krylov_basis=stacked_shardings(param_sh), hessenberg=replicated(mesh)
+    )
+
+
+def init_krylov_state(
+    params_like: Any, num_iters: int, param_sh: Any, mesh: Mesh
+) -> Callable[[jax.Array], arnoldi.KrylovState]:
+    """key → initial Krylov state, created directly in its sharded layout (never on one device)."""
+    fn = lambda key: arnoldi.init_state(params_like, num_iters, key)  # noqa: E731
+    return jax.jit(fn, out_shardings=krylov_shardings(param_sh, mesh))
+
+
+def arnoldi_step(hvp: HVP, param_sh: Any, mesh: Mesh, breakdown_tol: float) -> arnoldi.StepFn:
+    """Algorithm 1 lines 3–9 jitted over the mesh; the incoming state is donated (no second copy
+    of the basis)."""
+    state_sh = krylov_shardings(param_sh, mesh)
+    repl = replicated(mesh)
+    step = functools.partial(arnoldi.arnoldi_step, hvp, breakdown_tol=breakdown_tol)
+    return jax.jit(
+        step,
+        in_shardings=(state_sh, param_sh, batch_sharding(mesh), repl),
+        out_shardings=(state_sh, repl),
+        donate_argnums=0,
+    )
+
+
+def to_parameter_space(param_sh: Any, mesh: Mesh) -> Callable[[jax.Array, Any], Any]:
+    """G = Uᵀ Q (Alg. 1 line 17) with G sharded like the params."""
+    eig_sh = stacked_shardings(param_sh)
+    return jax.jit(
+        distill.to_parameter_space,
+        in_shardings=(replicated(mesh), eig_sh),
+        out_shardings=eig_sh,
+    )
+
+
+def projector(
+    per_example_loss: Callable, param_sh: Any, mesh: Mesh, tangent_chunk: int | None
+) -> scoring.Projector:
+    """(params, eigvecs, batch) → (batch, p̃) projections, rows sharded over 'data'."""
+    project = scoring.make_projector(per_example_loss, tangent_chunk)
+    return jax.jit(
+        project,
+        in_shardings=(param_sh, stacked_shardings(param_sh), batch_sharding(mesh)),
+        out_shardings=NamedSharding(mesh, P(DATA_AXIS, None)),
+    )

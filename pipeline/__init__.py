@@ -1,0 +1,9 @@
+"""Orchestration: each module is one job's logic, ``run(config, workdir)``; jobs/ only parses flags.
+
+TensorFlow (imported by clu and tfds) reads these at import; set them before anything imports it.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")

@@ -1,0 +1,54 @@
+"""Checks that run before any expensive work: each failure is one line saying what to change."""
+
+import ml_collections
+from jax.sharding import Mesh
+
+from parallel.mesh import DATA_AXIS
+from pipeline.errors import InputError
+
+
+def _divisible(value: int, by: int, field: str, mesh_field: str = "mesh.data") -> None:
+    if value < 1 or value % by:
+        raise InputError(
+            f"{field}={value} is not a positive multiple of the {by} devices on the 'data' axis; "
+            f"change {field} or {mesh_field}"
+        )
+
+
+def check_train(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    _divisible(config.train.batch_size, mesh.shape[DATA_AXIS], "train.batch_size")
+    if config.train.batch_size > config.data.num_train:
+        raise InputError(
+            f"train.batch_size={config.train.batch_size} exceeds data.num_train={config.data.num_train}"
+        )
+    if config.train.num_epochs < 1:
+        raise InputError(f"train.num_epochs={config.train.num_epochs} must be at least 1")
+
+
+def check_arnoldi(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    a, d = config.arnoldi, config.distill
+    if a.num_iters < 1:
+        raise InputError(f"arnoldi.num_iters={a.num_iters} must be at least 1")
+    if not 1 <= d.top_k <= a.num_iters:
+        raise InputError(
+            f"distill.top_k={d.top_k} must be between 1 and arnoldi.num_iters={a.num_iters} "
+            "(p̃ ≤ n: Arnoldi yields at most n eigenpairs); lower top_k or raise num_iters"
+        )
+    _divisible(a.hvp_batch_size, mesh.shape[DATA_AXIS], "arnoldi.hvp_batch_size")
+    if a.hvp_batch_size > config.data.num_train:
+        raise InputError(
+            f"arnoldi.hvp_batch_size={a.hvp_batch_size} exceeds data.num_train={config.data.num_train}"
+        )
+    if a.checkpoint_every < 1:
+        raise InputError(f"arnoldi.checkpoint_every={a.checkpoint_every} must be at least 1")
+
+
+def check_score(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    s = config.score
+    _divisible(s.batch_size, mesh.shape[DATA_AXIS], "score.batch_size")
+    if s.examples_per_shard < 1:
+        raise InputError(f"score.examples_per_shard={s.examples_per_shard} must be positive")
+    if s.tangent_chunk < 0:
+        raise InputError(f"score.tangent_chunk={s.tangent_chunk} must be 0 (off) or positive")
+    if s.num_queries < 0 or s.top_k < 1:
+        raise InputError("score.num_queries must be >= 0 and score.top_k >= 1")

@@ -1,0 +1,46 @@
+"""Shared set-up for tests that run the jobs: a tiny config and a subprocess runner."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_collections
+
+from configs import mnist
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**overrides: object) -> ml_collections.ConfigDict:
+    """The ``runlocal`` preset on one device: 256 train examples, n=12, p̃=8."""
+    config = mnist.get_config("runlocal")
+    config.mesh.num_devices = 1
+    config.log_every_secs = 1000.0
+    for dotted, value in overrides.items():
+        node = config
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def run_job(
+    job: str, workdir: Path, *flags: str, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m jobs.<job> --config=configs/mnist.py:runlocal`` in a fresh process (1 CPU device)."""
+    command = [
+        sys.executable,
+        "-m",
+        f"jobs.{job}",
+        "--config=configs/mnist.py:runlocal",
+        f"--workdir={workdir}",
+        "--config.log_every_secs=1000",
+        *flags,
+    ]
+    full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+    full_env.pop("XLA_FLAGS", None)
+    return subprocess.run(
+        command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600
+    )

@@ -1,0 +1,108 @@
+"""End-to-end runs of the four stages on tiny real MNIST: outputs, resumption, mesh invariance."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import arnoldi, evaluate, failpoints, score, train
+from tests.pipeline_helpers import run_job, tiny_config
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory: pytest.TempPathFactory):
+    """A workdir holding params trained with the tiny config (shared; copy before mutating)."""
+    workdir = tmp_path_factory.mktemp("trained")
+    train.run(tiny_config(), workdir)
+    return workdir
+
+
+def _copy_params(source, tmp_path):
+    workdir = tmp_path / "work"
+    shutil.copytree(source / "params", workdir / "params")
+    return workdir
+
+
+def _steps(directory) -> list[int]:
+    """Completed Orbax steps in a checkpoint directory (an async save in flight is `N.orbax-…-tmp`)."""
+    return (
+        [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.exists() else []
+    )
+
+
+def _eigvals(workdir) -> np.ndarray:
+    return np.asarray(json.loads((workdir / "eigenvalues.json").read_text())["eigvals"])
+
+
+def test_pipeline_outputs_every_example_once(trained_workdir, tmp_path):
+    """arnoldi → score → evaluate write eigenvalues, Parquet scores (each example once), metrics and
+    plots; running the stages again reuses everything and changes nothing."""
+    config = tiny_config()
+    workdir = _copy_params(trained_workdir, tmp_path)
+    arnoldi.run(config, workdir)
+    score.run(config, workdir)
+    metrics = evaluate.run(config, workdir)
+
+    train_scores = pd.read_parquet(workdir / "scores" / "train")
+    assert len(train_scores) == config.data.num_train
+    assert train_scores["id"].is_unique
+    assert train_scores["flipped"].sum() == round(0.2 * config.data.num_train)
+    g = np.stack(train_scores["projections"].to_numpy())
+    eigvals = _eigvals(workdir)
+    assert g.shape == (config.data.num_train, config.distill.top_k)
+    np.testing.assert_allclose(train_scores["self_influence"], (g**2 / eigvals).sum(1), rtol=1e-5)
+    assert len(pd.read_parquet(workdir / "scores" / "eval")) == config.data.num_eval
+
+    topk = pd.read_parquet(workdir / "scores" / "influence_topk.parquet")
+    assert len(topk) == 2 * config.score.num_queries * config.score.top_k
+    assert set(topk["train_id"]) <= set(train_scores["id"])
+
+    saved = json.loads((workdir / "metrics.json").read_text())
+    assert saved["auc"] == pytest.approx(metrics["auc"]) and 0.0 <= saved["ap"] <= 1.0
+    for png in ("roc_pr.png", "spectrum.png"):
+        assert (workdir / png).read_bytes()[:4] == b"\x89PNG"
+
+    before = {p: p.stat().st_mtime_ns for p in (workdir / "scores").rglob("*.parquet")}
+    arnoldi.run(config, workdir)
+    score.run(config, workdir)
+    assert before == {p: p.stat().st_mtime_ns for p in (workdir / "scores").rglob("*.parquet")}
+
+
+def test_eight_devices_match_one(trained_workdir, tmp_path):
+    """The same arnoldi + score on a 4 (data) x 2 (model) mesh of 8 fake devices, with params,
+    Krylov basis and eigenvectors sharded over 'model', reproduces the 1-device run (rtol 1e-5)."""
+    results = {}
+    for devices, data, model in ((1, -1, 1), (8, 4, 2)):
+        config = tiny_config(mesh__num_devices=devices, mesh__data=data, mesh__model=model)
+        config.mesh.min_shard_size = 64
+        workdir = _copy_params(trained_workdir, tmp_path / f"d{devices}")
+        arnoldi.run(config, workdir)
+        score.run(config, workdir)
+        results[devices] = (_eigvals(workdir), pd.read_parquet(workdir / "scores" / "train"))
+    np.testing.assert_allclose(results[8][0], results[1][0], rtol=1e-5)
+    np.testing.assert_array_equal(results[8][1]["id"], results[1][1]["id"])
+    np.testing.assert_allclose(
+        results[8][1]["self_influence"], results[1][1]["self_influence"], rtol=1e-5, atol=1e-6
+    )
+
+
+def test_arnoldi_resumes_after_sigkill(trained_workdir, tmp_path):
+    """The arnoldi job SIGKILLed at iteration 7 (after an async save at 4 may or may not have
+    finished) and re-run resumes from its last complete checkpoint, and ends with exactly the
+    eigenvalues of an uninterrupted run."""
+    reference = _copy_params(trained_workdir, tmp_path / "reference")
+    assert run_job("arnoldi", reference).returncode == 0
+
+    workdir = _copy_params(trained_workdir, tmp_path / "killed")
+    killed = run_job("arnoldi", workdir, env={failpoints.ENV: "arnoldi_iteration=7"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not _steps(workdir / "eigenpairs")
+    saved_steps = _steps(workdir / "krylov")
+    assert saved_steps and max(saved_steps) < 12
+
+    resumed = run_job("arnoldi", workdir)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming Arnoldi at iteration" in resumed.stderr
+    np.testing.assert_array_equal(_eigvals(workdir), _eigvals(reference))
