@@ -10,9 +10,13 @@ eigenpairs of the Hessian H of the training loss.
 Design choices, each measured or required by scale:
 - The basis is a *stacked pytree* (one array of shape (n + 1, *leaf.shape) per parameter leaf) so it
   can be sharded exactly like the parameters; a 300M-parameter model with n = 200 needs 240 GB.
-- Orthogonalisation is modified Gram–Schmidt followed by a second full pass ("twice is enough",
-  Giraud et al. 2005): one pass loses orthogonality once the Ritz values converge, which corrupts
-  the Hessenberg matrix; the reference implementation had only one pass.
+- Orthogonalisation is Gram–Schmidt run twice ("twice is enough", Giraud et al. 2005): one pass
+  loses orthogonality once the Ritz values converge, which corrupts the Hessenberg matrix; the
+  reference implementation had only one pass. Modified GS twice (MGS2, the default) and classical
+  GS twice (CGS2) give the same orthogonality. MGS2 makes k + 1 dependent dot/axpy pairs per pass
+  (k + 1 all-reduces on a sharded basis); CGS2 two matrix–vector products over the whole masked
+  basis (one all-reduce). On 2 CPU cores they cost the same (benchmarks/speed.py); on a sharded
+  basis CGS2 trades reading the unused rows for far fewer collectives.
 - Each step is one function of a *traced* iteration index, so it compiles once; the loop over
   iterations is Python (``run_arnoldi``) because a conv HVP inside ``lax.fori_loop`` is ~15x slower
   on CPU. The Gram–Schmidt inner loop has no HVP in it and stays a ``fori_loop``.
@@ -85,10 +89,14 @@ def init_state(params_like: Params, num_iters: int, key: jax.Array) -> KrylovSta
     )
 
 
-def _gram_schmidt_pass(
+def _mgs_pass(
     krylov_basis: Params, w: Params, coeffs: jax.Array, k: jax.Array
 ) -> tuple[Params, jax.Array]:
-    """One modified Gram–Schmidt sweep of w against q_0 … q_k, accumulating the projections."""
+    """One modified Gram–Schmidt sweep of w against q_0 … q_k, accumulating the projections.
+
+    k + 1 sequential dot/axpy pairs: each reads q_j and w once more, and on a sharded basis each dot
+    is its own all-reduce.
+    """
 
     def body(j: jax.Array, carry: tuple[Params, jax.Array]) -> tuple[Params, jax.Array]:
         w, coeffs = carry
@@ -99,6 +107,23 @@ def _gram_schmidt_pass(
     return jax.lax.fori_loop(0, k + 1, body, (w, coeffs))
 
 
+def _cgs_pass(
+    krylov_basis: Params, w: Params, coeffs: jax.Array, k: jax.Array
+) -> tuple[Params, jax.Array]:
+    """One classical Gram–Schmidt sweep: c = Qᵀ w for all rows at once, then w −= Q c.
+
+    Two matrix–vector products over the whole stacked basis (rows after k are masked out), so the
+    basis is read twice per sweep at full memory bandwidth and a sharded basis needs one all-reduce,
+    instead of k + 1 dependent dot products.
+    """
+    rows = jnp.arange(coeffs.shape[0])
+    c = jnp.where(rows <= k, pytree.stacked_vdot(krylov_basis, w), 0.0)
+    return pytree.axpy(-1.0, pytree.stacked_combine(c, krylov_basis), w), coeffs + c
+
+
+ORTHOGONALIZATION = {"cgs2": _cgs_pass, "mgs2": _mgs_pass}
+
+
 def arnoldi_step(
     hvp: HVP,
     state: KrylovState,
@@ -106,17 +131,25 @@ def arnoldi_step(
     batch: Batch,
     k: jax.Array,
     breakdown_tol: float = DEFAULT_BREAKDOWN_TOL,
+    orthogonalization: str = "mgs2",
 ) -> tuple[KrylovState, StepInfo]:
     """Iteration k (0-based) of Algorithm 1, lines 3–9: fills column k and q_{k+1}.
 
-    Differentiable-free and shape-stable in k, so it jits once for all iterations.
+    Shape-stable in k, so it jits once for all iterations. ``orthogonalization`` is "mgs2"
+    (modified Gram–Schmidt, twice) or "cgs2" (classical Gram–Schmidt, twice); both keep the basis
+    orthonormal to float32 round-off (Giraud et al. 2005).
     """
+    if orthogonalization not in ORTHOGONALIZATION:
+        raise ValueError(
+            f"orthogonalization={orthogonalization!r}; choose one of {sorted(ORTHOGONALIZATION)}"
+        )
+    gram_schmidt_pass = ORTHOGONALIZATION[orthogonalization]
     basis, hessenberg = state["krylov_basis"], state["hessenberg"]
     w = hvp(params, batch, pytree.stacked_get(basis, k))  # line 4: w = H q_k
     hvp_norm = pytree.norm(w)
     coeffs = jnp.zeros((hessenberg.shape[0],), jnp.float32)
     for _ in range(2):  # lines 5–7, then one re-orthogonalisation pass
-        w, coeffs = _gram_schmidt_pass(basis, w, coeffs, k)
+        w, coeffs = gram_schmidt_pass(basis, w, coeffs, k)
     residual_norm = pytree.norm(w)  # line 8: h_{k+1,k} = ‖w‖
     coeffs = coeffs.at[k + 1].set(residual_norm)
     breakdown = residual_norm <= breakdown_tol * jnp.maximum(hvp_norm, jnp.finfo(jnp.float32).tiny)

@@ -8,6 +8,7 @@
 - Batches: the example axis over 'data'.
 """
 
+import itertools
 from typing import Any
 
 import jax
@@ -68,24 +69,44 @@ def bytes_per_device(tree: Any) -> int:
     return max(per_device.values(), default=0)
 
 
-def process_rows(global_batch_size: int) -> slice:
-    """The rows of a global batch that this process supplies.
+def local_rows(mesh: Mesh, global_batch_size: int) -> slice:
+    """The rows of a 'data'-sharded global batch that this process must supply.
 
-    Meshes are built from ``jax.devices()``, which orders devices by process, so each process owns a
-    contiguous block of the 'data' axis.
+    Read off the batch sharding itself: the union of the row blocks of this process' devices. With
+    the 'model' axis inside a host that is block ``process_index``; when 'model' spans hosts,
+    several processes hold the same rows (replicas) and supply the same data.
     """
-    count, index = jax.process_count(), jax.process_index()
-    if global_batch_size % count:
-        raise ValueError(f"global batch {global_batch_size} is not divisible by {count} processes")
-    local = global_batch_size // count
-    return slice(index * local, (index + 1) * local)
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
+    blocks = sorted(
+        {(idx[0].start or 0, idx[0].stop or global_batch_size) for idx in index_map.values()}
+    )
+    for (_, stop), (start, _) in itertools.pairwise(blocks):
+        if stop != start:
+            raise ValueError(
+                f"the 'data' rows of process {jax.process_index()} are not contiguous ({blocks}); "
+                "build the mesh from jax.devices() in order"
+            )
+    return slice(blocks[0][0], blocks[-1][1])
 
 
-def to_global(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Host-local rows → one global array per column, sharded over 'data'."""
+def row_groups(mesh: Mesh, global_batch_size: int) -> tuple[int, int]:
+    """(number of row groups, this process' group): processes in one group supply the same rows of
+    every global batch, so they must read the same examples; on the usual mesh (the 'model' axis
+    within a host) every process is its own group."""
+    rows = local_rows(mesh, global_batch_size)
+    size = rows.stop - rows.start
+    return global_batch_size // size, rows.start // size
+
+
+def to_global(
+    local_batch: dict[str, np.ndarray], mesh: Mesh, global_batch_size: int
+) -> dict[str, jax.Array]:
+    """This process' rows (``local_rows``) of a batch → one global array per column over 'data'."""
     sharding = batch_sharding(mesh)
     return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+        k: jax.make_array_from_process_local_data(
+            sharding, np.asarray(v), (global_batch_size, *np.shape(v)[1:])
+        )
         for k, v in local_batch.items()
     }
 

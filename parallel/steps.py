@@ -30,12 +30,19 @@ def init_krylov_state(
     return jax.jit(fn, out_shardings=krylov_shardings(param_sh, mesh))
 
 
-def arnoldi_step(hvp: HVP, param_sh: Any, mesh: Mesh, breakdown_tol: float) -> arnoldi.StepFn:
+def arnoldi_step(
+    hvp: HVP, param_sh: Any, mesh: Mesh, breakdown_tol: float, orthogonalization: str
+) -> arnoldi.StepFn:
     """Algorithm 1 lines 3–9 jitted over the mesh; the incoming state is donated (no second copy
     of the basis)."""
     state_sh = krylov_shardings(param_sh, mesh)
     repl = replicated(mesh)
-    step = functools.partial(arnoldi.arnoldi_step, hvp, breakdown_tol=breakdown_tol)
+    step = functools.partial(
+        arnoldi.arnoldi_step,
+        hvp,
+        breakdown_tol=breakdown_tol,
+        orthogonalization=orthogonalization,
+    )
     return jax.jit(
         step,
         in_shardings=(state_sh, param_sh, batch_sharding(mesh), repl),

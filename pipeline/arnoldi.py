@@ -69,12 +69,13 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
         dict(mesh.shape),
     )
 
-    inputs = task.model_inputs(task_data.splits["train"])
-    num_train = task_data.splits["train"]["label"].size
+    train_split = task_data.splits["train"]
 
     def get_batch(k: int) -> dict:
-        indices = data.hvp_batch_indices(num_train, a.hvp_batch_size, a.seed, k, a.fixed_batch)
-        return data.global_batch(inputs, indices, mesh)
+        positions = data.hvp_batch_indices(
+            train_split.num_examples, a.hvp_batch_size, a.seed, k, a.fixed_batch
+        )
+        return data.global_batch(task, train_split, positions, mesh)
 
     progress = Progress(workdir, "arnoldi", a.num_iters, config.log_every_secs)
 
@@ -88,7 +89,11 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
     num_completed, breakdown = start, "broke down in an earlier run" if broke_down else None
     if start < a.num_iters and not broke_down:
         step_fn = steps.arnoldi_step(
-            make_hvp(task.per_example_loss, config.l2), param_sh, mesh, a.breakdown_tol
+            make_hvp(task.per_example_loss, config.l2),
+            param_sh,
+            mesh,
+            a.breakdown_tol,
+            a.orthogonalization,
         )
         result = arnoldi.run_arnoldi(
             step_fn, state, params, get_batch, a.num_iters, start, on_iteration

@@ -1,9 +1,15 @@
 """Task data on hosts and its path onto the mesh.
 
-HVP batches are a deterministic function of (seed, iteration): a resumed, re-sharded or
-multi-process run draws exactly the same examples. Scoring walks a split in fixed parts of
-``examples_per_shard`` rows; each global batch is padded to full size and carries the example ids
-and a validity mask, so every example is scored exactly once whatever the batch size.
+Every global batch is a list of example positions; each process reads only the positions of the
+rows it supplies (``sharding.local_rows``) and the rows become one global array
+(``jax.make_array_from_process_local_data``). HVP batches are a deterministic function of
+(seed, iteration), so a resumed, re-sharded or multi-process run draws exactly the same examples.
+
+Scoring walks each split in fixed parts of ``examples_per_shard`` rows (one output file each, the
+unit of resumption). Parts are dealt round-robin to the process row groups; each group walks its
+parts in host-local batches that carry the example positions and a validity mask, and groups with
+less work are padded with masked batches, so every process runs the same number of steps (none
+waits forever in a collective) and every example is scored exactly once.
 """
 
 import dataclasses
@@ -15,18 +21,19 @@ from jax.sharding import Mesh
 
 from parallel import sharding
 from pipeline.errors import InputError
-from tasks.base import ClassificationTask, Split
+from tasks.base import ClassificationTask
 from tasks.registry import task_module
+from tasks.sources import Source
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskData:
     task: ClassificationTask
-    splits: dict[str, Split]  # 'train' and 'eval'
+    splits: dict[str, Source]  # 'train' and 'eval'
 
 
 def load(config: ml_collections.ConfigDict) -> TaskData:
-    """The task's model and both splits, with the configured corruption applied."""
+    """The task's model and both splits, with the configured corruption applied on read."""
     try:
         module = task_module(config.task)
         task = module.make_task(config.model)
@@ -50,16 +57,20 @@ def hvp_batch_indices(
     return np.sort(rng.choice(num_examples, batch_size, replace=False))
 
 
-def global_batch(inputs: dict[str, np.ndarray], indices: np.ndarray, mesh: Mesh) -> dict:
-    """Rows ``indices`` of ``inputs`` as global arrays; each process supplies its own block."""
-    mine = indices[sharding.process_rows(indices.size)]
-    return sharding.to_global({k: v[mine] for k, v in inputs.items()}, mesh)
+def global_batch(
+    task: ClassificationTask, source: Source, positions: np.ndarray, mesh: Mesh
+) -> dict:
+    """The model inputs of examples ``positions`` (one global batch) as arrays sharded over 'data';
+    this process reads only its own rows."""
+    mine = positions[sharding.local_rows(mesh, positions.size)]
+    return sharding.to_global(task.model_inputs(source.take(mine)), mesh, positions.size)
 
 
 @dataclasses.dataclass(frozen=True)
 class Part:
     """Rows [start, stop) of a split: one output file, the unit of resumption when scoring."""
 
+    split: str
     index: int
     num_parts: int
     start: int
@@ -70,22 +81,56 @@ class Part:
         return f"part-{self.index:05d}-of-{self.num_parts:05d}"
 
 
-def parts(num_examples: int, examples_per_shard: int) -> list[Part]:
+def parts(split: str, num_examples: int, examples_per_shard: int) -> list[Part]:
     count = -(-num_examples // examples_per_shard)
     return [
-        Part(i, count, i * examples_per_shard, min((i + 1) * examples_per_shard, num_examples))
+        Part(
+            split, i, count, i * examples_per_shard, min((i + 1) * examples_per_shard, num_examples)
+        )
         for i in range(count)
     ]
 
 
-def part_batches(
-    inputs: dict[str, np.ndarray], part: Part, batch_size: int
-) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]]:
-    """Full-size batches over the part's rows: (inputs, row positions, valid mask), padded by
-    repeating the part's first row (a valid input, so the padded forward pass is well defined)."""
+@dataclasses.dataclass(frozen=True)
+class LocalBatch:
+    """This process' rows of one scoring step.
+
+    ``part`` is None for a padding step (all rows masked); otherwise ``positions`` are rows of
+    ``part.split`` (the tail padded by repeating the part's first row, a valid input) and
+    ``mask`` marks the real ones; ``last`` is set on the part's final batch.
+    """
+
+    part: Part | None
+    positions: np.ndarray
+    mask: np.ndarray
+    last: bool
+
+
+def _part_batches(part: Part, batch_size: int) -> Iterator[LocalBatch]:
     for start in range(part.start, part.stop, batch_size):
         rows = np.arange(start, min(start + batch_size, part.stop))
         mask = np.zeros(batch_size, bool)
         mask[: rows.size] = True
-        padded = np.concatenate([rows, np.full(batch_size - rows.size, part.start)])
-        yield {k: v[padded] for k, v in inputs.items()}, padded, mask
+        positions = np.concatenate([rows, np.full(batch_size - rows.size, part.start)])
+        yield LocalBatch(part, positions, mask, last=start + batch_size >= part.stop)
+
+
+def scoring_plan(
+    remaining: list[Part], num_groups: int, group: int, local_batch_size: int
+) -> list[LocalBatch]:
+    """This row group's batches, padded to the step count of the busiest group.
+
+    Part i of ``remaining`` goes to group i mod ``num_groups``; every process computes the same
+    assignment from the same ``remaining`` list, so the step counts agree without communication.
+    """
+    steps = [0] * num_groups
+    mine: list[LocalBatch] = []
+    for i, part in enumerate(remaining):
+        owner = i % num_groups
+        steps[owner] += -(-(part.stop - part.start) // local_batch_size)
+        if owner == group:
+            mine.extend(_part_batches(part, local_batch_size))
+    padding = LocalBatch(
+        None, np.zeros(local_batch_size, np.int64), np.zeros(local_batch_size, bool), False
+    )
+    return mine + [padding] * (max(steps, default=0) - len(mine))

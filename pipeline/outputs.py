@@ -14,6 +14,7 @@ def write_json(path: epath.PathLike, payload: dict[str, Any]) -> None:
     if jax.process_index() != 0:
         return
     path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp"
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
     tmp.replace(path)

@@ -1,8 +1,9 @@
 """The score job: forward-mode projections g = G∇ℓ(x) of every example (Alg. 1, lines 19–27).
 
 Each split is scored in fixed parts of ``score.examples_per_shard`` rows; a part is one Parquet
-file, written atomically, so a restarted job skips finished parts and the output holds every
-example exactly once. Then each of ``score.num_queries`` eval examples is traced back to its
+file, written atomically by the process that scored it, so a restarted job skips finished parts and
+the output holds every example exactly once. Parts are dealt to the processes (see
+``pipeline/data.py``): each reads and scores only its own examples. Then each of ``score.num_queries`` eval examples is traced back to its
 ``score.top_k`` strongest training proponents and opponents, streaming over the train parts.
 """
 
@@ -27,19 +28,41 @@ TOPK_FILE = "influence_topk.parquet"
 META_FILE = "meta.json"
 
 
-def _table(
-    split: dict[str, np.ndarray], rows: np.ndarray, g: np.ndarray, eigvals: np.ndarray
-) -> pa.Table:
-    columns = {
-        "id": split["id"][rows],
-        "label": split["label"][rows],
-        "flipped": split["flipped"][rows],
-        "self_influence": np.asarray(scoring.self_influence(g, eigvals), np.float32),
-        "projections": pa.FixedSizeListArray.from_arrays(
-            pa.array(g.reshape(-1), pa.float32()), g.shape[1]
-        ),
-    }
-    return pa.table(columns)
+def _table(columns: dict[str, np.ndarray], g: np.ndarray, eigvals: np.ndarray) -> pa.Table:
+    return pa.table(
+        {
+            "id": columns["id"],
+            "label": columns["label"],
+            "flipped": columns["flipped"],
+            "self_influence": np.asarray(scoring.self_influence(g, eigvals), np.float32),
+            "projections": pa.FixedSizeListArray.from_arrays(
+                pa.array(g.reshape(-1), pa.float32()), g.shape[1]
+            ),
+        }
+    )
+
+
+def _part_path(scores_dir: epath.Path, part: data.Part) -> epath.Path:
+    return scores_dir / part.split / f"{part.name}.parquet"
+
+
+def _remaining_parts(scores_dir: epath.Path, plan: list[data.Part]) -> list[data.Part]:
+    """Parts without an output file, as process 0 sees them, identical on every process (files
+    appear while other processes are already writing, so each process must not look for itself)."""
+    done = np.zeros(len(plan), np.int32)
+    if jax.process_index() == 0:
+        done[:] = [_part_path(scores_dir, part).exists() for part in plan]
+    if jax.process_count() > 1:
+        done = np.asarray(multihost_utils.broadcast_one_to_all(done))
+    return [part for part, finished in zip(plan, done, strict=True) if not finished]
+
+
+def _is_group_leader(group: int) -> bool:
+    """Whether this process is the lowest-numbered one of its row group (the one that writes)."""
+    if jax.process_count() == 1:
+        return True
+    groups = np.asarray(multihost_utils.process_allgather(np.asarray([group]))).reshape(-1)
+    return int(np.nonzero(groups == group)[0][0]) == jax.process_index()
 
 
 def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
@@ -60,43 +83,52 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
         saved = outputs.read_json(scores_dir / META_FILE)["fingerprint"]
         check(saved, fingerprint, f"the scores in {scores_dir}", arnoldi.FIX)
     else:
-        scores_dir.mkdir(parents=True, exist_ok=True)
         outputs.write_json(
             scores_dir / META_FILE, {"fingerprint": fingerprint, "eigvals": eigvals.tolist()}
         )
 
-    project = steps.projector(task.per_example_loss, param_sh, mesh, s.tangent_chunk or None)
-    plan = {
-        name: data.parts(task_data.splits[name]["label"].size, s.examples_per_shard)
+    plan = [
+        part
         for name in SPLITS
-    }
-    total = sum(-(-(p.stop - p.start) // s.batch_size) for parts in plan.values() for p in parts)
-    progress = Progress(workdir, "score", total, config.log_every_secs)
-    done_batches = 0
-    for name in SPLITS:
-        split = task_data.splits[name]
-        inputs = task.model_inputs(split)
-        for part in plan[name]:
-            out = scores_dir / name / f"{part.name}.parquet"
-            num_batches = -(-(part.stop - part.start) // s.batch_size)
-            if out.exists():
-                done_batches += num_batches
-                continue
-            rows, projections = [], []
-            for batch, batch_rows, mask in data.part_batches(inputs, part, s.batch_size):
-                local = {k: v[sharding.process_rows(s.batch_size)] for k, v in batch.items()}
-                g = project(params, eig_state["eigvecs"], sharding.to_global(local, mesh))
-                g = np.asarray(multihost_utils.process_allgather(g, tiled=True))
-                rows.append(batch_rows[mask])
-                projections.append(g[mask])
-                done_batches += 1
-                progress(done_batches)
-                failpoints.maybe_fail("score_batch", done_batches)
-            if jax.process_index() == 0:
-                g_part = np.concatenate(projections)
-                outputs.write_parquet(out, _table(split, np.concatenate(rows), g_part, eigvals))
-            multihost_utils.sync_global_devices(f"score {name} {part.name}")
+        for part in data.parts(name, task_data.splits[name].num_examples, s.examples_per_shard)
+    ]
+    remaining = _remaining_parts(scores_dir, plan)
+    rows = sharding.local_rows(mesh, s.batch_size)
+    num_groups, group = sharding.row_groups(mesh, s.batch_size)
+    writer = _is_group_leader(group)
+    batches = data.scoring_plan(remaining, num_groups, group, rows.stop - rows.start)
+    logging.info(
+        "scoring %d of %d parts in %d steps of %d examples (%d row groups)",
+        len(remaining),
+        len(plan),
+        len(batches),
+        s.batch_size,
+        num_groups,
+    )
+
+    project = steps.projector(task.per_example_loss, param_sh, mesh, s.tangent_chunk or None)
+    progress = Progress(workdir, "score", len(batches), config.log_every_secs)
+    columns: list[dict[str, np.ndarray]] = []
+    projections: list[np.ndarray] = []
+    for step, batch in enumerate(batches, start=1):
+        source = task_data.splits[batch.part.split if batch.part else "train"]
+        read = source.take(batch.positions)
+        local = task.model_inputs(read)
+        g = project(params, eig_state["eigvecs"], sharding.to_global(local, mesh, s.batch_size))
+        if batch.part is not None:
+            columns.append({k: read[k][batch.mask] for k in ("id", "label", "flipped")})
+            projections.append(sharding.to_host_local(g)[batch.mask])
+        if batch.last and writer:
+            merged = {k: np.concatenate([c[k] for c in columns]) for k in columns[0]}
+            table = _table(merged, np.concatenate(projections), eigvals)
+            outputs.write_parquet(_part_path(scores_dir, batch.part), table)
+        if batch.last:
+            columns, projections = [], []
+        progress(step)
+        failpoints.maybe_fail("score_batch", step)
     progress.close()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("scores written")
     if s.num_queries and jax.process_index() == 0 and not (scores_dir / TOPK_FILE).exists():
         trace_queries(scores_dir, eigvals, s.num_queries, s.top_k)
 

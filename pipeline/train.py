@@ -4,33 +4,53 @@ Data-parallel over the mesh's 'data' axis; the objective is the mean loss + (l2/
 objective whose Hessian Arnoldi analyses. Resumable per epoch; deterministic given the config.
 """
 
+from typing import Any
+
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import pyarrow as pa
 from absl import logging
 from etils import epath
+from jax.sharding import Mesh
 
 from checkpoints.checkpointer import Checkpointer
 from checkpoints.fingerprint import check
 from influence.hvp import make_mean_loss
 from parallel import sharding
 from parallel.mesh import make_mesh
-from pipeline import data, validate
+from pipeline import data, outputs, validate
 from pipeline import workdir as wd
 from pipeline.errors import InputError
 from pipeline.progress import Progress
+from tasks.base import ClassificationTask
+from tasks.sources import Source
 
 
-def accuracy(task, params, split: dict[str, np.ndarray], batch_size: int = 1000) -> float:
-    logits_fn = jax.jit(task.logits)
+def accuracy(
+    task: ClassificationTask, params: Any, source: Source, mesh: Mesh, batch_size: int
+) -> float:
+    """Top-1 accuracy on ``source``, in sharded global batches (each process reads its rows; the
+    last batch is padded and masked)."""
+    if source.num_examples == 0:
+        return float("nan")
+
+    def num_correct(params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+        predicted = jnp.argmax(task.logits(params, batch["image"]), axis=-1)
+        return jnp.sum((predicted == batch["label"]) & batch["mask"])
+
+    count = jax.jit(num_correct, out_shardings=sharding.replicated(mesh))
+    rows = sharding.local_rows(mesh, batch_size)
     correct = 0
-    for start in range(0, split["label"].size, batch_size):
-        logits = logits_fn(params, split["image"][start : start + batch_size])
-        correct += int(
-            (np.asarray(logits).argmax(-1) == split["label"][start : start + batch_size]).sum()
-        )
-    return correct / max(split["label"].size, 1)
+    for start in range(0, source.num_examples, batch_size):
+        positions = np.arange(start, min(start + batch_size, source.num_examples))
+        mask = np.arange(batch_size) < positions.size
+        positions = np.concatenate([positions, np.full(batch_size - positions.size, start)])
+        local = {**task.model_inputs(source.take(positions[rows])), "mask": mask[rows]}
+        correct += int(count(params, sharding.to_global(local, mesh, batch_size)))
+    return correct / source.num_examples
 
 
 def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
@@ -47,13 +67,16 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
 
     task_data = data.load(config)
     task, train = task_data.task, task_data.splits["train"]
-    inputs = task.model_inputs(train)
-    params = task.init_params(jax.random.key(config.seed))
-    param_sh = sharding.param_shardings(params, mesh, config.mesh.min_shard_size)
-    params = jax.device_put(params, param_sh)
     optimizer = optax.adam(config.train.learning_rate)
-    state = {"params": params, "opt_state": optimizer.init(params)}
-    state_sh = jax.tree.map(lambda x: x.sharding, state)
+
+    def init_state(key: jax.Array) -> dict[str, Any]:
+        params = task.init_params(key)
+        return {"params": params, "opt_state": optimizer.init(params)}
+
+    # The size rule of the params applies leaf by leaf, so Adam's moments follow their params.
+    state_like = jax.eval_shape(init_state, jax.random.key(config.seed))
+    state_sh = sharding.param_shardings(state_like, mesh, config.mesh.min_shard_size)
+    state = jax.jit(init_state, out_shardings=state_sh)(jax.random.key(config.seed))
     loss_fn = make_mean_loss(task.per_example_loss, config.l2)
 
     def train_step(state, batch):
@@ -70,7 +93,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
         out_shardings=(state_sh, sharding.replicated(mesh)),
         donate_argnums=0,
     )
-    steps_per_epoch = train["label"].size // config.train.batch_size
+    steps_per_epoch = train.num_examples // config.train.batch_size
     ckpt = Checkpointer(wd.path(workdir, wd.TRAIN_STATE))
     start_epoch = 0
     if (epoch := ckpt.latest_step()) is not None:
@@ -82,26 +105,44 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
         workdir, "train", config.train.num_epochs * steps_per_epoch, config.log_every_secs
     )
     for epoch in range(start_epoch, config.train.num_epochs):
-        order = np.random.default_rng([config.seed, epoch]).permutation(train["label"].size)
+        order = np.random.default_rng([config.seed, epoch]).permutation(train.num_examples)
         for i in range(steps_per_epoch):
             indices = order[i * config.train.batch_size : (i + 1) * config.train.batch_size]
-            state, loss = step_fn(state, data.global_batch(inputs, indices, mesh))
+            state, loss = step_fn(state, data.global_batch(task, train, indices, mesh))
             progress(epoch * steps_per_epoch + i + 1, loss=loss)
         ckpt.save(epoch + 1, state, {"fingerprint": fingerprint, "epoch": epoch + 1})
     ckpt.wait_until_finished()
     ckpt.close()
     progress.close()
 
-    params = state["params"]
+    params, batch = state["params"], config.train.batch_size
     meta = {
         "fingerprint": fingerprint,
         "params_id": wd.params_id(config),
-        "train_accuracy_noisy_labels": accuracy(task, params, train),
-        "eval_accuracy": accuracy(task, params, task_data.splits["eval"]),
+        "train_accuracy_noisy_labels": accuracy(task, params, train, mesh, batch),
+        "eval_accuracy": accuracy(task, params, task_data.splits["eval"], mesh, batch),
     }
     logging.info("trained: %s", meta)
+    write_flipped_labels(wd.path(workdir, wd.FLIPPED_LABELS), train)
     params_ckpt.save(config.train.num_epochs, {"params": params}, meta, force=True)
     params_ckpt.close()
+
+
+def write_flipped_labels(path: epath.Path, train: Source, chunk: int = 4096) -> None:
+    """Record which training labels the corruption flipped (id, clean and noisy label), so the
+    ground truth of the §5.1 benchmark can be read without this project. Process 0 only."""
+    if jax.process_index() != 0:
+        return
+    kept: dict[str, list[np.ndarray]] = {"id": [], "clean_label": [], "noisy_label": []}
+    for start in range(0, train.num_examples, chunk):
+        columns = train.take(np.arange(start, min(start + chunk, train.num_examples)))
+        flipped = columns["flipped"]
+        kept["id"].append(columns["id"][flipped])
+        kept["clean_label"].append(columns["clean_label"][flipped])
+        kept["noisy_label"].append(columns["label"][flipped])
+    table = pa.table({k: np.concatenate(v) for k, v in kept.items()})
+    outputs.write_parquet(path, table)
+    logging.info("%d flipped training labels recorded in %s", table.num_rows, path)
 
 
 def restore_params(

@@ -3,6 +3,7 @@
 import ml_collections
 from jax.sharding import Mesh
 
+from influence import arnoldi
 from parallel.mesh import DATA_AXIS
 from pipeline.errors import InputError
 
@@ -38,6 +39,11 @@ def check_arnoldi(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     if a.hvp_batch_size > config.data.num_train:
         raise InputError(
             f"arnoldi.hvp_batch_size={a.hvp_batch_size} exceeds data.num_train={config.data.num_train}"
+        )
+    if a.orthogonalization not in arnoldi.ORTHOGONALIZATION:
+        raise InputError(
+            f"arnoldi.orthogonalization={a.orthogonalization!r}; choose one of "
+            f"{sorted(arnoldi.ORTHOGONALIZATION)}"
         )
     if a.checkpoint_every < 1:
         raise InputError(f"arnoldi.checkpoint_every={a.checkpoint_every} must be at least 1")

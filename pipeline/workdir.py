@@ -3,6 +3,7 @@
     workdir/
       train_state/   Orbax: params + optimizer state per epoch (resume training)
       params/        Orbax: the trained params the analysis uses (meta: params_id)
+      flipped_labels.parquet   the corrupted training examples: id, clean_label, noisy_label
       krylov/        Orbax: Krylov basis + Hessenberg matrix every k iterations
       eigenpairs/    Orbax: distilled eigenvectors G, eigenvalues, Ritz residuals
       eigenvalues.json
@@ -27,6 +28,7 @@ EIGENPAIRS = "eigenpairs"
 SCORES = "scores"
 EIGENVALUES_JSON = "eigenvalues.json"
 METRICS_JSON = "metrics.json"
+FLIPPED_LABELS = "flipped_labels.parquet"
 
 
 def path(workdir: epath.PathLike, name: str) -> epath.Path:
@@ -61,6 +63,7 @@ def krylov_fingerprint(config: ml_collections.ConfigDict, params_id: str) -> dic
         "arnoldi.fixed_batch": a.fixed_batch,
         "arnoldi.seed": a.seed,
         "arnoldi.breakdown_tol": a.breakdown_tol,
+        "arnoldi.orthogonalization": a.orthogonalization,
     }
 
 

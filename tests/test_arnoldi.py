@@ -17,6 +17,7 @@ from influence.hvp import make_hvp
 from influence.types import Batch, Params, PerExampleLoss
 from tasks import mnist
 from tasks.base import ClassificationTask
+from tasks.sources import read_all
 
 L2 = 1e-3
 NUM_TRAIN = 1000
@@ -27,9 +28,16 @@ HESSIAN_BATCH = 128
 HESSIAN_CHUNK = 8
 
 
-def make_step(loss: PerExampleLoss, l2: float) -> arnoldi.StepFn:
+ORTHOGONALIZATIONS = sorted(arnoldi.ORTHOGONALIZATION)
+
+
+def make_step(loss: PerExampleLoss, l2: float, orthogonalization: str = "mgs2") -> arnoldi.StepFn:
     """The jitted Arnoldi step on the HVP of mean loss + (l2/2)‖θ‖², default breakdown_tol."""
-    return jax.jit(functools.partial(arnoldi.arnoldi_step, make_hvp(loss, l2)))
+    return jax.jit(
+        functools.partial(
+            arnoldi.arnoldi_step, make_hvp(loss, l2), orthogonalization=orthogonalization
+        )
+    )
 
 
 def run(
@@ -40,13 +48,14 @@ def run(
     num_iters: int,
     seed: int = 0,
     step: arnoldi.StepFn | None = None,
+    orthogonalization: str = "mgs2",
 ) -> arnoldi.ArnoldiResult:
     """Arnoldi on a fixed batch, the way the pipeline drives it (jitted step, Python outer loop).
 
     A fresh step is jitted (and compiled) unless an existing ``step`` is passed.
     """
     if step is None:
-        step = make_step(loss, l2)
+        step = make_step(loss, l2, orthogonalization)
     # Jitted as in parallel/steps.py: eager, each leaf's random draw compiles separately (~6 s).
     state = jax.jit(arnoldi.init_state, static_argnums=1)(params, num_iters, jax.random.key(seed))
     return arnoldi.run_arnoldi(step, state, params, lambda k: batch, num_iters)
@@ -95,7 +104,9 @@ def task() -> ClassificationTask:
 
 @pytest.fixture(scope="module")
 def data() -> Batch:
-    train, _ = mnist.load_splits(num_train=NUM_TRAIN, num_eval=0, flip_fraction=0.2, seed=0)
+    train = read_all(
+        mnist.load_splits(num_train=NUM_TRAIN, num_eval=0, flip_fraction=0.2, seed=0)[0]
+    )
     return {"image": jnp.asarray(train["image"]), "label": jnp.asarray(train["label"])}
 
 
@@ -122,14 +133,15 @@ def trained_params(task: ClassificationTask, data: Batch) -> Params:
     return params
 
 
+@pytest.mark.parametrize("orthogonalization", ORTHOGONALIZATIONS)
 def test_basis_orthonormal_and_arnoldi_relation(
-    task: ClassificationTask, data: Batch, trained_params: Params
+    task: ClassificationTask, data: Batch, trained_params: Params, orthogonalization: str
 ) -> None:
     """After n = 30 steps the basis q_0 … q_n is orthonormal and H Q_n = Q_{n+1} H̃ column by column,
     i.e. the Hessenberg matrix really is the Hessian restricted to the Krylov space."""
     n = 30
     batch = {k: v[:64] for k, v in data.items()}
-    result = run(task.per_example_loss, L2, trained_params, batch, n, seed=3)
+    result = run(task.per_example_loss, L2, trained_params, batch, n, 3, None, orthogonalization)
     assert result.num_completed == n and result.breakdown is None
 
     basis = result.state["krylov_basis"]
@@ -153,22 +165,37 @@ def test_basis_orthonormal_and_arnoldi_relation(
     assert rel.max() <= 1e-4
 
 
-def test_ritz_pairs_match_explicit_hessian(
+@pytest.fixture(scope="module")
+def exact_hessian(
     task: ClassificationTask, data: Batch, trained_params: Params
-) -> None:
-    """Acceptance test: 100 Arnoldi steps + distill recover the top-10 (by |λ|) eigenpairs of the
-    explicit 2,410 × 2,410 Hessian of the trained small CNN on a fixed 128-example batch with L2:
-    eigenvalues to 1e-3 relative (top 5: 1e-4) and ‖H v − λ v‖ / |λ| ≤ 1e-2 for each pair."""
-    n, top_k = 100, 10
+) -> tuple[np.ndarray, np.ndarray]:
+    """The explicit Hessian on the fixed acceptance batch and its eigenvalues by decreasing |λ|."""
     batch = {k: v[:HESSIAN_BATCH] for k, v in data.items()}
     hessian = explicit_hessian(task.per_example_loss, L2, trained_params, batch, HESSIAN_CHUNK)
     # One BLAS thread: on a busy 2-core machine multi-threaded OpenBLAS eigvalsh of this matrix takes
     # ~10 s instead of ~1 s (spinning threads fight XLA's and other processes' for the cores).
     with threadpool_limits(limits=1, user_api="blas"):
         exact = np.linalg.eigvalsh(hessian)
-    exact = exact[np.argsort(-np.abs(exact))][:top_k]
+    return hessian, exact[np.argsort(-np.abs(exact))]
 
-    result = run(task.per_example_loss, L2, trained_params, batch, n, seed=1)
+
+@pytest.mark.parametrize("orthogonalization", ORTHOGONALIZATIONS)
+def test_ritz_pairs_match_explicit_hessian(
+    task: ClassificationTask,
+    data: Batch,
+    trained_params: Params,
+    exact_hessian: tuple[np.ndarray, np.ndarray],
+    orthogonalization: str,
+) -> None:
+    """Acceptance test: 100 Arnoldi steps + distill recover the top-10 (by |λ|) eigenpairs of the
+    explicit 2,410 × 2,410 Hessian of the trained small CNN on a fixed 128-example batch with L2:
+    eigenvalues to 1e-3 relative (top 5: 1e-4) and ‖H v − λ v‖ / |λ| ≤ 1e-2 for each pair."""
+    n, top_k = 100, 10
+    batch = {k: v[:HESSIAN_BATCH] for k, v in data.items()}
+    hessian, exact = exact_hessian
+    exact = exact[:top_k]
+
+    result = run(task.per_example_loss, L2, trained_params, batch, n, 1, None, orthogonalization)
     assert result.num_completed == n and result.breakdown is None
     pairs = distill.distill(
         np.asarray(result.state["hessenberg"]),

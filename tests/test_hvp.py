@@ -10,6 +10,7 @@ from influence.hvp import make_hvp, make_mean_loss
 from influence.types import Batch, Params
 from tasks import mnist
 from tasks.base import ClassificationTask
+from tasks.sources import read_all
 
 NUM_VECTORS = 4
 
@@ -27,7 +28,7 @@ def params(task: ClassificationTask) -> Params:
 @pytest.fixture(scope="module")
 def batch() -> Batch:
     """32 real MNIST training examples, a fifth of them with flipped labels."""
-    train, _ = mnist.load_splits(num_train=64, num_eval=0, flip_fraction=0.2, seed=0)
+    train = read_all(mnist.load_splits(num_train=64, num_eval=0, flip_fraction=0.2, seed=0)[0])
     return {"image": jnp.asarray(train["image"][:32]), "label": jnp.asarray(train["label"][:32])}
 
 

@@ -49,6 +49,9 @@ def test_pipeline_outputs_every_example_once(trained_workdir, tmp_path):
     assert len(train_scores) == config.data.num_train
     assert train_scores["id"].is_unique
     assert train_scores["flipped"].sum() == round(0.2 * config.data.num_train)
+    flips = pd.read_parquet(trained_workdir / "flipped_labels.parquet")
+    assert set(flips["id"]) == set(train_scores["id"][train_scores["flipped"]])
+    assert (flips["clean_label"] != flips["noisy_label"]).all()
     g = np.stack(train_scores["projections"].to_numpy())
     eigvals = _eigvals(workdir)
     assert g.shape == (config.data.num_train, config.distill.top_k)

@@ -16,6 +16,7 @@ from influence.hvp import make_hvp
 from influence.types import Batch, Params
 from tasks import mnist
 from tasks.base import ClassificationTask
+from tasks.sources import read_all
 
 L2 = 1e-3
 NUM_ITERS, TOP_K = 20, 5
@@ -35,8 +36,9 @@ def params(task: ClassificationTask) -> Params:
 @pytest.fixture(scope="module")
 def splits() -> tuple[Batch, Batch, Batch]:
     """(Hessian batch of 64, train batch of 16 with flipped labels, clean test batch of 8)."""
-    train, test = mnist.load_splits(
-        num_train=64 + NUM_TRAIN, num_eval=NUM_TEST, flip_fraction=0.2, seed=0
+    train, test = map(
+        read_all,
+        mnist.load_splits(num_train=64 + NUM_TRAIN, num_eval=NUM_TEST, flip_fraction=0.2, seed=0),
     )
 
     def columns(split: dict[str, np.ndarray], rows: slice) -> Batch:

@@ -1,0 +1,163 @@
+"""Speed ratios of the influence pipeline on one model and one fixed batch.
+
+    .venv/bin/python -m benchmarks.speed --model=flax_cnn --batch_size=512 --num_iters=200 --top_k=100
+
+Every timing jits the function, warms it up once, then takes the median of ``--repeats`` calls
+(fewer, but at least 3, past ``--time_budget`` seconds), each ended by ``jax.block_until_ready``;
+Arnoldi is timed once, over all n steps, after compiling the step on a throwaway state. Parameters
+are untrained (``task.init_params``): the costs do not depend on their values. Ratios (Schioppa et
+al. 2022, "Scaling up influence functions", Algorithm 1):
+
+1. hvp/grad: one forward-over-reverse Hessian-vector product (line 4) over one gradient of the mean
+   loss on the same batch. Target <= 2.
+2. arnoldi/(n*hvp): ``run_arnoldi`` for n iterations (lines 2-10) over n HVPs, i.e. the cost of
+   the Gram-Schmidt passes (lines 5-7, run twice), the basis update (line 9) and the Python loop.
+   Target <= 1.10. The per-iteration overhead is also measured directly, with a diagonal "HVP"
+   that costs next to nothing.
+3. score/forward: projecting a batch on the p̃ distilled eigenvectors (lines 17-22, one
+   linearisation vmapped over p̃ JVPs) per example, over one forward pass per example; divided by p̃
+   it is the cost of one JVP in units of a forward pass.
+
+By default the Arnoldi step donates its Krylov state, as parallel/steps.py does (``--nodonate``
+shows the cost of copying the whole basis every step); ``--orthogonalization`` picks MGS2 or CGS2
+and ``--tangent_chunk`` the projector's chunking (default: one vmap over all p̃ tangents).
+"""
+
+import functools
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from influence import arnoldi, distill, hvp, pytree, scoring
+from tasks import mnist
+from tasks.sources import read_all
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("model", "flax_cnn", ["small_cnn", "flax_cnn"], "MNIST model to time.")
+flags.DEFINE_integer("batch_size", 512, "Examples in the fixed batch.")
+flags.DEFINE_integer("num_iters", 200, "Arnoldi iterations n.")
+flags.DEFINE_integer("top_k", 100, "Distilled eigenvectors p̃ (at most num_iters).")
+flags.DEFINE_float("l2", 1e-3, "L2 coefficient of the training loss.")
+flags.DEFINE_integer("repeats", 10, "Timed calls per measurement (the median is reported).")
+flags.DEFINE_float(
+    "time_budget", 60.0, "Stop repeating a measurement after this many seconds (>= 3 calls)."
+)
+flags.DEFINE_integer("seed", 0, "Seed of the parameters and of the Arnoldi start vector.")
+flags.DEFINE_bool(
+    "donate", True, "Donate the Krylov state to the Arnoldi step (in place), as the pipeline does."
+)
+flags.DEFINE_integer("tangent_chunk", 0, "make_projector tangent_chunk; 0 = None (one vmap).")
+flags.DEFINE_enum(
+    "orthogonalization", "mgs2", sorted(arnoldi.ORTHOGONALIZATION), "Arnoldi Gram–Schmidt variant."
+)
+
+
+def time_call(fn: Callable[..., Any], *args: Any, repeats: int) -> float:
+    """Median wall time in seconds of ``fn(*args)`` after one warm-up (compiling) call.
+
+    Stops early, after at least 3 calls, once ``--time_budget`` seconds have been spent.
+    """
+    jax.block_until_ready(fn(*args))
+    times: list[float] = []
+    while len(times) < repeats and (len(times) < 3 or sum(times) < FLAGS.time_budget):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def time_arnoldi(
+    hvp_fn: hvp.HVP, params: Any, batch: Any, num_iters: int, seed: int
+) -> tuple[float, arnoldi.ArnoldiResult]:
+    """(seconds, result) of ``run_arnoldi`` for ``num_iters`` steps, compile time excluded."""
+    donate = (0,) if FLAGS.donate else ()
+    step = jax.jit(
+        functools.partial(arnoldi.arnoldi_step, hvp_fn, orthogonalization=FLAGS.orthogonalization),
+        donate_argnums=donate,
+    )
+    key = jax.random.key(seed)
+    warm = arnoldi.init_state(params, num_iters, key)  # throwaway state: compiles the step
+    jax.block_until_ready(step(warm, params, batch, jnp.asarray(0, jnp.int32)))
+    del warm
+    state = jax.block_until_ready(arnoldi.init_state(params, num_iters, key))
+    start = time.perf_counter()
+    result = arnoldi.run_arnoldi(step, state, params, lambda k: batch, num_iters)
+    jax.block_until_ready(result.state)
+    return time.perf_counter() - start, result
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    t_start = time.perf_counter()
+    n, p, b, r = FLAGS.num_iters, FLAGS.top_k, FLAGS.batch_size, FLAGS.repeats
+    if not 0 < p <= n:
+        raise app.UsageError(f"--top_k={p} must be in [1, --num_iters={n}]")
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s)")
+    print(f"os.cpu_count() = {os.cpu_count()}")
+
+    task = mnist.make_task(FLAGS.model)
+    train = read_all(mnist.load_splits(num_train=b, num_eval=0, flip_fraction=0.0, seed=0)[0])
+    batch = jax.device_put(task.model_inputs(train))
+    params = task.init_params(jax.random.key(FLAGS.seed))
+    print(f"model {FLAGS.model}: {pytree.num_params(params):,} parameters; batch {b}; n={n}, p̃={p}")
+
+    # 1. HVP vs gradient of the mean loss.
+    hvp_fn = hvp.make_hvp(task.per_example_loss, FLAGS.l2)
+    grad_fn = jax.jit(jax.grad(hvp.make_mean_loss(task.per_example_loss, FLAGS.l2)))
+    v = arnoldi.start_vector(params, jax.random.key(FLAGS.seed + 1))
+    t_grad = time_call(grad_fn, params, batch, repeats=r)
+    t_hvp = time_call(jax.jit(hvp_fn), params, batch, v, repeats=r)
+    print(f"\n[1] grad {t_grad * 1e3:.1f} ms, hvp {t_hvp * 1e3:.1f} ms")
+
+    # 2. Arnoldi vs n HVPs; the non-HVP part once more with a diagonal "HVP" (distinct eigenvalues,
+    # so no breakdown), which isolates Gram-Schmidt + basis update + loop.
+    t_arn, result = time_arnoldi(hvp_fn, params, batch, n, FLAGS.seed)
+    if result.breakdown:
+        print(f"    note: {result.breakdown}")
+    m = result.num_completed
+    diag = jax.tree.map(lambda x: jnp.linspace(1.0, 2.0, x.size).reshape(x.shape), params)
+    diag_hvp = lambda _p, _b, v: jax.tree.map(jnp.multiply, diag, v)  # noqa: E731
+    t_diag, _ = time_arnoldi(diag_hvp, params, batch, n, FLAGS.seed)
+    overhead_ms = (t_arn - m * t_hvp) / m * 1e3
+    print(f"[2] arnoldi {t_arn:.2f} s for {m} iterations = {t_arn / m * 1e3:.1f} ms/iteration")
+    print(f"    non-HVP overhead: {overhead_ms:.1f} ms/iteration (arnoldi - n*hvp)")
+    print(f"    direct, diagonal HVP: {t_diag / n * 1e3:.1f} ms/iteration")
+
+    # 3. Scoring (p̃ JVPs through one linearisation) vs forward, per example.
+    pairs = distill.distill(
+        np.asarray(result.state["hessenberg"]), result.state["krylov_basis"], m, p
+    )
+    del result
+    project = jax.jit(scoring.make_projector(task.per_example_loss, FLAGS.tangent_chunk or None))
+    forward = jax.jit(task.per_example_loss)
+    t_score = time_call(project, params, pairs.eigvecs, batch, repeats=r)
+    t_fwd = time_call(forward, params, batch, repeats=r)
+    print(f"[3] forward {t_fwd * 1e3:.1f} ms, score {t_score * 1e3:.1f} ms for {b} examples")
+    print(f"    per example: forward {t_fwd / b * 1e6:.1f} us, score {t_score / b * 1e6:.1f} us")
+
+    arn_ratio = t_arn / (m * t_hvp)
+    score_ratio = t_score / t_fwd
+    opts = (
+        f"{FLAGS.orthogonalization}, donate={FLAGS.donate}, "
+        f"tangent_chunk={FLAGS.tangent_chunk or None}"
+    )
+    print(f"\n--- {FLAGS.model}, batch {b}, n={m}, p̃={p}, {os.cpu_count()} CPU cores, {opts} ---")
+    print(f"hvp/grad = {t_hvp / t_grad:.2f} (target <= 2)")
+    print(f"arnoldi/(n*hvp) = {arn_ratio:.3f} (target <= 1.10; overhead {overhead_ms:.1f} ms/iter)")
+    direct = 1 + t_diag / (n * t_hvp)
+    print(
+        f"arnoldi/(n*hvp), direct = {direct:.3f} (1 + diagonal-HVP step / hvp; less load-sensitive)"
+    )
+    print(f"score/forward per example = {score_ratio:.1f} (p̃ = {p})")
+    print(f"score/forward per example per eigenvector = {score_ratio / p:.2f}")
+    print(f"(benchmark wall time {time.perf_counter() - t_start:.0f} s)")
+
+
+if __name__ == "__main__":
+    app.run(main)
