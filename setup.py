@@ -49,6 +49,7 @@ setuptools.setup(
             "pipeline*",
             "jobs*",
             "configs*",
+            "launch*",
         ]
     ),
     install_requires=INSTALL_REQUIRES,

@@ -20,6 +20,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
+from parallel import distributed
 from pipeline.errors import USER_ERRORS
 
 Stage = Callable[[ml_collections.ConfigDict, epath.PathLike], Any]
@@ -29,6 +30,32 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory (local or gs://) for all state and outputs."
+)
+# The multi-process runtime (parallel/distributed.py): unset flags fall back to INFLUENCE_* vars.
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    list(distributed.MODES),
+    "Start jax.distributed: auto (when a coordinator or a TPU/SLURM/MPI cluster is found), on, off.",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, f"host:port of process 0 (or ${distributed.ENV_COORDINATOR})."
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, f"Processes in the job (or ${distributed.ENV_NUM_PROCESSES})."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, f"This process' index (or ${distributed.ENV_PROCESS_ID})."
+)
+_NUM_CPU_DEVICES = flags.DEFINE_integer(
+    "num_cpu_devices",
+    None,
+    f"Fake CPU devices per process (or ${distributed.ENV_NUM_CPU_DEVICES}).",
+)
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_secs",
+    100,
+    "A process silent this long is declared dead and every other process stops with an error.",
 )
 
 
@@ -83,6 +110,29 @@ def run_stages(stages: Sequence[Stage], config: ml_collections.ConfigDict, workd
             stage(config, workdir)
     except USER_ERRORS as e:
         _fail(str(e))
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        _lost_peer(e)
+
+
+def _lost_peer(e: BaseException) -> None:
+    """A collective failed in a multi-process job: almost always another process died.
+
+    One line and exit 1 at once, skipping the atexit handlers: they would wait for the dead
+    process at the distributed shutdown barrier (or until the heartbeat timeout aborts this
+    process with a C++ stack trace). What was checkpointed stays; re-running resumes from it.
+    """
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(
+        f"error: process {jax.process_index()} of {jax.process_count()}: a collective failed, most "
+        f"likely because another process of the job died ({first}); run the same command again "
+        "to resume from the last checkpoint",
+        file=sys.stderr,
+        flush=True,
+    )
+    logging.flush()
+    os._exit(1)
 
 
 def main(stages: Sequence[Stage]) -> None:
@@ -91,6 +141,17 @@ def main(stages: Sequence[Stage]) -> None:
     def _main(argv: list[str]) -> None:
         if len(argv) > 1:
             _fail(f"unexpected arguments: {argv[1:]}")
+        try:
+            distributed.Runtime.from_env(
+                mode=_DISTRIBUTED.value,
+                coordinator_address=_COORDINATOR.value,
+                num_processes=_NUM_PROCESSES.value,
+                process_id=_PROCESS_ID.value,
+                num_cpu_devices=_NUM_CPU_DEVICES.value,
+                heartbeat_timeout_s=_HEARTBEAT.value,
+            ).initialize()
+        except distributed.DistributedError as e:
+            _fail(str(e))
         run_stages(stages, _CONFIG.value, _WORKDIR.value)
 
     app.run(_main, flags_parser=_parse_flags)

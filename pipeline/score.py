@@ -7,6 +7,8 @@ the output holds every example exactly once. Parts are dealt to the processes (s
 ``score.top_k`` strongest training proponents and opponents, streaming over the train parts.
 """
 
+import time
+
 import jax
 import ml_collections
 import numpy as np
@@ -126,7 +128,21 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
             columns, projections = [], []
         progress(step)
         failpoints.maybe_fail("score_batch", step)
+        if step == 1:
+            jax.block_until_ready(g)
+            first_step_done = time.perf_counter()
     progress.close()
+    if len(batches) > 1:
+        jax.block_until_ready(g)
+        # Throughput after the first step (which compiles), all processes together.
+        examples = sum(p.stop - p.start for p in remaining) * (len(batches) - 1) / len(batches)
+        seconds = time.perf_counter() - first_step_done
+        logging.info(
+            "scoring throughput: %.1f examples/s (%d processes, %d devices)",
+            examples / seconds,
+            jax.process_count(),
+            jax.device_count(),
+        )
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("scores written")
     if s.num_queries and jax.process_index() == 0 and not (scores_dir / TOPK_FILE).exists():

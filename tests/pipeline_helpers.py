@@ -1,5 +1,6 @@
 """Shared set-up for tests that run the jobs: a tiny config and a subprocess runner."""
 
+import io
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 import ml_collections
 
 from configs import mnist
+from launch import multiprocess
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,3 +46,36 @@ def run_job(
     return subprocess.run(
         command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600
     )
+
+
+def run_multiprocess(
+    job: str,
+    workdir: Path,
+    num_processes: int,
+    devices_per_process: int,
+    *flags: str,
+    env: dict | None = None,
+) -> tuple[int, str]:
+    """``jobs.<job>`` on the runlocal config as ``num_processes`` local processes joined by
+    jax.distributed (launch/multiprocess.py); returns (exit code, prefixed output of all)."""
+    command = [
+        sys.executable,
+        "-m",
+        f"jobs.{job}",
+        "--config=configs/mnist.py:runlocal",
+        f"--workdir={workdir}",
+        "--config.log_every_secs=1000",
+        *flags,
+    ]
+    sink = io.StringIO()
+    code = multiprocess.launch(
+        command,
+        num_processes,
+        devices_per_process,
+        grace_secs=120,
+        sink=sink,
+        env=env,
+        cwd=REPO,
+        timeout_secs=600,
+    )
+    return code, sink.getvalue()
