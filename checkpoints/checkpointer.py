@@ -4,13 +4,25 @@ Every checkpoint of this project is a pair: ``state`` (a pytree of arrays, saved
 StandardSave, restorable onto any mesh through target shardings) and ``meta`` (a JSON dict: the
 config fingerprint, counters, anything a later job must check before it trusts the state).
 Callers say save / restore; they never see Orbax args.
+
+Resuming reads the newest *readable* step (``restore_latest``). A step killed during an
+asynchronous save never became a step (Orbax writes into a temporary directory and renames it at
+the end). A step that exists but cannot be read (a truncated file, a disk error) is moved aside
+to ``<step>.unreadable-<time>`` with a warning and the previous step is used; when no step can be
+read the job stops with an error instead of starting over from zero.
 """
 
 import dataclasses
+import time
+from collections.abc import Callable
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 STATE = "state"
 META = "meta"
@@ -18,6 +30,10 @@ META = "meta"
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or incompatible with the config."""
+
+
+class UnreadableCheckpointError(CheckpointError):
+    """Steps exist but none of them can be read."""
 
 
 @dataclasses.dataclass
@@ -73,6 +89,77 @@ class Checkpointer:
         restored = self._manager.restore(step, args=args)
         return restored[STATE], dict(restored[META])
 
+    def restore_latest(
+        self,
+        abstract_state: Any | None,
+        check_meta: Callable[[dict[str, Any]], None] = lambda meta: None,
+    ) -> tuple[int, Any, dict[str, Any]] | None:
+        """(step, state, meta) of the newest readable step, or None when there is no step.
+
+        ``check_meta(meta)`` runs first and may raise (a config mismatch is not corruption: it
+        propagates and nothing is moved). With ``abstract_state`` None only meta is read. Every
+        process must call this; they agree on which steps are readable.
+        """
+        steps = sorted(self.all_steps(), reverse=True)
+        failures: list[str] = []
+        unreadable: list[int] = []
+        for step in steps:
+            try:
+                meta = self.restore_meta(step)
+            except Exception as e:  # Orbax/tensorstore raise many types for a damaged step
+                meta, error = None, e
+            if meta is not None:
+                check_meta(meta)
+                error = None
+                state = None
+                if abstract_state is not None:
+                    try:
+                        state, meta = self.restore(step, abstract_state)
+                    except Exception as e:
+                        error = e
+            if _all_processes_succeeded(error is None):
+                if failures:
+                    logging.warning(
+                        "resuming from step %d of %s (newer steps unreadable: %s)",
+                        step,
+                        self.directory,
+                        "; ".join(failures),
+                    )
+                for bad in unreadable:  # only now that there is a step to fall back to
+                    self._quarantine(bad)
+                return step, state, meta
+            failures.append(f"step {step}: {_first_line(error) if error else 'another process'}")
+            unreadable.append(step)
+        if unreadable:
+            raise UnreadableCheckpointError(
+                f"no readable checkpoint in {self.directory} ({'; '.join(failures)}); nothing "
+                "was changed: restore the directory from a backup, or move it aside to start "
+                "this stage over"
+            )
+        return None
+
+    def quarantine_all(self) -> None:
+        """Move every step aside: only for derived data that the caller computes again."""
+        for step in self.all_steps():
+            self._quarantine(step)
+
+    def _quarantine(self, step: int) -> None:
+        """Move an unreadable step out of Orbax's sight (kept for inspection, never deleted)."""
+        if jax.process_index() == 0:
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+            target = self.directory / f"{step}.unreadable-{stamp}"
+            try:
+                (self.directory / str(step)).rename(target)
+            except Exception as e:  # e.g. an object store that cannot rename directories
+                raise UnreadableCheckpointError(
+                    f"checkpoint step {step} in {self.directory} is unreadable and could not be "
+                    f"moved aside ({_first_line(e)}); move it out of the directory and run again"
+                ) from e
+            logging.warning("checkpoint step %d is unreadable; moved it to %s", step, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"quarantined {self.directory} {step}")
+        self._manager.reload()
+
     def reached_preemption(self, step: int) -> bool:
         return self._manager.reached_preemption(step)
 
@@ -87,3 +174,17 @@ class Checkpointer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    """The start of an error's message: tensorstore's run to several kB on one line."""
+    text = str(error).strip()
+    line = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _all_processes_succeeded(ok: bool) -> bool:
+    """Whether every process succeeded: a step some process cannot read is unreadable for all."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray([ok]))))

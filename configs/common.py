@@ -39,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.num_epochs = 1
     config.train.batch_size = 128
     config.train.learning_rate = 1e-3
+    config.train.checkpoint_every = 0  # steps between training checkpoints; 0: once per epoch
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # devices on the batch axis; -1: the rest

@@ -1,20 +1,24 @@
 """The arnoldi job: Krylov iteration over sharded HVPs (Alg. 1, lines 1–10), checkpointed every k
-iterations so a killed run resumes, then distillation (lines 11–18) into the cached eigenpairs G.
+iterations (and at a preemption) so a killed run resumes, then distillation (lines 11–18) into the
+cached eigenpairs G.
 """
+
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
+from jax.sharding import Mesh
 
-from checkpoints.checkpointer import Checkpointer
+from checkpoints.checkpointer import Checkpointer, UnreadableCheckpointError
 from checkpoints.fingerprint import check, digest
 from influence import arnoldi, distill
 from influence.hvp import make_hvp
 from parallel import sharding, steps
 from parallel.mesh import make_mesh
-from pipeline import data, failpoints, outputs, train, validate
+from pipeline import data, failpoints, outputs, preemption, train, validate
 from pipeline import workdir as wd
 from pipeline.errors import InputError
 from pipeline.progress import Progress
@@ -33,13 +37,17 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
 
     eig_fingerprint = wd.eigenpairs_fingerprint(config, params_id)
     eig_ckpt = Checkpointer(wd.path(workdir, wd.EIGENPAIRS), async_save=False)
-    if (step := eig_ckpt.latest_step()) is not None:
-        meta = eig_ckpt.restore_meta(step)
-        check(
-            meta.pop("fingerprint"), eig_fingerprint, f"the eigenpairs in {eig_ckpt.directory}", FIX
+    try:
+        found = _restore_eigenpairs(
+            eig_ckpt, eig_fingerprint, config.distill.top_k, params_like, param_sh, mesh
         )
+    except UnreadableCheckpointError as e:  # derived data: distill again from the Krylov state
+        logging.warning("%s; distilling them again from the Krylov state", e)
+        eig_ckpt.quarantine_all()
+        found = None
+    if found is not None:
         if not wd.path(workdir, wd.EIGENVALUES_JSON).exists():  # killed right after the save
-            outputs.write_json(wd.path(workdir, wd.EIGENVALUES_JSON), meta)
+            outputs.write_json(wd.path(workdir, wd.EIGENVALUES_JSON), _summary(found[1]))
         logging.info("eigenpairs already distilled in %s; nothing to do", eig_ckpt.directory)
         eig_ckpt.close()
         return
@@ -49,18 +57,18 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
     ckpt = Checkpointer(wd.path(workdir, wd.KRYLOV), save_interval_steps=a.checkpoint_every)
     init = steps.init_krylov_state(params_like, a.num_iters, param_sh, mesh)
     key = jax.random.key(a.seed)
-    start, broke_down = 0, False
-    if (step := ckpt.latest_step()) is not None:
-        saved = ckpt.restore_meta(step)["fingerprint"]
-        check(saved, krylov_fingerprint, f"the Krylov state in {ckpt.directory}", FIX)
-        abstract = sharding.abstract_like(
-            jax.eval_shape(init, key), steps.krylov_shardings(param_sh, mesh)
-        )
-        state, meta = ckpt.restore(step, abstract)
-        start, broke_down = meta["iteration"], meta["breakdown"]
+    found = ckpt.restore_latest(
+        sharding.abstract_like(jax.eval_shape(init, key), steps.krylov_shardings(param_sh, mesh)),
+        lambda meta: check(
+            meta["fingerprint"], krylov_fingerprint, f"the Krylov state in {ckpt.directory}", FIX
+        ),
+    )
+    if found:
+        start, state, meta = found
+        broke_down = meta["breakdown"]
         logging.info("resuming Arnoldi at iteration %d from %s", start, ckpt.directory)
     else:
-        state = init(key)
+        start, state, broke_down = 0, init(key), False
     logging.info(
         "Krylov basis: %d vectors x %d params, %.1f MiB on the most loaded device (mesh %s)",
         a.num_iters + 1,
@@ -80,11 +88,16 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
     progress = Progress(workdir, "arnoldi", a.num_iters, config.log_every_secs)
 
     def on_iteration(done: int, state: arnoldi.KrylovState, info: arnoldi.StepInfo) -> None:
-        broke = bool(info["breakdown"])
-        meta = {"fingerprint": krylov_fingerprint, "iteration": done, "breakdown": broke}
-        ckpt.save(done, state, meta, force=broke or done == a.num_iters)
-        progress(done, residual_norm=info["residual_norm"], hvp_norm=info["hvp_norm"])
         failpoints.maybe_fail("arnoldi_iteration", done)
+        broke = bool(info["breakdown"])
+        stop = preemption.reached(done)
+        meta = {"fingerprint": krylov_fingerprint, "iteration": done, "breakdown": broke}
+        ckpt.save(done, state, meta, force=broke or stop or done == a.num_iters)
+        failpoints.maybe_fail("arnoldi_saved", done)  # killed while an async save is in flight
+        progress(done, residual_norm=info["residual_norm"], hvp_norm=info["hvp_norm"])
+        if stop:
+            ckpt.wait_until_finished()
+            raise preemption.Preempted(f"Arnoldi preempted; Krylov state saved at iteration {done}")
 
     num_completed, breakdown = start, "broke down in an earlier run" if broke_down else None
     if start < a.num_iters and not broke_down:
@@ -140,29 +153,68 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
     )
 
 
-def restore_eigenpairs(workdir: epath.PathLike, params_like, param_sh, mesh) -> tuple[dict, dict]:
-    """The cached eigenpairs (G sharded like the params) and their meta; a clear error if absent."""
-    directory = wd.path(workdir, wd.EIGENPAIRS)
-    ckpt = Checkpointer(directory, async_save=False) if directory.exists() else None
-    step = ckpt.latest_step() if ckpt else None
-    if step is None:
-        raise InputError(
-            f"no eigenpairs in {directory}; run `python -m jobs.arnoldi` with the same --config "
-            "and --workdir first"
-        )
-    meta = ckpt.restore_meta(step)
-    top_k = len(meta["eigvals"])
-    eig_sh = sharding.stacked_shardings(param_sh)
+def _summary(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k != "fingerprint"}
+
+
+def _eigenpairs_abstract(params_like: Any, param_sh: Any, mesh: Mesh, top_k: int) -> dict:
+    """Restore target of the eigenpairs: G (p̃, …) sharded like the params, λ replicated."""
     repl = sharding.replicated(mesh)
-    abstract = {
+    return {
         "eigvecs": jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct((top_k, *x.shape), x.dtype, sharding=s),
             params_like,
-            eig_sh,
+            sharding.stacked_shardings(param_sh),
         ),
         "eigvals": jax.ShapeDtypeStruct((top_k,), np.float32, sharding=repl),
         "ritz_residuals": jax.ShapeDtypeStruct((top_k,), np.float32, sharding=repl),
     }
-    state, meta = ckpt.restore(step, abstract)
-    ckpt.close()
-    return state, meta
+
+
+def _restore_eigenpairs(
+    ckpt: Checkpointer, fingerprint: dict, top_k: int, params_like: Any, param_sh: Any, mesh: Mesh
+) -> tuple[dict, dict] | None:
+    """(state, meta) of the distilled eigenpairs if present and from this config; raises
+    ``UnreadableCheckpointError`` if they exist but cannot be read."""
+    what = f"the eigenpairs in {ckpt.directory}"
+    found = ckpt.restore_latest(
+        _eigenpairs_abstract(params_like, param_sh, mesh, top_k),
+        lambda meta: check(meta["fingerprint"], fingerprint, what, FIX),
+    )
+    return None if found is None else (found[1], found[2])
+
+
+def restore_eigenpairs(
+    workdir: epath.PathLike,
+    config: ml_collections.ConfigDict,
+    params_id: str,
+    params_like: Any,
+    param_sh: Any,
+    mesh: Mesh,
+) -> tuple[dict, dict]:
+    """The cached eigenpairs (G sharded like the params) and their meta, after checking they come
+    from this config; a clear error if they are absent or unreadable."""
+    directory = wd.path(workdir, wd.EIGENPAIRS)
+    found = None
+    if directory.exists():
+        with Checkpointer(directory, async_save=False) as ckpt:
+            try:
+                found = _restore_eigenpairs(
+                    ckpt,
+                    wd.eigenpairs_fingerprint(config, params_id),
+                    config.distill.top_k,
+                    params_like,
+                    param_sh,
+                    mesh,
+                )
+            except UnreadableCheckpointError as e:
+                raise UnreadableCheckpointError(
+                    f"{e}; `python -m jobs.arnoldi` with the same --config and --workdir distills "
+                    "them again from the Krylov state"
+                ) from e
+    if found is None:
+        raise InputError(
+            f"no eigenpairs in {directory}; run `python -m jobs.arnoldi` with the same --config "
+            "and --workdir first"
+        )
+    return found

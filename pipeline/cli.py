@@ -5,6 +5,7 @@ config field, an impossible value, a missing or incompatible checkpoint) ends th
 line on stderr, ``error: ...``, and exit code 2, before any expensive work.
 """
 
+import errno
 import logging as logging_std
 import os
 import sys
@@ -21,6 +22,8 @@ from etils import epath
 from ml_collections import config_flags
 
 from parallel import distributed
+from pipeline import preemption
+from pipeline import workdir as wd
 from pipeline.errors import USER_ERRORS
 
 Stage = Callable[[ml_collections.ConfigDict, epath.PathLike], Any]
@@ -59,9 +62,33 @@ _HEARTBEAT = flags.DEFINE_integer(
 )
 
 
-def _fail(message: str) -> None:
-    print(f"error: {' '.join(message.split())}", file=sys.stderr)
-    sys.exit(2)
+def _fail(message: str, code: int = 2, at_once: bool = False) -> None:
+    """One line on stderr and exit ``code``. ``at_once`` skips interpreter shutdown, where a
+    failed run's background work would print more (Orbax's orphaned write tasks) or wait (the
+    distributed shutdown barrier, for a process that is gone), so the line stays the last one."""
+    print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    if at_once:
+        logging.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+# What storage failures look like: an OSError, or tensorstore's ValueError carrying the OS message.
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_STORAGE_TEXT = tuple(os.strerror(code) for code in _STORAGE_ERRNOS)
+
+
+def _storage_failure(e: BaseException) -> bool:
+    """Whether ``e`` (or what caused it) is the disk or quota running full."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
+            return True
+        if any(text in str(e) for text in _STORAGE_TEXT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _last_line(e: BaseException) -> str:
@@ -105,34 +132,48 @@ def run_stages(stages: Sequence[Stage], config: ml_collections.ConfigDict, workd
         "JAX %s, %d processes, devices: %s", jax.__version__, jax.process_count(), jax.devices()
     )
     logging.info("config:\n%s", config)
+    preemption.install_handler()
     try:
+        wd.ensure_writable(workdir)
         for stage in stages:
             stage(config, workdir)
     except USER_ERRORS as e:
         _fail(str(e))
+    except preemption.Preempted as e:
+        logging.warning("%s; exiting 0: run the same command again to continue", e)
+        logging.flush()
+        sys.exit(0)
     except jax.errors.JaxRuntimeError as e:
         if jax.process_count() == 1:
             raise
         _lost_peer(e)
+    except (OSError, ValueError) as e:
+        if not _storage_failure(e):
+            raise
+        _fail(
+            f"writing to --workdir={workdir} failed: the disk is full or over quota; "
+            "complete checkpoints are intact and a half-written one is ignored: free space and "
+            "run the same command again to resume",
+            code=1,
+            at_once=True,
+        )
 
 
 def _lost_peer(e: BaseException) -> None:
     """A collective failed in a multi-process job: almost always another process died.
 
-    One line and exit 1 at once, skipping the atexit handlers: they would wait for the dead
-    process at the distributed shutdown barrier (or until the heartbeat timeout aborts this
-    process with a C++ stack trace). What was checkpointed stays; re-running resumes from it.
+    Exit at once: the atexit handlers would wait for the dead process at the distributed shutdown
+    barrier (or until the heartbeat timeout aborts this process with a C++ stack trace). What was
+    checkpointed stays; re-running resumes from it.
     """
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    print(
-        f"error: process {jax.process_index()} of {jax.process_count()}: a collective failed, most "
+    _fail(
+        f"process {jax.process_index()} of {jax.process_count()}: a collective failed, most "
         f"likely because another process of the job died ({first}); run the same command again "
         "to resume from the last checkpoint",
-        file=sys.stderr,
-        flush=True,
+        code=1,
+        at_once=True,
     )
-    logging.flush()
-    os._exit(1)
 
 
 def main(stages: Sequence[Stage]) -> None:

@@ -68,13 +68,18 @@ def global_batch(
 
 @dataclasses.dataclass(frozen=True)
 class Part:
-    """Rows [start, stop) of a split: one output file, the unit of resumption when scoring."""
+    """Rows [start, stop) of a split: one output file, the unit of resumption when scoring.
+
+    ``done`` rows from ``start`` on were scored by a preempted run and saved; scoring continues
+    at ``start + done``.
+    """
 
     split: str
     index: int
     num_parts: int
     start: int
     stop: int
+    done: int = 0
 
     @property
     def name(self) -> str:
@@ -107,7 +112,7 @@ class LocalBatch:
 
 
 def _part_batches(part: Part, batch_size: int) -> Iterator[LocalBatch]:
-    for start in range(part.start, part.stop, batch_size):
+    for start in range(part.start + part.done, part.stop, batch_size):
         rows = np.arange(start, min(start + batch_size, part.stop))
         mask = np.zeros(batch_size, bool)
         mask[: rows.size] = True
@@ -127,7 +132,7 @@ def scoring_plan(
     mine: list[LocalBatch] = []
     for i, part in enumerate(remaining):
         owner = i % num_groups
-        steps[owner] += -(-(part.stop - part.start) // local_batch_size)
+        steps[owner] += -(-(part.stop - part.start - part.done) // local_batch_size)
         if owner == group:
             mine.extend(_part_batches(part, local_batch_size))
     padding = LocalBatch(

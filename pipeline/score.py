@@ -3,10 +3,15 @@
 Each split is scored in fixed parts of ``score.examples_per_shard`` rows; a part is one Parquet
 file, written atomically by the process that scored it, so a restarted job skips finished parts and
 the output holds every example exactly once. Parts are dealt to the processes (see
-``pipeline/data.py``): each reads and scores only its own examples. Then each of ``score.num_queries`` eval examples is traced back to its
+``pipeline/data.py``): each reads and scores only its own examples.
+
+On SIGTERM every process stops at the same step and saves the rows its unfinished part has so far
+(``_partial.<part>.parquet``, hidden from readers of the directory); the next run scores only the
+rest of that part. Then each of ``score.num_queries`` eval examples is traced back to its
 ``score.top_k`` strongest training proponents and opponents, streaming over the train parts.
 """
 
+import dataclasses
 import time
 
 import jax
@@ -21,21 +26,20 @@ from checkpoints.fingerprint import check
 from influence import scoring
 from parallel import sharding, steps
 from parallel.mesh import make_mesh
-from pipeline import arnoldi, data, failpoints, outputs, train, validate
+from pipeline import arnoldi, data, failpoints, outputs, preemption, train, validate
 from pipeline import workdir as wd
 from pipeline.progress import Progress
 
 SPLITS = ("train", "eval")
 TOPK_FILE = "influence_topk.parquet"
 META_FILE = "meta.json"
+COLUMNS = ("id", "label", "flipped")
 
 
 def _table(columns: dict[str, np.ndarray], g: np.ndarray, eigvals: np.ndarray) -> pa.Table:
     return pa.table(
         {
-            "id": columns["id"],
-            "label": columns["label"],
-            "flipped": columns["flipped"],
+            **{k: columns[k] for k in COLUMNS},
             "self_influence": np.asarray(scoring.self_influence(g, eigvals), np.float32),
             "projections": pa.FixedSizeListArray.from_arrays(
                 pa.array(g.reshape(-1), pa.float32()), g.shape[1]
@@ -48,15 +52,35 @@ def _part_path(scores_dir: epath.Path, part: data.Part) -> epath.Path:
     return scores_dir / part.split / f"{part.name}.parquet"
 
 
+def _partial_path(scores_dir: epath.Path, part: data.Part) -> epath.Path:
+    """Rows of an unfinished part saved at a preemption (a leading '_' hides it from readers)."""
+    return scores_dir / part.split / f"_partial.{part.name}.parquet"
+
+
 def _remaining_parts(scores_dir: epath.Path, plan: list[data.Part]) -> list[data.Part]:
-    """Parts without an output file, as process 0 sees them, identical on every process (files
-    appear while other processes are already writing, so each process must not look for itself)."""
-    done = np.zeros(len(plan), np.int32)
+    """Parts without an output file, each with the rows a preempted run already saved, as process 0
+    sees them and identical on every process (files appear while other processes are writing, so
+    each process must not look for itself)."""
+    done = np.zeros(len(plan), np.int64)  # -1: finished; else rows saved in a partial file
     if jax.process_index() == 0:
-        done[:] = [_part_path(scores_dir, part).exists() for part in plan]
+        for i, part in enumerate(plan):
+            partial = _partial_path(scores_dir, part)
+            if _part_path(scores_dir, part).exists():
+                done[i] = -1
+                if partial.exists():  # the run stopped between writing the part and this cleanup
+                    partial.unlink()
+            elif partial.exists():
+                done[i] = outputs.read_parquet(partial).num_rows
+                if done[i] == part.stop - part.start:  # complete, only not renamed yet
+                    partial.rename(_part_path(scores_dir, part))
+                    done[i] = -1
     if jax.process_count() > 1:
         done = np.asarray(multihost_utils.broadcast_one_to_all(done))
-    return [part for part, finished in zip(plan, done, strict=True) if not finished]
+    return [
+        dataclasses.replace(part, done=int(rows))
+        for part, rows in zip(plan, done, strict=True)
+        if rows >= 0
+    ]
 
 
 def _is_group_leader(group: int) -> bool:
@@ -67,6 +91,44 @@ def _is_group_leader(group: int) -> bool:
     return int(np.nonzero(groups == group)[0][0]) == jax.process_index()
 
 
+class _PartWriter:
+    """Collects one part's rows as they are scored; writes the part, or its partial at a stop."""
+
+    def __init__(self, scores_dir: epath.Path, eigvals: np.ndarray, enabled: bool):
+        self._dir, self._eigvals, self._enabled = scores_dir, eigvals, enabled
+        self._part: data.Part | None = None
+        self._columns: list[dict[str, np.ndarray]] = []
+        self._projections: list[np.ndarray] = []
+
+    def add(self, part: data.Part, columns: dict[str, np.ndarray], g: np.ndarray) -> None:
+        if part != self._part:
+            self._part, self._columns, self._projections = part, [], []
+        self._columns.append(columns)
+        self._projections.append(g)
+
+    def _table(self) -> pa.Table:
+        merged = {k: np.concatenate([c[k] for c in self._columns]) for k in COLUMNS}
+        table = _table(merged, np.concatenate(self._projections), self._eigvals)
+        if self._part.done:  # rows scored before a preemption come first
+            saved = outputs.read_parquet(_partial_path(self._dir, self._part))
+            table = pa.concat_tables([saved, table.cast(saved.schema)])
+        return table
+
+    def finish(self) -> None:
+        """The part is complete: write it atomically, then drop its partial file."""
+        if self._enabled:
+            outputs.write_parquet(_part_path(self._dir, self._part), self._table())
+            partial = _partial_path(self._dir, self._part)
+            if self._part.done and partial.exists():
+                partial.unlink()
+        self._part = None
+
+    def save_partial(self) -> None:
+        """Preempted mid-part: keep the rows scored so far, to continue from there."""
+        if self._enabled and self._part is not None and self._columns:
+            outputs.write_parquet(_partial_path(self._dir, self._part), self._table())
+
+
 def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
     mesh = make_mesh(config.mesh.data, config.mesh.model, config.mesh.num_devices)
     validate.check_score(config, mesh)
@@ -75,8 +137,10 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
     task = task_data.task
     params_like = jax.eval_shape(task.init_params, jax.random.key(0))
     param_sh = sharding.param_shardings(params_like, mesh, config.mesh.min_shard_size)
-    params, _ = train.restore_params(workdir, config, params_like, param_sh)
-    eig_state, eig_meta = arnoldi.restore_eigenpairs(workdir, params_like, param_sh, mesh)
+    params, params_id = train.restore_params(workdir, config, params_like, param_sh)
+    eig_state, eig_meta = arnoldi.restore_eigenpairs(
+        workdir, config, params_id, params_like, param_sh, mesh
+    )
     eigvals = sharding.replicated_to_host(eig_state["eigvals"])
 
     scores_dir = wd.path(workdir, wd.SCORES)
@@ -97,12 +161,13 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
     remaining = _remaining_parts(scores_dir, plan)
     rows = sharding.local_rows(mesh, s.batch_size)
     num_groups, group = sharding.row_groups(mesh, s.batch_size)
-    writer = _is_group_leader(group)
+    writer = _PartWriter(scores_dir, eigvals, enabled=_is_group_leader(group))
     batches = data.scoring_plan(remaining, num_groups, group, rows.stop - rows.start)
     logging.info(
-        "scoring %d of %d parts in %d steps of %d examples (%d row groups)",
+        "scoring %d of %d parts (%d resumed) in %d steps of %d examples (%d row groups)",
         len(remaining),
         len(plan),
+        sum(1 for p in remaining if p.done),
         len(batches),
         s.batch_size,
         num_groups,
@@ -110,36 +175,33 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
 
     project = steps.projector(task.per_example_loss, param_sh, mesh, s.tangent_chunk or None)
     progress = Progress(workdir, "score", len(batches), config.log_every_secs)
-    columns: list[dict[str, np.ndarray]] = []
-    projections: list[np.ndarray] = []
+    first_step_done = 0.0
     for step, batch in enumerate(batches, start=1):
         source = task_data.splits[batch.part.split if batch.part else "train"]
         read = source.take(batch.positions)
         local = task.model_inputs(read)
         g = project(params, eig_state["eigvecs"], sharding.to_global(local, mesh, s.batch_size))
         if batch.part is not None:
-            columns.append({k: read[k][batch.mask] for k in ("id", "label", "flipped")})
-            projections.append(sharding.to_host_local(g)[batch.mask])
-        if batch.last and writer:
-            merged = {k: np.concatenate([c[k] for c in columns]) for k in columns[0]}
-            table = _table(merged, np.concatenate(projections), eigvals)
-            outputs.write_parquet(_part_path(scores_dir, batch.part), table)
-        if batch.last:
-            columns, projections = [], []
+            columns = {k: read[k][batch.mask] for k in COLUMNS}
+            writer.add(batch.part, columns, sharding.to_host_local(g)[batch.mask])
+            if batch.last:
+                writer.finish()
         progress(step)
         failpoints.maybe_fail("score_batch", step)
+        if preemption.reached(step):
+            writer.save_partial()
+            raise preemption.Preempted(f"scoring preempted at step {step}; finished parts kept")
         if step == 1:
             jax.block_until_ready(g)
             first_step_done = time.perf_counter()
     progress.close()
     if len(batches) > 1:
-        jax.block_until_ready(g)
         # Throughput after the first step (which compiles), all processes together.
-        examples = sum(p.stop - p.start for p in remaining) * (len(batches) - 1) / len(batches)
-        seconds = time.perf_counter() - first_step_done
+        jax.block_until_ready(g)
+        scored = sum(p.stop - p.start - p.done for p in remaining)
         logging.info(
             "scoring throughput: %.1f examples/s (%d processes, %d devices)",
-            examples / seconds,
+            scored * (len(batches) - 1) / len(batches) / (time.perf_counter() - first_step_done),
             jax.process_count(),
             jax.device_count(),
         )

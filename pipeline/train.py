@@ -1,9 +1,11 @@
 """Train the task's model on the (corrupted) training split: the model whose predictions we explain.
 
 Data-parallel over the mesh's 'data' axis; the objective is the mean loss + (l2/2)‖θ‖², the same
-objective whose Hessian Arnoldi analyses. Resumable per epoch; deterministic given the config.
+objective whose Hessian Arnoldi analyses. Checkpointed every ``train.checkpoint_every`` steps (default:
+once per epoch) and at a preemption; resumes mid-epoch; deterministic given the config.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -21,7 +23,7 @@ from checkpoints.fingerprint import check
 from influence.hvp import make_mean_loss
 from parallel import sharding
 from parallel.mesh import make_mesh
-from pipeline import data, outputs, validate
+from pipeline import data, failpoints, outputs, preemption, validate
 from pipeline import workdir as wd
 from pipeline.errors import InputError
 from pipeline.progress import Progress
@@ -59,8 +61,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
     fingerprint = wd.train_fingerprint(config)
     fix = "use a new --workdir or restore the original config"
     params_ckpt = Checkpointer(wd.path(workdir, wd.PARAMS), async_save=False)
-    if (step := params_ckpt.latest_step()) is not None:
-        check(params_ckpt.restore_meta(step)["fingerprint"], fingerprint, "the saved params", fix)
+    if params_ckpt.restore_latest(None, _fingerprint_check(fingerprint, "the saved params", fix)):
         logging.info("trained params already in %s; nothing to do", params_ckpt.directory)
         params_ckpt.close()
         return
@@ -93,24 +94,38 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
         out_shardings=(state_sh, sharding.replicated(mesh)),
         donate_argnums=0,
     )
-    steps_per_epoch = train.num_examples // config.train.batch_size
-    ckpt = Checkpointer(wd.path(workdir, wd.TRAIN_STATE))
-    start_epoch = 0
-    if (epoch := ckpt.latest_step()) is not None:
-        check(ckpt.restore_meta(epoch)["fingerprint"], fingerprint, "the saved training state", fix)
-        state, _ = ckpt.restore(epoch, sharding.abstract_like(state, state_sh))
-        start_epoch = epoch
-        logging.info("resuming training after epoch %d", epoch)
-    progress = Progress(
-        workdir, "train", config.train.num_epochs * steps_per_epoch, config.log_every_secs
+    batch_size = config.train.batch_size
+    steps_per_epoch = train.num_examples // batch_size
+    total = config.train.num_epochs * steps_per_epoch
+    ckpt = Checkpointer(
+        wd.path(workdir, wd.TRAIN_STATE),
+        save_interval_steps=config.train.checkpoint_every or steps_per_epoch,
     )
-    for epoch in range(start_epoch, config.train.num_epochs):
-        order = np.random.default_rng([config.seed, epoch]).permutation(train.num_examples)
-        for i in range(steps_per_epoch):
-            indices = order[i * config.train.batch_size : (i + 1) * config.train.batch_size]
-            state, loss = step_fn(state, data.global_batch(task, train, indices, mesh))
-            progress(epoch * steps_per_epoch + i + 1, loss=loss)
-        ckpt.save(epoch + 1, state, {"fingerprint": fingerprint, "epoch": epoch + 1})
+    start = 0
+    found = ckpt.restore_latest(
+        sharding.abstract_like(state, state_sh),
+        _fingerprint_check(fingerprint, "the saved training state", fix),
+    )
+    if found:
+        start, state, _ = found
+        logging.info("resuming training at step %d of %d", start, total)
+    progress = Progress(workdir, "train", total, config.log_every_secs)
+    order = None
+    for step in range(start, total):
+        epoch, i = divmod(step, steps_per_epoch)
+        if order is None or i == 0:  # examples of epoch e in the order drawn from (seed, e)
+            order = np.random.default_rng([config.seed, epoch]).permutation(train.num_examples)
+        positions = order[i * batch_size : (i + 1) * batch_size]
+        state, loss = step_fn(state, data.global_batch(task, train, positions, mesh))
+        done = step + 1
+        failpoints.maybe_fail("train_step", done)
+        stop = preemption.reached(done)
+        meta = {"fingerprint": fingerprint, "step": done}
+        ckpt.save(done, state, meta, force=stop or done == total)
+        progress(done, loss=loss)
+        if stop:
+            ckpt.wait_until_finished()
+            raise preemption.Preempted(f"training preempted; state saved at step {done}")
     ckpt.wait_until_finished()
     ckpt.close()
     progress.close()
@@ -150,21 +165,25 @@ def restore_params(
 ) -> tuple[dict, str]:
     """The trained params onto ``param_sh``, after checking they come from this config."""
     directory = wd.path(workdir, wd.PARAMS)
-    ckpt = Checkpointer(directory, async_save=False) if directory.exists() else None
-    step = ckpt.latest_step() if ckpt else None
-    if step is None:
+    found = None
+    if directory.exists():
+        with Checkpointer(directory, async_save=False) as ckpt:
+            found = ckpt.restore_latest(
+                sharding.abstract_like({"params": params_like}, {"params": param_sh}),
+                _fingerprint_check(
+                    wd.train_fingerprint(config),
+                    f"the params in {directory}",
+                    "train them with this config in a new --workdir, or restore the original config",
+                ),
+            )
+    if found is None:
         raise InputError(
             f"no trained params in {directory}; run `python -m jobs.train` with the same --config "
             "and --workdir first"
         )
-    meta = ckpt.restore_meta(step)
-    check(
-        meta["fingerprint"],
-        wd.train_fingerprint(config),
-        f"the params in {directory}",
-        "train them with this config in a new --workdir, or restore the original config",
-    )
-    abstract = sharding.abstract_like({"params": params_like}, {"params": param_sh})
-    state, meta = ckpt.restore(step, abstract)
-    ckpt.close()
+    _, state, meta = found
     return state["params"], meta["params_id"]
+
+
+def _fingerprint_check(expected: dict, what: str, fix: str) -> Callable[[dict], None]:
+    return lambda meta: check(meta["fingerprint"], expected, what, fix)

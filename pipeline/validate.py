@@ -22,6 +22,11 @@ def check_train(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         raise InputError(
             f"train.batch_size={config.train.batch_size} exceeds data.num_train={config.data.num_train}"
         )
+    if config.train.checkpoint_every < 0:
+        raise InputError(
+            f"train.checkpoint_every={config.train.checkpoint_every} must be 0 (once per epoch) "
+            "or a positive number of steps"
+        )
     if config.train.num_epochs < 1:
         raise InputError(f"train.num_epochs={config.train.num_epochs} must be at least 1")
 

@@ -16,10 +16,12 @@ if its fingerprint matches (``checkpoints.fingerprint.check``).
 
 from typing import Any
 
+import jax
 import ml_collections
 from etils import epath
 
 from checkpoints import fingerprint
+from pipeline.errors import InputError
 
 TRAIN_STATE = "train_state"
 PARAMS = "params"
@@ -35,6 +37,21 @@ def path(workdir: epath.PathLike, name: str) -> epath.Path:
     return epath.Path(workdir) / name
 
 
+def ensure_writable(workdir: epath.PathLike) -> None:
+    """Create the workdir and prove this process can write to it, before any expensive work."""
+    directory = epath.Path(workdir)
+    probe = directory / f".write-probe-{jax.process_index()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(
+            f"--workdir={workdir} is not writable ({e.strerror or e}); give a directory this job "
+            "can write to (a finished workdir can be copied elsewhere to run more jobs on it)"
+        ) from e
+
+
 def train_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {
         "task": config.task,
@@ -42,7 +59,7 @@ def train_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "seed": config.seed,
         "l2": config.l2,
         **{f"data.{k}": v for k, v in config.data.items()},
-        **{f"train.{k}": v for k, v in config.train.items()},
+        **{f"train.{k}": config.train[k] for k in ("num_epochs", "batch_size", "learning_rate")},
     }
 
 

@@ -28,11 +28,9 @@ def tiny_config(**overrides: object) -> ml_collections.ConfigDict:
     return config
 
 
-def run_job(
-    job: str, workdir: Path, *flags: str, env: dict | None = None
-) -> subprocess.CompletedProcess:
-    """``python -m jobs.<job> --config=configs/mnist.py:runlocal`` in a fresh process (1 CPU device)."""
-    command = [
+def job_command(job: str, workdir: Path, *flags: str) -> list[str]:
+    """``python -m jobs.<job>`` on the runlocal config."""
+    return [
         sys.executable,
         "-m",
         f"jobs.{job}",
@@ -41,10 +39,26 @@ def run_job(
         "--config.log_every_secs=1000",
         *flags,
     ]
-    full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
-    full_env.pop("XLA_FLAGS", None)
+
+
+def job_env(extra: dict | None = None) -> dict[str, str]:
+    """The test process' environment for a job on the CPU: 1 device unless the job asks."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(extra or {})}
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def run_job(
+    job: str, workdir: Path, *flags: str, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """``jobs.<job>`` on the runlocal config in a fresh process (1 CPU device)."""
     return subprocess.run(
-        command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600
+        job_command(job, workdir, *flags),
+        cwd=REPO,
+        env=job_env(env),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -58,18 +72,9 @@ def run_multiprocess(
 ) -> tuple[int, str]:
     """``jobs.<job>`` on the runlocal config as ``num_processes`` local processes joined by
     jax.distributed (launch/multiprocess.py); returns (exit code, prefixed output of all)."""
-    command = [
-        sys.executable,
-        "-m",
-        f"jobs.{job}",
-        "--config=configs/mnist.py:runlocal",
-        f"--workdir={workdir}",
-        "--config.log_every_secs=1000",
-        *flags,
-    ]
     sink = io.StringIO()
     code = multiprocess.launch(
-        command,
+        job_command(job, workdir, *flags),
         num_processes,
         devices_per_process,
         grace_secs=120,

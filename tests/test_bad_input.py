@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 from checkpoints.checkpointer import CheckpointError
-from pipeline import arnoldi, train
+from pipeline import arnoldi, score, train
 from pipeline.errors import InputError
 from tests.pipeline_helpers import run_job, tiny_config
 
@@ -87,3 +87,17 @@ def test_krylov_state_from_another_config(krylov_workdir, tmp_path, field, value
     ):
         arnoldi.run(tiny_config(**{field: value}), workdir)
     assert sorted(str(p) for p in (workdir / "krylov").rglob("*")) == krylov_before
+
+
+def test_scores_from_other_eigenpairs_are_refused(krylov_workdir, tmp_path):
+    """Scoring with another p̃ than the eigenpairs in the workdir were distilled with is refused,
+    naming distill.top_k, before anything is scored; the eigenpairs stay as they are."""
+    workdir = tmp_path / "work"
+    shutil.copytree(krylov_workdir, workdir)
+    arnoldi.run(tiny_config(), workdir)
+    before = sorted(str(p) for p in workdir.rglob("*"))
+    with pytest.raises(
+        CheckpointError, match=r"computed with distill.top_k=8 but the config gives"
+    ):
+        score.run(tiny_config(distill__top_k=6), workdir)
+    assert sorted(str(p) for p in workdir.rglob("*")) == before

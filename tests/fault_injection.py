@@ -1,0 +1,148 @@
+"""Fault injection for the jobs: kill chains, checkpoint damage, output comparison.
+
+Shared by tests/test_faults.py (a CI-sized suite) and tests/fault_sweep.py (a larger seeded sweep
+run by hand). A *kill chain* runs a job again and again on one workdir, each run SIGKILLed at the
+next of a list of points (``pipeline/failpoints.py``), then once more to completion: every run
+must resume from what the killed ones left behind.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pandas as pd
+
+from launch import multiprocess
+from parallel import sharding
+from parallel.mesh import make_mesh
+from pipeline import failpoints, train
+from tasks import mnist
+from tests.pipeline_helpers import (
+    REPO,
+    job_command,
+    job_env,
+    run_job,
+    run_multiprocess,
+    tiny_config,
+)
+
+__all__ = ["REPO", "job_command", "job_env"]
+
+# Scoring in many small steps (parts of 32 rows, global batches of 16): kill points land inside
+# parts, between parts and in the padding steps of the process with fewer parts.
+SCORE_FLAGS = ("--config.score.batch_size=16", "--config.score.examples_per_shard=32")
+FAILPOINT = {"arnoldi": "arnoldi_iteration", "score": "score_batch", "train": "train_step"}
+
+
+@dataclasses.dataclass
+class Run:
+    code: int
+    output: str
+
+
+def run(job: str, workdir: Path, processes: int = 1, *flags: str, env: dict | None = None) -> Run:
+    """One job run: in a subprocess (1 process, 1 device unless --num_cpu_devices is given) or as
+    ``processes`` local processes of 1 device each."""
+    if processes == 1:
+        done = run_job(job, workdir, *flags, env=env)
+        return Run(done.returncode, done.stdout + done.stderr)
+    code, output = run_multiprocess(job, workdir, processes, 1, *flags, env=env)
+    return Run(code, output)
+
+
+def kill_chain(
+    job: str,
+    workdir: Path,
+    points: list[tuple[int, int]],
+    processes: int = 1,
+    *flags: str,
+) -> list[Run]:
+    """Run ``job`` once per (step, process) in ``points``, SIGKILLing that process at that step,
+    then once without faults. Returns every run; a run that finished before its point was reached
+    ends the chain early (its point was not exercised)."""
+    runs = []
+    for step, process in points:
+        spec = f"{FAILPOINT[job]}={step}" + (f"@{process}" if processes > 1 else "")
+        result = run(job, workdir, processes, *flags, env={failpoints.ENV: spec})
+        runs.append(result)
+        if result.code == 0:
+            return runs
+        assert killed(result, processes), result.output[-3000:]
+    final = run(job, workdir, processes, *flags)
+    assert final.code == 0, final.output[-3000:]
+    return [*runs, final]
+
+
+def killed(result: Run, processes: int) -> bool:
+    """Whether a run ended by an injected SIGKILL (with several processes: one was killed and
+    the others stopped with an error, none hung)."""
+    if processes == 1:
+        return result.code == -9
+    return result.code != 0 and multiprocess.KILLED_REASON not in result.output
+
+
+def kills(runs: list[Run]) -> int:
+    return sum(1 for r in runs if r.code != 0)
+
+
+def eigvals(workdir: Path) -> np.ndarray:
+    return np.asarray(json.loads((workdir / "eigenvalues.json").read_text())["eigvals"])
+
+
+def scores(workdir: Path, split: str) -> pd.DataFrame:
+    """A split's scores sorted by id, after checking each example appears exactly once."""
+    table = pd.read_parquet(workdir / "scores" / split)
+    assert table["id"].is_unique, f"duplicate ids in {split}"
+    return table.sort_values("id").reset_index(drop=True)
+
+
+def assert_same_scores(got: Path, want: Path, rtol: float = 0.0) -> None:
+    """Same examples, each once, with the same values (bitwise when ``rtol`` is 0)."""
+    for split in ("train", "eval"):
+        a, b = scores(got, split), scores(want, split)
+        assert len(a) == len(b)
+        np.testing.assert_array_equal(a["id"], b["id"])
+        for column in ("self_influence", "projections"):
+            x, y = np.stack(a[column].to_numpy()), np.stack(b[column].to_numpy())
+            if rtol:
+                np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * np.abs(y).max())
+            else:
+                np.testing.assert_array_equal(x, y)
+
+
+def params(workdir: Path) -> list[np.ndarray]:
+    """The trained params of a workdir (runlocal config) as numpy leaves."""
+    config = tiny_config()
+    task = mnist.make_task(config.model)
+    params_like = jax.eval_shape(task.init_params, jax.random.key(0))
+    param_sh = sharding.param_shardings(params_like, make_mesh(1, 1, 1), 2**18)
+    restored, _ = train.restore_params(workdir, config, params_like, param_sh)
+    return [np.asarray(x) for x in jax.tree.leaves(restored)]
+
+
+def steps(directory: Path) -> list[int]:
+    """Complete Orbax steps in a checkpoint directory."""
+    if not directory.exists():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def damage(step_dir: Path, how: str) -> None:
+    """Damage a saved step the way disks and interrupted copies do."""
+    files = sorted(p for p in step_dir.rglob("*") if p.is_file())
+    assert files, step_dir
+    if how == "truncate":  # every array file cut to half
+        for p in files:
+            if "ocdbt" in str(p) or p.parent.name == "d":
+                p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    elif how == "garbage":  # every file overwritten with noise of the same size
+        rng = np.random.default_rng(0)
+        for p in files:
+            p.write_bytes(rng.integers(0, 256, p.stat().st_size, dtype=np.uint8).tobytes())
+    elif how == "empty":  # a copy that stopped before any file arrived
+        for p in files:
+            p.unlink()
+    else:
+        raise ValueError(how)
