@@ -43,7 +43,10 @@ class Checkpointer:
     Attributes:
       directory: where steps live (local path or gs://), created on first save.
       max_to_keep: completed steps kept; 2 so that a corrupted latest step has a fallback.
-      save_interval_steps: ``save`` is a no-op for other steps unless ``force``.
+      save_interval_steps: ``save`` writes steps that are multiples of this, the step every
+        process agreed on after a preemption notice, and any step with ``force``; nothing else
+        (Orbax's default would also write the first step saved, a full extra write of a large
+        Krylov basis that is still almost all zeros).
       async_save: write in a background thread; arrays are copied to host before ``save`` returns,
         so the caller may donate or overwrite them at once.
     """
@@ -55,9 +58,15 @@ class Checkpointer:
 
     def __post_init__(self) -> None:
         self.directory = epath.Path(self.directory)
+        policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
             max_to_keep=self.max_to_keep,
-            save_interval_steps=self.save_interval_steps,
+            save_decision_policy=policies.AnySavePolicy(
+                [
+                    policies.FixedIntervalPolicy(self.save_interval_steps),
+                    policies.PreemptionCheckpointingPolicy(),
+                ]
+            ),
             enable_async_checkpointing=self.async_save,
             create=True,
         )

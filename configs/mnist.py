@@ -11,7 +11,10 @@ Presets, comma-separated after a colon (big_vision style):
   pod                        Arnoldi on a pod slice: large HVP batches, params sharded over 'model'
 
   python -m jobs.pipeline --config=configs/mnist.py:model=flax_cnn,top_k=100 --workdir=workdirs/flax
-  python -m jobs.arnoldi --config=configs/mnist.py:pod --config.mesh.model=4 --workdir=gs://b/run
+  python -m launch.multiprocess --num_processes=2 --devices_per_process=2 -- \
+      python -m jobs.pipeline --config=configs/mnist.py:runlocal --workdir=workdirs/mp
+  TPU=my-v5p-64 ZONE=us-east5-a bash launch/tpu_pod.sh jobs.arnoldi \
+      --config=configs/mnist.py:pod --config.mesh.model=4 --workdir=gs://my-bucket/mnist
 
 Any field can be overridden with --config.<field>=<value>; unknown fields are rejected.
 """

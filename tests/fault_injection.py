@@ -7,12 +7,10 @@ must resume from what the killed ones left behind.
 """
 
 import dataclasses
-import json
 from pathlib import Path
 
 import jax
 import numpy as np
-import pandas as pd
 
 from launch import multiprocess
 from parallel import sharding
@@ -21,14 +19,18 @@ from pipeline import failpoints, train
 from tasks import mnist
 from tests.pipeline_helpers import (
     REPO,
+    eigvals,
     job_command,
     job_env,
     run_job,
     run_multiprocess,
+    scores,
+    steps,
     tiny_config,
 )
 
-__all__ = ["REPO", "job_command", "job_env"]
+# Re-exported: the fault tests reach every helper through this module.
+__all__ = ["REPO", "eigvals", "job_command", "job_env", "scores", "steps"]
 
 # Scoring in many small steps (parts of 32 rows, global batches of 16): kill points land inside
 # parts, between parts and in the padding steps of the process with fewer parts.
@@ -87,17 +89,6 @@ def kills(runs: list[Run]) -> int:
     return sum(1 for r in runs if r.code != 0)
 
 
-def eigvals(workdir: Path) -> np.ndarray:
-    return np.asarray(json.loads((workdir / "eigenvalues.json").read_text())["eigvals"])
-
-
-def scores(workdir: Path, split: str) -> pd.DataFrame:
-    """A split's scores sorted by id, after checking each example appears exactly once."""
-    table = pd.read_parquet(workdir / "scores" / split)
-    assert table["id"].is_unique, f"duplicate ids in {split}"
-    return table.sort_values("id").reset_index(drop=True)
-
-
 def assert_same_scores(got: Path, want: Path, rtol: float = 0.0) -> None:
     """Same examples, each once, with the same values (bitwise when ``rtol`` is 0)."""
     for split in ("train", "eval"):
@@ -120,13 +111,6 @@ def params(workdir: Path) -> list[np.ndarray]:
     param_sh = sharding.param_shardings(params_like, make_mesh(1, 1, 1), 2**18)
     restored, _ = train.restore_params(workdir, config, params_like, param_sh)
     return [np.asarray(x) for x in jax.tree.leaves(restored)]
-
-
-def steps(directory: Path) -> list[int]:
-    """Complete Orbax steps in a checkpoint directory."""
-    if not directory.exists():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
 def damage(step_dir: Path, how: str) -> None:

@@ -1,12 +1,15 @@
 """Shared set-up for tests that run the jobs: a tiny config and a subprocess runner."""
 
 import io
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import ml_collections
+import numpy as np
+import pandas as pd
 
 from configs import mnist
 from launch import multiprocess
@@ -84,3 +87,21 @@ def run_multiprocess(
         timeout_secs=600,
     )
     return code, sink.getvalue()
+
+
+def eigvals(workdir: Path) -> np.ndarray:
+    return np.asarray(json.loads((workdir / "eigenvalues.json").read_text())["eigvals"])
+
+
+def steps(directory: Path) -> list[int]:
+    """Complete Orbax steps in a checkpoint directory."""
+    if not directory.exists():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def scores(workdir: Path, split: str) -> pd.DataFrame:
+    """A split's scores sorted by id, after checking each example appears exactly once."""
+    table = pd.read_parquet(workdir / "scores" / split)
+    assert table["id"].is_unique, f"duplicate ids in {split}"
+    return table.sort_values("id").reset_index(drop=True)

@@ -5,12 +5,10 @@ one single-process reference and one 2- and one 4-process run of arnoldi + score
 whose size is not a multiple of hosts × batch.
 """
 
-import json
 import shutil
 
 import jax
 import numpy as np
-import pandas as pd
 import pytest
 
 from influence import arnoldi as arnoldi_math
@@ -19,7 +17,7 @@ from parallel import sharding
 from parallel.mesh import make_mesh
 from pipeline import arnoldi, failpoints, score, train
 from tasks import mnist
-from tests.pipeline_helpers import run_multiprocess, tiny_config
+from tests.pipeline_helpers import eigvals, run_multiprocess, scores, tiny_config
 
 # 250 training and 37 eval examples, parts of 60 rows, global batch 64: with 2 or 4 processes the
 # last parts are ragged, the row groups get unequal numbers of parts and must be padded with masked
@@ -34,14 +32,6 @@ UNEVEN = {
 
 def _flags(overrides: dict) -> list[str]:
     return [f"--config.{k.replace('__', '.')}={v}" for k, v in overrides.items()]
-
-
-def _eigvals(workdir) -> np.ndarray:
-    return np.asarray(json.loads((workdir / "eigenvalues.json").read_text())["eigvals"])
-
-
-def _scores(workdir, split: str) -> pd.DataFrame:
-    return pd.read_parquet(workdir / "scores" / split).sort_values("id").reset_index(drop=True)
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +58,9 @@ def test_processes_match_single_process(reference, tmp_path, num_processes):
         assert code == 0, output[-3000:]
     assert f"{num_processes} processes" in output
 
-    np.testing.assert_allclose(_eigvals(workdir), _eigvals(reference), rtol=1e-5)
+    np.testing.assert_allclose(eigvals(workdir), eigvals(reference), rtol=1e-5)
     for split, size in (("train", 250), ("eval", 37)):
-        got, want = _scores(workdir, split), _scores(reference, split)
+        got, want = scores(workdir, split), scores(reference, split)
         assert len(got) == size and got["id"].is_unique
         np.testing.assert_array_equal(got["id"], want["id"])
         np.testing.assert_array_equal(got["label"], want["label"])

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from pipeline import arnoldi, evaluate, failpoints, score, train
-from tests.pipeline_helpers import run_job, tiny_config
+from tests.pipeline_helpers import eigvals, run_job, steps, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -23,17 +23,6 @@ def _copy_params(source, tmp_path):
     workdir = tmp_path / "work"
     shutil.copytree(source / "params", workdir / "params")
     return workdir
-
-
-def _steps(directory) -> list[int]:
-    """Completed Orbax steps in a checkpoint directory (an async save in flight is `N.orbax-…-tmp`)."""
-    return (
-        [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.exists() else []
-    )
-
-
-def _eigvals(workdir) -> np.ndarray:
-    return np.asarray(json.loads((workdir / "eigenvalues.json").read_text())["eigvals"])
 
 
 def test_pipeline_outputs_every_example_once(trained_workdir, tmp_path):
@@ -53,9 +42,9 @@ def test_pipeline_outputs_every_example_once(trained_workdir, tmp_path):
     assert set(flips["id"]) == set(train_scores["id"][train_scores["flipped"]])
     assert (flips["clean_label"] != flips["noisy_label"]).all()
     g = np.stack(train_scores["projections"].to_numpy())
-    eigvals = _eigvals(workdir)
+    values = eigvals(workdir)
     assert g.shape == (config.data.num_train, config.distill.top_k)
-    np.testing.assert_allclose(train_scores["self_influence"], (g**2 / eigvals).sum(1), rtol=1e-5)
+    np.testing.assert_allclose(train_scores["self_influence"], (g**2 / values).sum(1), rtol=1e-5)
     assert len(pd.read_parquet(workdir / "scores" / "eval")) == config.data.num_eval
 
     topk = pd.read_parquet(workdir / "scores" / "influence_topk.parquet")
@@ -83,7 +72,7 @@ def test_eight_devices_match_one(trained_workdir, tmp_path):
         workdir = _copy_params(trained_workdir, tmp_path / f"d{devices}")
         arnoldi.run(config, workdir)
         score.run(config, workdir)
-        results[devices] = (_eigvals(workdir), pd.read_parquet(workdir / "scores" / "train"))
+        results[devices] = (eigvals(workdir), pd.read_parquet(workdir / "scores" / "train"))
     np.testing.assert_allclose(results[8][0], results[1][0], rtol=1e-5)
     np.testing.assert_array_equal(results[8][1]["id"], results[1][1]["id"])
     np.testing.assert_allclose(
@@ -92,20 +81,20 @@ def test_eight_devices_match_one(trained_workdir, tmp_path):
 
 
 def test_arnoldi_resumes_after_sigkill(trained_workdir, tmp_path):
-    """The arnoldi job SIGKILLed at iteration 7 (after an async save at 4 may or may not have
-    finished) and re-run resumes from its last complete checkpoint, and ends with exactly the
-    eigenvalues of an uninterrupted run."""
+    """The arnoldi job SIGKILLed at iteration 10 (the save of 4 complete, the async save of 8 may
+    or may not have finished) and re-run resumes from its last complete checkpoint, and ends with
+    exactly the eigenvalues of an uninterrupted run."""
     reference = _copy_params(trained_workdir, tmp_path / "reference")
     assert run_job("arnoldi", reference).returncode == 0
 
     workdir = _copy_params(trained_workdir, tmp_path / "killed")
-    killed = run_job("arnoldi", workdir, env={failpoints.ENV: "arnoldi_iteration=7"})
+    killed = run_job("arnoldi", workdir, env={failpoints.ENV: "arnoldi_iteration=10"})
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert not _steps(workdir / "eigenpairs")
-    saved_steps = _steps(workdir / "krylov")
-    assert saved_steps and max(saved_steps) < 12
+    assert not steps(workdir / "eigenpairs")
+    saved_steps = steps(workdir / "krylov")
+    assert saved_steps and saved_steps[0] == 4 and max(saved_steps) <= 8
 
     resumed = run_job("arnoldi", workdir)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming Arnoldi at iteration" in resumed.stderr
-    np.testing.assert_array_equal(_eigvals(workdir), _eigvals(reference))
+    assert f"resuming Arnoldi at iteration {max(saved_steps)}" in resumed.stderr
+    np.testing.assert_array_equal(eigvals(workdir), eigvals(reference))
