@@ -41,7 +41,8 @@ class Checkpointer:
     """Orbax options with the defaults this project relies on.
 
     Attributes:
-      directory: where steps live (local path or gs://), created on first save.
+      directory: where steps live (local path, relative ones made absolute, or gs://); created
+        when the Checkpointer is.
       max_to_keep: completed steps kept; 2 so that a corrupted latest step has a fallback.
       save_interval_steps: ``save`` writes steps that are multiples of this, the step every
         process agreed on after a preemption notice, and any step with ``force``; nothing else
@@ -57,7 +58,10 @@ class Checkpointer:
     async_save: bool = True
 
     def __post_init__(self) -> None:
+        # Orbax's tensorstore backend refuses relative paths ("--workdir=workdirs/mnist").
         self.directory = epath.Path(self.directory)
+        if not self.directory.is_absolute():
+            self.directory = self.directory.absolute()
         policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
             max_to_keep=self.max_to_keep,

@@ -98,3 +98,15 @@ def test_arnoldi_resumes_after_sigkill(trained_workdir, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming Arnoldi at iteration {max(saved_steps)}" in resumed.stderr
     np.testing.assert_array_equal(eigvals(workdir), eigvals(reference))
+
+
+def test_relative_workdir(tmp_path, monkeypatch):
+    """A workdir given relative to the current directory (as in the README's commands) works:
+    Orbax itself only accepts absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(train__num_epochs=1, arnoldi__num_iters=4, distill__top_k=2)
+    config.arnoldi.checkpoint_every = 2
+    train.run(config, "rel/work")
+    arnoldi.run(config, "rel/work")
+    assert steps(tmp_path / "rel/work/params") and steps(tmp_path / "rel/work/krylov") == [2, 4]
+    assert (tmp_path / "rel/work/eigenvalues.json").exists()
