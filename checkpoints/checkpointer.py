@@ -76,9 +76,6 @@ class Checkpointer:
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
-    def latest_step(self) -> int | None:
-        return self._manager.latest_step()
-
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
@@ -172,9 +169,6 @@ class Checkpointer:
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"quarantined {self.directory} {step}")
         self._manager.reload()
-
-    def reached_preemption(self, step: int) -> bool:
-        return self._manager.reached_preemption(step)
 
     def wait_until_finished(self) -> None:
         self._manager.wait_until_finished()

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -14,6 +15,31 @@ from influence import arnoldi, distill, scoring
 from influence.hvp import HVP
 from parallel.mesh import DATA_AXIS
 from parallel.sharding import batch_sharding, replicated, stacked_shardings
+
+
+def train_step(
+    loss_fn: Callable[[Any, Any], jax.Array],
+    optimizer: optax.GradientTransformation,
+    state_sh: Any,
+    mesh: Mesh,
+) -> Callable[[dict, dict], tuple[dict, jax.Array]]:
+    """One optimizer step on ``loss_fn`` over a 'data'-sharded batch; state {'params',
+    'opt_state'} keeps its shardings and is donated."""
+
+    def step(state: dict, batch: dict) -> tuple[dict, jax.Array]:
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        return {
+            "params": optax.apply_updates(state["params"], updates),
+            "opt_state": opt_state,
+        }, loss
+
+    return jax.jit(
+        step,
+        in_shardings=(state_sh, batch_sharding(mesh)),
+        out_shardings=(state_sh, replicated(mesh)),
+        donate_argnums=0,
+    )
 
 
 def krylov_shardings(param_sh: Any, mesh: Mesh) -> arnoldi.KrylovState:

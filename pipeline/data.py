@@ -111,13 +111,23 @@ class LocalBatch:
     last: bool
 
 
+def padded_batches(
+    start: int, stop: int, batch_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(positions, mask) of full-size batches over rows [start, stop): the last batch is padded
+    by repeating row ``start`` (a valid input, so a padded forward pass is well defined) and the
+    mask marks the real rows."""
+    for first in range(start, stop, batch_size):
+        rows = np.arange(first, min(first + batch_size, stop))
+        mask = np.arange(batch_size) < rows.size
+        yield np.concatenate([rows, np.full(batch_size - rows.size, start)]), mask
+
+
 def _part_batches(part: Part, batch_size: int) -> Iterator[LocalBatch]:
-    for start in range(part.start + part.done, part.stop, batch_size):
-        rows = np.arange(start, min(start + batch_size, part.stop))
-        mask = np.zeros(batch_size, bool)
-        mask[: rows.size] = True
-        positions = np.concatenate([rows, np.full(batch_size - rows.size, part.start)])
-        yield LocalBatch(part, positions, mask, last=start + batch_size >= part.stop)
+    batches = padded_batches(part.start + part.done, part.stop, batch_size)
+    for i, (positions, mask) in enumerate(batches, start=1):
+        last = part.start + part.done + i * batch_size >= part.stop
+        yield LocalBatch(part, positions, mask, last=last)
 
 
 def scoring_plan(

@@ -49,7 +49,7 @@ def _plot_retrieval(path: epath.Path, flipped: np.ndarray, scores: np.ndarray, m
     pr.axhline(m["random_ap"], color="k", ls="--", lw=0.8, label="random")
     pr.set(xlabel="recall", ylabel="precision", title="precision–recall", ylim=(0, 1.02))
     for ax in (roc, pr):
-        ax.legend(loc="lower right" if ax is roc else "upper right")
+        ax.legend(loc="lower right" if ax is roc else "lower left")
     fig.tight_layout()
     with path.open("wb") as f:
         fig.savefig(f, dpi=100, format="png")

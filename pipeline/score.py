@@ -106,7 +106,7 @@ class _PartWriter:
         self._columns.append(columns)
         self._projections.append(g)
 
-    def _table(self) -> pa.Table:
+    def _merged(self) -> pa.Table:
         merged = {k: np.concatenate([c[k] for c in self._columns]) for k in COLUMNS}
         table = _table(merged, np.concatenate(self._projections), self._eigvals)
         if self._part.done:  # rows scored before a preemption come first
@@ -117,7 +117,7 @@ class _PartWriter:
     def finish(self) -> None:
         """The part is complete: write it atomically, then drop its partial file."""
         if self._enabled:
-            outputs.write_parquet(_part_path(self._dir, self._part), self._table())
+            outputs.write_parquet(_part_path(self._dir, self._part), self._merged())
             partial = _partial_path(self._dir, self._part)
             if self._part.done and partial.exists():
                 partial.unlink()
@@ -126,7 +126,7 @@ class _PartWriter:
     def save_partial(self) -> None:
         """Preempted mid-part: keep the rows scored so far, to continue from there."""
         if self._enabled and self._part is not None and self._columns:
-            outputs.write_parquet(_partial_path(self._dir, self._part), self._table())
+            outputs.write_parquet(_partial_path(self._dir, self._part), self._merged())
 
 
 def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:

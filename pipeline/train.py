@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from checkpoints.checkpointer import Checkpointer
 from checkpoints.fingerprint import check
 from influence.hvp import make_mean_loss
-from parallel import sharding
+from parallel import sharding, steps
 from parallel.mesh import make_mesh
 from pipeline import data, failpoints, outputs, preemption, validate
 from pipeline import workdir as wd
@@ -46,10 +46,7 @@ def accuracy(
     count = jax.jit(num_correct, out_shardings=sharding.replicated(mesh))
     rows = sharding.local_rows(mesh, batch_size)
     correct = 0
-    for start in range(0, source.num_examples, batch_size):
-        positions = np.arange(start, min(start + batch_size, source.num_examples))
-        mask = np.arange(batch_size) < positions.size
-        positions = np.concatenate([positions, np.full(batch_size - positions.size, start)])
+    for positions, mask in data.padded_batches(0, source.num_examples, batch_size):
         local = {**task.model_inputs(source.take(positions[rows])), "mask": mask[rows]}
         correct += int(count(params, sharding.to_global(local, mesh, batch_size)))
     return correct / source.num_examples
@@ -78,21 +75,8 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
     state_like = jax.eval_shape(init_state, jax.random.key(config.seed))
     state_sh = sharding.param_shardings(state_like, mesh, config.mesh.min_shard_size)
     state = jax.jit(init_state, out_shardings=state_sh)(jax.random.key(config.seed))
-    loss_fn = make_mean_loss(task.per_example_loss, config.l2)
-
-    def train_step(state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        return {
-            "params": optax.apply_updates(state["params"], updates),
-            "opt_state": opt_state,
-        }, loss
-
-    step_fn = jax.jit(
-        train_step,
-        in_shardings=(state_sh, sharding.batch_sharding(mesh)),
-        out_shardings=(state_sh, sharding.replicated(mesh)),
-        donate_argnums=0,
+    step_fn = steps.train_step(
+        make_mean_loss(task.per_example_loss, config.l2), optimizer, state_sh, mesh
     )
     batch_size = config.train.batch_size
     steps_per_epoch = train.num_examples // batch_size
@@ -130,12 +114,12 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
     ckpt.close()
     progress.close()
 
-    params, batch = state["params"], config.train.batch_size
+    params = state["params"]
     meta = {
         "fingerprint": fingerprint,
         "params_id": wd.params_id(config),
-        "train_accuracy_noisy_labels": accuracy(task, params, train, mesh, batch),
-        "eval_accuracy": accuracy(task, params, task_data.splits["eval"], mesh, batch),
+        "train_accuracy_noisy_labels": accuracy(task, params, train, mesh, batch_size),
+        "eval_accuracy": accuracy(task, params, task_data.splits["eval"], mesh, batch_size),
     }
     logging.info("trained: %s", meta)
     write_flipped_labels(wd.path(workdir, wd.FLIPPED_LABELS), train)

@@ -11,9 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from influence import arnoldi as arnoldi_math
 from launch import multiprocess
-from parallel import sharding
+from parallel import sharding, steps
 from parallel.mesh import make_mesh
 from pipeline import arnoldi, failpoints, score, train
 from tasks import mnist
@@ -124,13 +123,8 @@ def test_krylov_bytes_per_device_shrink_with_model_axis():
     for model in (1, 2, 4, 8):
         mesh = make_mesh(8 // model, model, 8)
         param_sh = sharding.param_shardings(params_like, mesh, 4096)
-        state = jax.jit(
-            lambda key: arnoldi_math.init_state(params_like, num_iters, key),
-            out_shardings={
-                "krylov_basis": sharding.stacked_shardings(param_sh),
-                "hessenberg": sharding.replicated(mesh),
-            },
-        )(jax.random.key(0))
+        init = steps.init_krylov_state(params_like, num_iters, param_sh, mesh)
+        state = init(jax.random.key(0))
         measured[model] = sharding.bytes_per_device(state["krylov_basis"])
     small = sum(x.size for x in jax.tree.leaves(params_like) if x.size < 4096)  # replicated leaves
     replicated_bytes = (num_iters + 1) * small * 4
