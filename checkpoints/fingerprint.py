@@ -8,6 +8,7 @@ state on disk is left untouched.
 
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 from checkpoints.checkpointer import CheckpointError
@@ -27,3 +28,9 @@ def check(saved: dict[str, Any], expected: dict[str, Any], what: str, fix: str) 
                 f"{what} was computed with {key}={saved.get(key)!r} but the config gives "
                 f"{key}={expected.get(key)!r}; {fix}"
             )
+
+
+def meta_check(expected: dict[str, Any], what: str, fix: str) -> Callable[[dict[str, Any]], None]:
+    """The ``check_meta`` of ``Checkpointer.restore_latest``: ``check`` the saved meta's
+    fingerprint against ``expected``."""
+    return lambda meta: check(meta["fingerprint"], expected, what, fix)

@@ -13,7 +13,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from checkpoints.checkpointer import Checkpointer, UnreadableCheckpointError
-from checkpoints.fingerprint import check, digest
+from checkpoints.fingerprint import digest, meta_check
 from influence import arnoldi, distill
 from influence.hvp import make_hvp
 from parallel import sharding, steps
@@ -59,9 +59,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
     key = jax.random.key(a.seed)
     found = ckpt.restore_latest(
         sharding.abstract_like(jax.eval_shape(init, key), steps.krylov_shardings(param_sh, mesh)),
-        lambda meta: check(
-            meta["fingerprint"], krylov_fingerprint, f"the Krylov state in {ckpt.directory}", FIX
-        ),
+        meta_check(krylov_fingerprint, f"the Krylov state in {ckpt.directory}", FIX),
     )
     if found:
         start, state, meta = found
@@ -176,10 +174,9 @@ def _restore_eigenpairs(
 ) -> tuple[dict, dict] | None:
     """(state, meta) of the distilled eigenpairs if present and from this config; raises
     ``UnreadableCheckpointError`` if they exist but cannot be read."""
-    what = f"the eigenpairs in {ckpt.directory}"
     found = ckpt.restore_latest(
         _eigenpairs_abstract(params_like, param_sh, mesh, top_k),
-        lambda meta: check(meta["fingerprint"], fingerprint, what, FIX),
+        meta_check(fingerprint, f"the eigenpairs in {ckpt.directory}", FIX),
     )
     return None if found is None else (found[1], found[2])
 

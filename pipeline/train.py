@@ -5,7 +5,6 @@ objective whose Hessian Arnoldi analyses. Checkpointed every ``train.checkpoint_
 once per epoch) and at a preemption; resumes mid-epoch; deterministic given the config.
 """
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -19,7 +18,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from checkpoints.checkpointer import Checkpointer
-from checkpoints.fingerprint import check
+from checkpoints.fingerprint import meta_check
 from influence.hvp import make_mean_loss
 from parallel import sharding, steps
 from parallel.mesh import make_mesh
@@ -58,7 +57,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
     fingerprint = wd.train_fingerprint(config)
     fix = "use a new --workdir or restore the original config"
     params_ckpt = Checkpointer(wd.path(workdir, wd.PARAMS), async_save=False)
-    if params_ckpt.restore_latest(None, _fingerprint_check(fingerprint, "the saved params", fix)):
+    if params_ckpt.restore_latest(None, meta_check(fingerprint, "the saved params", fix)):
         logging.info("trained params already in %s; nothing to do", params_ckpt.directory)
         params_ckpt.close()
         return
@@ -88,7 +87,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
     start = 0
     found = ckpt.restore_latest(
         sharding.abstract_like(state, state_sh),
-        _fingerprint_check(fingerprint, "the saved training state", fix),
+        meta_check(fingerprint, "the saved training state", fix),
     )
     if found:
         start, state, _ = found
@@ -154,7 +153,7 @@ def restore_params(
         with Checkpointer(directory, async_save=False) as ckpt:
             found = ckpt.restore_latest(
                 sharding.abstract_like({"params": params_like}, {"params": param_sh}),
-                _fingerprint_check(
+                meta_check(
                     wd.train_fingerprint(config),
                     f"the params in {directory}",
                     "train them with this config in a new --workdir, or restore the original config",
@@ -167,7 +166,3 @@ def restore_params(
         )
     _, state, meta = found
     return state["params"], meta["params_id"]
-
-
-def _fingerprint_check(expected: dict, what: str, fix: str) -> Callable[[dict], None]:
-    return lambda meta: check(meta["fingerprint"], expected, what, fix)
