@@ -26,6 +26,9 @@ from launch import multiprocess
 _MODEL = flags.DEFINE_enum("model", "small_cnn", ["small_cnn", "flax_cnn"], "MNIST model.")
 _TOP_K = flags.DEFINE_integer("top_k", 20, "Eigenvectors p̃ (JVPs per example).")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Global scoring batch.")
+_PRESETS = flags.DEFINE_string(
+    "presets", "", "More presets of configs/mnist.py, e.g. runlocal for a seconds-long smoke run."
+)
 REPO = Path(__file__).resolve().parents[1]
 RATE = re.compile(r"scoring throughput: ([0-9.]+) examples/s")
 
@@ -52,7 +55,8 @@ def rate(output: str) -> float:
 
 def main(argv: list[str]) -> None:
     del argv
-    config = f"configs/mnist.py:model={_MODEL.value},top_k={_TOP_K.value}"
+    presets = f",{_PRESETS.value}" if _PRESETS.value else ""
+    config = f"configs/mnist.py:model={_MODEL.value},top_k={_TOP_K.value}{presets}"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,7 +72,7 @@ def main(argv: list[str]) -> None:
             sink = io.StringIO()
             code = multiprocess.launch(
                 job("score", workdir, config), processes, 1, sink=sink, cwd=REPO, timeout_secs=1800
-            )
+            ).exit_code
             if code:
                 raise RuntimeError(
                     f"score with {processes} processes failed:\n{sink.getvalue()[-3000:]}"

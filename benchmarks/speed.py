@@ -18,6 +18,12 @@ al. 2022, "Scaling up influence functions", Algorithm 1):
    linearisation vmapped over p̃ JVPs) per example, over one forward pass per example; divided by p̃
    it is the cost of one JVP in units of a forward pass.
 
+4. lookahead: the host waits for the device only one step late. ``run_arnoldi`` dispatches step
+   k + 1 before reading step k's breakdown flag, and the score job reads and dispatches batch
+   i + 1 before fetching batch i's projections; both against the synchronous loop that reads every
+   result before the next dispatch (what round 1 did), each step drawing its batch from host
+   memory as the jobs do. Ratios below 1 are the time the device no longer idles.
+
 By default the Arnoldi step donates its Krylov state, as parallel/steps.py does (``--nodonate``
 shows the cost of copying the whole basis every step); ``--orthogonalization`` picks MGS2 or CGS2
 and ``--tangent_chunk`` the projector's chunking (default: one vmap over all p̃ tangents).
@@ -56,6 +62,7 @@ flags.DEFINE_integer("tangent_chunk", 0, "make_projector tangent_chunk; 0 = None
 flags.DEFINE_enum(
     "orthogonalization", "mgs2", sorted(arnoldi.ORTHOGONALIZATION), "Arnoldi Gram–Schmidt variant."
 )
+flags.DEFINE_integer("score_batches", 16, "Scoring batches in the lookahead comparison [4].")
 
 
 def time_call(fn: Callable[..., Any], *args: Any, repeats: int) -> float:
@@ -90,6 +97,81 @@ def time_arnoldi(
     result = arnoldi.run_arnoldi(step, state, params, lambda k: batch, num_iters)
     jax.block_until_ready(result.state)
     return time.perf_counter() - start, result
+
+
+def arnoldi_synchronous(
+    step: arnoldi.StepFn, state: Any, params: Any, get_batch: Callable, num_iters: int
+) -> Any:
+    """Round 1's loop: every step's breakdown flag is read before the next step is dispatched."""
+    for k in range(num_iters):
+        state, info = step(state, params, get_batch(k), jnp.asarray(k, jnp.int32))
+        if bool(info["breakdown"]):
+            break
+    return state
+
+
+def time_lookahead(
+    hvp_fn: hvp.HVP, params: Any, source: dict, num_iters: int, project: Callable, eigvecs: Any
+) -> tuple[float, float]:
+    """[4]: the lookahead loops against the synchronous ones, batches read from host memory."""
+    n_rows = len(source["label"])
+    b = FLAGS.batch_size
+
+    def host_batch(k: int) -> dict:  # draws and ships a batch, as pipeline/data.py does
+        rows = np.random.default_rng([FLAGS.seed, k]).choice(n_rows, b, replace=False)
+        return jax.device_put({key: v[np.sort(rows)] for key, v in source.items()})
+
+    donate = (0,) if FLAGS.donate else ()
+    step = jax.jit(
+        functools.partial(arnoldi.arnoldi_step, hvp_fn, orthogonalization=FLAGS.orthogonalization),
+        donate_argnums=donate,
+    )
+    key = jax.random.key(FLAGS.seed)
+    times = {}
+    for name in ("synchronous", "lookahead", "synchronous", "lookahead"):  # each twice, alternating
+        state = jax.block_until_ready(arnoldi.init_state(params, num_iters, key))
+        jax.block_until_ready(step(state, params, host_batch(0), jnp.asarray(0, jnp.int32)))
+        state = jax.block_until_ready(arnoldi.init_state(params, num_iters, key))
+        start = time.perf_counter()
+        if name == "lookahead":
+            out = arnoldi.run_arnoldi(step, state, params, host_batch, num_iters).state
+        else:
+            out = arnoldi_synchronous(step, state, params, host_batch, num_iters)
+        jax.block_until_ready(out)
+        times.setdefault(name, []).append(time.perf_counter() - start)
+        del out, state
+    arn = {k: min(v) for k, v in times.items()}
+
+    def score_loop(overlap: bool) -> float:
+        start, pending, fetched = time.perf_counter(), None, 0
+        for i in range(FLAGS.score_batches):
+            g = project(params, eigvecs, host_batch(1000 + i))
+            if not overlap:
+                fetched += np.asarray(g).shape[0]
+                continue
+            if pending is not None:
+                fetched += np.asarray(pending).shape[0]
+            pending = g
+        if pending is not None:
+            fetched += np.asarray(pending).shape[0]
+        assert fetched == FLAGS.score_batches * b
+        return time.perf_counter() - start
+
+    score_loop(True)  # compile
+    score = {"synchronous": [], "overlapped": []}
+    for _ in range(2):
+        score["synchronous"].append(score_loop(False))
+        score["overlapped"].append(score_loop(True))
+    sc = {k: min(v) for k, v in score.items()}
+    print(
+        f"[4] arnoldi {num_iters} iterations: synchronous {arn['synchronous']:.2f} s, "
+        f"lookahead {arn['lookahead']:.2f} s (best of 2 each)"
+    )
+    print(
+        f"    score {FLAGS.score_batches} batches: synchronous {sc['synchronous']:.2f} s, "
+        f"overlapped {sc['overlapped']:.2f} s (best of 2 each)"
+    )
+    return arn["lookahead"] / arn["synchronous"], sc["overlapped"] / sc["synchronous"]
 
 
 def main(argv: list[str]) -> None:
@@ -141,6 +223,14 @@ def main(argv: list[str]) -> None:
     print(f"[3] forward {t_fwd * 1e3:.1f} ms, score {t_score * 1e3:.1f} ms for {b} examples")
     print(f"    per example: forward {t_fwd / b * 1e6:.1f} us, score {t_score / b * 1e6:.1f} us")
 
+    # 4. Lookahead vs synchronous loops, data from host memory (a pool of 4 batches' worth).
+    pool = read_all(
+        mnist.load_splits(num_train=min(4 * b, 5000), num_eval=0, flip_fraction=0.0, seed=1)[0]
+    )
+    lookahead, overlapped = time_lookahead(
+        hvp_fn, params, task.model_inputs(pool), n, project, pairs.eigvecs
+    )
+
     arn_ratio = t_arn / (m * t_hvp)
     score_ratio = t_score / t_fwd
     opts = (
@@ -156,6 +246,8 @@ def main(argv: list[str]) -> None:
     )
     print(f"score/forward per example = {score_ratio:.1f} (p̃ = {p})")
     print(f"score/forward per example per eigenvector = {score_ratio / p:.2f}")
+    print(f"arnoldi lookahead/synchronous = {lookahead:.3f} (one-step-late breakdown check)")
+    print(f"score overlapped/synchronous = {overlapped:.3f} (batch i + 1 dispatched first)")
     print(f"(benchmark wall time {time.perf_counter() - t_start:.0f} s)")
 
 

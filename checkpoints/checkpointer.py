@@ -28,8 +28,12 @@ STATE = "state"
 META = "meta"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable or incompatible with the config."""
+class CheckpointError(Exception):
+    """A saved state the job cannot use; the message says how to fix it."""
+
+
+class IncompatibleCheckpointError(CheckpointError):
+    """A saved state computed from another config (its fingerprint differs)."""
 
 
 class UnreadableCheckpointError(CheckpointError):
@@ -179,7 +183,12 @@ class Checkpointer:
     def __enter__(self) -> "Checkpointer":
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
+        """Close on every exit path (finishing an in-flight save), except when a collective failed
+        in a multi-process job: a peer is gone, closing would wait for it at a barrier, and the
+        job exits at once (``pipeline/cli.py``); complete steps are already on disk."""
+        if isinstance(exc, jax.errors.JaxRuntimeError) and jax.process_count() > 1:
+            return
         self.close()
 
 

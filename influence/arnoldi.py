@@ -21,7 +21,11 @@ Design choices, each measured or required by scale:
   iterations is Python (``run_arnoldi``) because a conv HVP inside ``lax.fori_loop`` is ~15x slower
   on CPU. The Gram–Schmidt inner loop has no HVP in it and stays a ``fori_loop``.
 - Breakdown (an invariant Krylov subspace: the new direction's norm falls below ``breakdown_tol``
-  times the norm of H v) stops the iteration early; the state up to that point is exact. The default
+  times the norm of H v) stops the iteration early; the state up to that point is exact. The step
+  records it in the state itself: h_{k+1,k} = 0 and q_{k+1} = 0, as in exact arithmetic, so a step
+  run after a breakdown is an exact no-op (H·0 = 0) and a restored state tells whether it broke
+  down (``completed_iterations``). That lets ``run_arnoldi`` dispatch step k + 1 before it reads
+  step k's breakdown flag: the host never stalls the device between iterations. The default
   1e-4 sits between the two regimes measured in float32: the residual of an exactly invariant step
   is HVP round-off, 1e-7 … 8.4e-6 of ‖H q_k‖ (tests/test_arnoldi.py, rank-3 problems), while on the
   trained small CNN of Koh & Liang it never fell below 0.32 of ‖H q_k‖ in 200 iterations, fixed or
@@ -34,6 +38,7 @@ from typing import NamedTuple, TypedDict
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from influence import pytree
 from influence.hvp import HVP
@@ -46,7 +51,8 @@ class KrylovState(TypedDict):
     """What Arnoldi carries between iterations (and what is checkpointed).
 
     krylov_basis: stacked pytree, leaves (n + 1, *leaf.shape); row k is q_k.
-    hessenberg: (n + 1, n) float32; column k holds ⟨q_j, H q_k⟩ for j ≤ k and ‖w_k‖ at k + 1.
+    hessenberg: (n + 1, n) float32; column k holds ⟨q_j, H q_k⟩ for j ≤ k and ‖w_k‖ at k + 1
+      (0 where iteration k broke down).
     """
 
     krylov_basis: Params
@@ -151,8 +157,10 @@ def arnoldi_step(
     for _ in range(2):  # lines 5–7, then one re-orthogonalisation pass
         w, coeffs = gram_schmidt_pass(basis, w, coeffs, k)
     residual_norm = pytree.norm(w)  # line 8: h_{k+1,k} = ‖w‖
-    coeffs = coeffs.at[k + 1].set(residual_norm)
     breakdown = residual_norm <= breakdown_tol * jnp.maximum(hvp_norm, jnp.finfo(jnp.float32).tiny)
+    # At a breakdown h_{k+1,k} and q_{k+1} are 0: the invariant subspace's exact values, and the
+    # mark that makes every later step a no-op (q = 0 gives H q = 0 bit for bit).
+    coeffs = coeffs.at[k + 1].set(jnp.where(breakdown, 0.0, residual_norm))
     inv = jnp.where(breakdown, 0.0, 1.0 / jnp.where(breakdown, 1.0, residual_norm))
     basis = pytree.stacked_set(basis, k + 1, pytree.scale(inv, w))  # line 9: q_{k+1} = w / h
     hessenberg = jax.lax.dynamic_update_index_in_dim(hessenberg, coeffs, k, axis=1)
@@ -161,6 +169,24 @@ def arnoldi_step(
 
 
 StepFn = Callable[[KrylovState, Params, Batch, jax.Array], tuple[KrylovState, StepInfo]]
+
+
+def completed_iterations(hessenberg: np.ndarray, done: int) -> int:
+    """Of the ``done`` iterations a state has been through, how many count: all of them, or up to
+    and including the one that broke down (h_{k+1,k} = 0; steps after it were no-ops)."""
+    h = np.asarray(hessenberg)
+    for k in range(done):
+        if h[k + 1, k] == 0.0:
+            return k + 1
+    return done
+
+
+def breakdown_reason(iteration: int, info: StepInfo) -> str:
+    return (
+        f"Krylov subspace became invariant at iteration {iteration}: residual norm "
+        f"{float(info['residual_norm']):.3e} <= breakdown_tol x ‖Hq‖ "
+        f"({float(info['hvp_norm']):.3e}); keeping {iteration + 1} Ritz pairs"
+    )
 
 
 def run_arnoldi(
@@ -176,18 +202,23 @@ def run_arnoldi(
 
     ``step`` is ``arnoldi_step`` with the HVP bound, usually jitted with shardings; ``get_batch(k)``
     returns the HVP batch of iteration k (a deterministic function of k, so a resumed run draws the
-    same data). ``on_iteration(k + 1, state, info)`` runs after iteration k: checkpointing and
-    logging hook in there.
+    same data). ``on_iteration(k + 1, state, info)`` runs after iteration k is dispatched:
+    checkpointing and logging hook in there, and should read ``info`` only when they must (reading
+    a value waits for the device).
+
+    Step k + 1 is dispatched before step k's breakdown flag is read, so the host prepares the next
+    batch while the device computes, and never waits between iterations. When step k broke down,
+    the step already dispatched after it was an exact no-op: the returned state is the state of
+    iteration k, bit for bit.
     """
+    pending: tuple[int, StepInfo] | None = None  # the last step dispatched, flag not yet read
     for k in range(start_iteration, num_iters):
         state, info = step(state, params, get_batch(k), jnp.asarray(k, jnp.int32))
+        if pending is not None and bool(pending[1]["breakdown"]):
+            return ArnoldiResult(state, pending[0] + 1, breakdown_reason(*pending))
         if on_iteration is not None:
             on_iteration(k + 1, state, info)
-        if bool(info["breakdown"]):
-            reason = (
-                f"Krylov subspace became invariant at iteration {k}: residual norm "
-                f"{float(info['residual_norm']):.3e} <= breakdown_tol x ‖Hq‖ "
-                f"({float(info['hvp_norm']):.3e}); keeping {k + 1} Ritz pairs"
-            )
-            return ArnoldiResult(state, k + 1, reason)
+        pending = (k, info)
+    if pending is not None and bool(pending[1]["breakdown"]):
+        return ArnoldiResult(state, pending[0] + 1, breakdown_reason(*pending))
     return ArnoldiResult(state, num_iters, None)

@@ -1,14 +1,20 @@
 """The multi-controller runtime: one process per host (or GPU), all running the same program.
 
-``jax.distributed.initialize`` must run before anything touches a device. Three ways to start:
+``jax.distributed.initialize`` must run before anything touches a device. ``--distributed=auto``
+(the default) starts it exactly when JAX itself can configure the job:
 
-- Cloud TPU pods, SLURM and Open MPI: JAX detects the cluster from its environment
-  (``--distributed=on`` with no address).
-- Anything else (a GPU cluster without SLURM, several processes on one machine): an explicit
-  coordinator address, process count and process id, from flags or the environment variables
-  below (flags win).
-- One process: nothing to initialise (``--distributed=auto``, the default, starts the runtime only
-  when a coordinator address or a multi-process cluster environment is present).
+- explicit settings: ``--coordinator_address --num_processes --process_id`` (or the
+  ``INFLUENCE_*`` variables below, which ``launch/multiprocess.py`` sets, or JAX's own
+  ``JAX_COORDINATOR_ADDRESS``);
+- a cluster that JAX's auto-detection recognises with more than one process: an ``srun`` step of
+  SLURM, a Cloud TPU VM pod slice (read from the metadata server), an Open MPI 4 (ORTE) launch, a
+  Kubernetes job. The detectors are JAX's own (``jax._src.clusters``), asked in JAX's order, so
+  ``auto`` and ``jax.distributed.initialize()`` never disagree.
+
+Otherwise the job runs as one process, unless the environment looks like a multi-process launch
+that JAX cannot configure (a SLURM allocation outside ``srun``, an Open MPI 5 launch): then one line
+says what is missing. ``--distributed=on`` insists on the runtime and fails the same way when there
+is nothing to join; ``off`` never starts it.
 
 The heartbeat timeout bounds how long the survivors of a dead process wait before they fail: each
 process pings the coordination service, and a process silent for longer is declared dead, which
@@ -27,7 +33,7 @@ ENV_NUM_CPU_DEVICES = "INFLUENCE_NUM_CPU_DEVICES"
 MODES = ("auto", "on", "off")
 
 
-class DistributedError(ValueError):
+class DistributedError(Exception):
     """A distributed set-up that cannot work (missing or contradictory settings)."""
 
 
@@ -80,11 +86,29 @@ class Runtime:
         return cls(**values, **rest)
 
     def wants_distributed(self) -> bool:
+        """Whether to start ``jax.distributed``, by the rules of the module docstring; raises
+        ``DistributedError`` with what is missing when the launch cannot work."""
         if self.mode not in MODES:
             raise DistributedError(f"--distributed={self.mode!r}; choose one of {MODES}")
-        if self.mode != "auto":
-            return self.mode == "on"
-        return self.coordinator_address is not None or _cluster_environment()
+        if self.mode == "off":
+            return False
+        if self.coordinator_address is not None or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+            return True
+        cluster = detect_cluster()
+        if cluster is not None:
+            return self.mode == "on" or cluster.get_process_count() > 1
+        problem = _unusable_launch()
+        if problem is None and self.mode == "on":
+            problem = (
+                "--distributed=on, but no cluster that JAX can configure was found (a SLURM srun "
+                "step, a Cloud TPU VM pod slice, an Open MPI 4 launch, a Kubernetes job)"
+            )
+        if problem is not None:
+            raise DistributedError(
+                f"{problem}; or give --coordinator_address, --num_processes and --process_id, "
+                "or --distributed=off to run a single process"
+            )
+        return False
 
     def validate(self) -> None:
         explicit = (self.coordinator_address, self.num_processes, self.process_id)
@@ -102,6 +126,19 @@ class Runtime:
         if self.num_cpu_devices < 0:
             raise DistributedError(f"--num_cpu_devices={self.num_cpu_devices} must be >= 0")
 
+    def identity(self) -> tuple[str, str]:
+        """(this process' index, the process count) as far as known before the runtime starts,
+        for messages; '?' where only JAX's runtime will know."""
+        if self.num_processes is not None:
+            return str(self.process_id), str(self.num_processes)
+        cluster = detect_cluster()
+        if cluster is None:
+            return "?", "?"
+        try:
+            return str(cluster.get_process_id()), str(cluster.get_process_count())
+        except Exception:  # a detector that needs more than this process can see yet
+            return "?", "?"
+
     def initialize(self) -> None:
         """Configure devices and join the job; call before any JAX computation."""
         self.validate()
@@ -113,19 +150,55 @@ class Runtime:
             coordinator_address=self.coordinator_address,
             num_processes=self.num_processes,
             process_id=self.process_id,
+            local_device_ids=_bound_gpu(),
             initialization_timeout=self.initialization_timeout_s,
             heartbeat_timeout_seconds=self.heartbeat_timeout_s,
             shutdown_timeout_seconds=self.shutdown_timeout_s,
         )
 
 
-def _cluster_environment() -> bool:
-    """A multi-process launch that JAX can configure itself: a TPU pod slice, SLURM or Open MPI
-    with more than one task."""
+def detect_cluster() -> type | None:
+    """The cluster environment that ``jax.distributed.initialize()`` would configure itself from
+    (JAX's own detectors, in JAX's order, opt-in ones skipped as JAX does), or None."""
+    from jax._src import clusters  # JAX's registry of cluster environments (pinned jax version)
+
+    return next(
+        (
+            env
+            for env in clusters.ClusterEnv._cluster_types
+            if not env.opt_in_only_method and env.is_env_present()
+        ),
+        None,
+    )
+
+
+def _unusable_launch() -> str | None:
+    """What is wrong when the environment describes a multi-process launch JAX cannot configure."""
     env = os.environ
-    if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
-        return True
-    for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
-        if env.get(var, "1").isdigit() and int(env.get(var, "1")) > 1:
-            return True
-    return False
+    tasks = env.get("SLURM_NTASKS", "")
+    if env.get("SLURM_JOB_ID") and tasks.isdigit() and int(tasks) > 1:
+        return (
+            f"this process runs inside a SLURM allocation of {tasks} tasks but not in an srun "
+            "step (SLURM_STEP_NODELIST or SLURM_PROCID is unset), so JAX cannot find the other "
+            "processes: start the job with srun (launch/gpu_slurm.sbatch does)"
+        )
+    size = env.get("OMPI_COMM_WORLD_SIZE", "")
+    if size.isdigit() and int(size) > 1:
+        return (
+            f"this is an Open MPI launch of {size} processes without OMPI_MCA_orte_hnp_uri "
+            "(Open MPI 5 / PRRTE), which JAX's auto-detection does not read: pass the coordinator "
+            "(rank 0's host:port) and $OMPI_COMM_WORLD_SIZE / $OMPI_COMM_WORLD_RANK explicitly"
+        )
+    return None
+
+
+def _bound_gpu() -> list[int] | None:
+    """[0] when SLURM bound one GPU to this task (``--gpus-per-task=1``: CUDA_VISIBLE_DEVICES names
+    a single device, which the process sees as device 0), where JAX would ask for device
+    SLURM_LOCALID and find nothing (jax-ml/jax#28194); None leaves JAX's choice."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if "JAX_LOCAL_DEVICE_IDS" in os.environ:  # the user's choice, which JAX reads itself
+        return None
+    if "SLURM_LOCALID" in os.environ and visible and "," not in visible:
+        return [0]
+    return None

@@ -8,7 +8,7 @@
 - Batches: the example axis over 'data'.
 """
 
-import itertools
+import functools
 from typing import Any
 
 import jax
@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from parallel.mesh import DATA_AXIS, MODEL_AXIS
+from parallel.mesh import DATA_AXIS, MODEL_AXIS, MeshError
 
 
 def leaf_spec(shape: tuple[int, ...], model_size: int, min_shard_size: int) -> P:
@@ -69,33 +69,48 @@ def bytes_per_device(tree: Any) -> int:
     return max(per_device.values(), default=0)
 
 
-def local_rows(mesh: Mesh, global_batch_size: int) -> slice:
-    """The rows of a 'data'-sharded global batch that this process must supply.
+@functools.lru_cache(maxsize=64)
+def process_rows(mesh: Mesh, global_batch_size: int) -> dict[int, tuple[int, ...]]:
+    """For every process, the rows of a 'data'-sharded global batch that its devices hold, sorted.
 
-    Read off the batch sharding itself: the union of the row blocks of this process' devices. With
-    the 'model' axis inside a host that is block ``process_index``; when 'model' spans hosts,
-    several processes hold the same rows (replicas) and supply the same data.
+    Read off the batch sharding itself, for all devices (also other processes'), so every process
+    knows every other's rows without communicating. With the 'model' axis inside a host, each
+    process holds its own rows; when 'model' spans hosts (a pod slice), several processes hold the
+    same rows (replicas) and must supply the same data. A topology-aware mesh may give a process
+    several separate blocks of rows: ``jax.make_array_from_process_local_data`` takes them
+    concatenated in order.
     """
-    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
-    blocks = sorted(
-        {(idx[0].start or 0, idx[0].stop or global_batch_size) for idx in index_map.values()}
-    )
-    for (_, stop), (start, _) in itertools.pairwise(blocks):
-        if stop != start:
-            raise ValueError(
-                f"the 'data' rows of process {jax.process_index()} are not contiguous ({blocks}); "
-                "build the mesh from jax.devices() in order"
-            )
-    return slice(blocks[0][0], blocks[-1][1])
+    index_map = batch_sharding(mesh).devices_indices_map((global_batch_size,))
+    rows: dict[int, set[int]] = {}
+    for device, index in index_map.items():
+        block = range(*index[0].indices(global_batch_size))
+        rows.setdefault(device.process_index, set()).update(block)
+    sizes = {len(r) for r in rows.values()}
+    if len(sizes) != 1:
+        raise MeshError(
+            f"processes hold unequal numbers of batch rows ({ {p: len(r) for p, r in rows.items()} }); "
+            "every process must have the same number of devices on the 'data' axis"
+        )
+    return {p: tuple(sorted(r)) for p, r in sorted(rows.items())}
 
 
-def row_groups(mesh: Mesh, global_batch_size: int) -> tuple[int, int]:
-    """(number of row groups, this process' group): processes in one group supply the same rows of
-    every global batch, so they must read the same examples; on the usual mesh (the 'model' axis
-    within a host) every process is its own group."""
-    rows = local_rows(mesh, global_batch_size)
-    size = rows.stop - rows.start
-    return global_batch_size // size, rows.start // size
+def local_rows(mesh: Mesh, global_batch_size: int) -> np.ndarray:
+    """The rows of a 'data'-sharded global batch this process supplies (see ``process_rows``)."""
+    return np.asarray(process_rows(mesh, global_batch_size)[jax.process_index()], np.int64)
+
+
+def row_groups(mesh: Mesh, global_batch_size: int) -> tuple[int, int, bool]:
+    """(number of row groups, this process' group, whether it leads the group).
+
+    Processes of one group supply the same rows of every global batch, so they must read the same
+    examples; the leader (the lowest-numbered process of the group) alone writes what the group
+    computed. On the usual mesh (the 'model' axis within a host) every process is its own group.
+    """
+    rows = process_rows(mesh, global_batch_size)
+    groups = sorted(set(rows.values()))
+    mine = rows[jax.process_index()]
+    leader = min(p for p, r in rows.items() if r == mine)
+    return len(groups), groups.index(mine), leader == jax.process_index()
 
 
 def to_global(

@@ -1,5 +1,6 @@
-"""The jitted, sharded steps of the pipeline: each is a function from influence/ with explicit
-in/out shardings, so the same code runs on 1 device, 8 fake CPU devices or a pod slice.
+"""The jitted, sharded steps of the pipeline: each ``jit_*`` factory wraps a function from
+influence/ (named after it) with explicit in/out shardings, so the same code runs on 1 device,
+8 fake CPU devices or a pod slice.
 """
 
 import functools
@@ -17,7 +18,7 @@ from parallel.mesh import DATA_AXIS
 from parallel.sharding import batch_sharding, replicated, stacked_shardings
 
 
-def train_step(
+def jit_train_step(
     loss_fn: Callable[[Any, Any], jax.Array],
     optimizer: optax.GradientTransformation,
     state_sh: Any,
@@ -48,7 +49,7 @@ def krylov_shardings(param_sh: Any, mesh: Mesh) -> arnoldi.KrylovState:
     )
 
 
-def init_krylov_state(
+def jit_init_krylov_state(
     params_like: Any, num_iters: int, param_sh: Any, mesh: Mesh
 ) -> Callable[[jax.Array], arnoldi.KrylovState]:
     """key → initial Krylov state, created directly in its sharded layout (never on one device)."""
@@ -56,7 +57,7 @@ def init_krylov_state(
     return jax.jit(fn, out_shardings=krylov_shardings(param_sh, mesh))
 
 
-def arnoldi_step(
+def jit_arnoldi_step(
     hvp: HVP, param_sh: Any, mesh: Mesh, breakdown_tol: float, orthogonalization: str
 ) -> arnoldi.StepFn:
     """Algorithm 1 lines 3–9 jitted over the mesh; the incoming state is donated (no second copy
@@ -77,7 +78,7 @@ def arnoldi_step(
     )
 
 
-def to_parameter_space(param_sh: Any, mesh: Mesh) -> Callable[[jax.Array, Any], Any]:
+def jit_to_parameter_space(param_sh: Any, mesh: Mesh) -> Callable[[jax.Array, Any], Any]:
     """G = Uᵀ Q (Alg. 1 line 17) with G sharded like the params."""
     eig_sh = stacked_shardings(param_sh)
     return jax.jit(
@@ -87,7 +88,7 @@ def to_parameter_space(param_sh: Any, mesh: Mesh) -> Callable[[jax.Array, Any], 
     )
 
 
-def projector(
+def jit_projector(
     per_example_loss: Callable, param_sh: Any, mesh: Mesh, tangent_chunk: int | None
 ) -> scoring.Projector:
     """(params, eigvecs, batch) → (batch, p̃) projections, rows sharded over 'data'."""

@@ -21,7 +21,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from parallel import distributed
+from parallel import distributed, supervisor
 from pipeline import preemption
 from pipeline import workdir as wd
 from pipeline.errors import USER_ERRORS
@@ -163,17 +163,14 @@ def _lost_peer(e: BaseException) -> None:
     """A collective failed in a multi-process job: almost always another process died.
 
     Exit at once: the atexit handlers would wait for the dead process at the distributed shutdown
-    barrier (or until the heartbeat timeout aborts this process with a C++ stack trace). What was
-    checkpointed stays; re-running resumes from it.
+    barrier (or until the heartbeat timeout aborts this process). What was checkpointed stays;
+    re-running resumes from it.
     """
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    _fail(
-        f"process {jax.process_index()} of {jax.process_count()}: a collective failed, most "
-        f"likely because another process of the job died ({first}); run the same command again "
-        "to resume from the last checkpoint",
-        code=1,
-        at_once=True,
+    line = supervisor.lost_peer_line(
+        jax.process_index(), jax.process_count(), f"a collective failed ({first})"
     )
+    _fail(line.removeprefix("error: "), code=1, at_once=True)
 
 
 def main(stages: Sequence[Stage]) -> None:
@@ -183,14 +180,20 @@ def main(stages: Sequence[Stage]) -> None:
         if len(argv) > 1:
             _fail(f"unexpected arguments: {argv[1:]}")
         try:
-            distributed.Runtime.from_env(
+            runtime = distributed.Runtime.from_env(
                 mode=_DISTRIBUTED.value,
                 coordinator_address=_COORDINATOR.value,
                 num_processes=_NUM_PROCESSES.value,
                 process_id=_PROCESS_ID.value,
                 num_cpu_devices=_NUM_CPU_DEVICES.value,
                 heartbeat_timeout_s=_HEARTBEAT.value,
-            ).initialize()
+            )
+            runtime.validate()
+            if supervisor.is_supervised():
+                supervisor.die_with_supervisor()
+            elif runtime.wants_distributed():
+                supervisor.run_supervised(*runtime.identity())
+            runtime.initialize()
         except distributed.DistributedError as e:
             _fail(str(e))
         run_stages(stages, _CONFIG.value, _WORKDIR.value)

@@ -20,7 +20,6 @@ import numpy as np
 from jax.sharding import Mesh
 
 from parallel import sharding
-from pipeline.errors import InputError
 from tasks.base import ClassificationTask
 from tasks.registry import task_module
 from tasks.sources import Source
@@ -33,19 +32,18 @@ class TaskData:
 
 
 def load(config: ml_collections.ConfigDict) -> TaskData:
-    """The task's model and both splits, with the configured corruption applied on read."""
-    try:
-        module = task_module(config.task)
-        task = module.make_task(config.model)
-        train, evaluation = module.load_splits(
-            num_train=config.data.num_train,
-            num_eval=config.data.num_eval,
-            flip_fraction=config.data.flip_fraction,
-            seed=config.seed,
-            source=config.data.source,
-        )
-    except ValueError as e:
-        raise InputError(str(e)) from e
+    """The task's model and both splits, with the configured corruption applied on read. A task
+    reports bad settings or data as ``tasks.sources.DataError``; anything else it raises is a bug
+    and propagates as is."""
+    module = task_module(config.task)
+    task = module.make_task(config.model)
+    train, evaluation = module.load_splits(
+        num_train=config.data.num_train,
+        num_eval=config.data.num_eval,
+        flip_fraction=config.data.flip_fraction,
+        seed=config.seed,
+        source=config.data.source,
+    )
     return TaskData(task=task, splits={"train": train, "eval": evaluation})
 
 

@@ -1,39 +1,47 @@
-"""Fault injection for the resilience tests: crash or preempt a job at a chosen point, for real.
+"""Fault injection for the resilience tests: crash, preempt or stall a job at a chosen point.
 
 ``INFLUENCE_FAILPOINTS="arnoldi_iteration=7,score_batch=3@1,train_step=5:TERM"`` makes a process
-signal itself when it reaches that point: SIGKILL by default, exactly as an OOM-killed or lost
-machine dies (no handler runs, an async checkpoint write may be left half done); ``:TERM`` sends
-the preemption notice instead; ``@1`` arms the point in process 1 only. Unset (the default), every
-call is one environment lookup.
+act when it reaches that point: SIGKILL by default, exactly as an OOM-killed or lost machine dies
+(no handler runs, an async checkpoint write may be left half done); ``:TERM`` sends the
+preemption notice instead; ``:STALL`` sleeps ``STALL_SECS`` in host code (a process busy outside
+any collective, as when it reads data); ``@1`` arms the point in process 1 only. A point may be
+armed several times (``arnoldi_iteration=5@0:STALL,arnoldi_iteration=5@1``). Unset (the default),
+every call is one environment lookup.
 """
 
 import os
 import signal
+import time
 
 import jax
 
 ENV = "INFLUENCE_FAILPOINTS"
+STALL_SECS = 300.0
+ACTIONS = ("KILL", "TERM", "STALL")
 
 
-def _parse(spec: str) -> dict[str, tuple[int, int | None, signal.Signals]]:
-    points = {}
+def _parse(spec: str) -> list[tuple[str, int, int | None, str]]:
+    points = []
     for item in filter(None, spec.split(",")):
         name, _, value = item.partition("=")
-        value, _, signame = value.partition(":")
+        value, _, action = value.partition(":")
         position, _, process = value.partition("@")
-        points[name.strip()] = (
-            int(position),
-            int(process) if process else None,
-            signal.Signals[f"SIG{signame or 'KILL'}"],
-        )
+        action = action or "KILL"
+        if action not in ACTIONS:
+            raise ValueError(f"{ENV}: unknown action {action!r} in {item!r}; one of {ACTIONS}")
+        points.append((name.strip(), int(position), int(process) if process else None, action))
     return points
 
 
 def maybe_fail(name: str, position: int) -> None:
-    """Signal this process if failpoint ``name`` is armed at ``position`` (for this process)."""
+    """Act if failpoint ``name`` is armed at ``position`` (for this process)."""
     spec = os.environ.get(ENV)
-    if not spec or name not in (points := _parse(spec)):
+    if not spec or name not in spec:
         return
-    armed, process, signum = points[name]
-    if armed == position and process in (None, jax.process_index()):
-        os.kill(os.getpid(), signum)
+    for armed_name, armed, process, action in _parse(spec):
+        if armed_name != name or armed != position or process not in (None, jax.process_index()):
+            continue
+        if action == "STALL":
+            time.sleep(STALL_SECS)
+        else:
+            os.kill(os.getpid(), signal.SIGKILL if action == "KILL" else signal.SIGTERM)

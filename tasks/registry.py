@@ -3,10 +3,12 @@
 import importlib
 from types import ModuleType
 
+from tasks.sources import DataError
+
 TASKS = {"mnist": "tasks.mnist"}
 
 
 def task_module(name: str) -> ModuleType:
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+        raise DataError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
     return importlib.import_module(TASKS[name])

@@ -18,6 +18,12 @@ Columns = dict[str, np.ndarray]
 """Host-memory columns of some examples, each with the example axis first."""
 
 
+class DataError(Exception):
+    """A dataset, data source or task setting that a task cannot use; the message says how to fix
+    it. Tasks raise it for bad input only: any other exception from task code is a bug and keeps
+    its traceback."""
+
+
 class Source(Protocol):
     """A split's examples by position: ``take(positions)`` returns their columns in that order."""
 
@@ -33,7 +39,7 @@ class ArraySource:
     def __init__(self, columns: Columns):
         sizes = {len(v) for v in columns.values()}
         if len(sizes) != 1:
-            raise ValueError(
+            raise DataError(
                 f"columns of unequal length: { {k: len(v) for k, v in columns.items()} }"
             )
         self._columns = columns
@@ -60,18 +66,18 @@ class TfdsSource:
         try:
             builder = tfds.builder_from_directory(str(builder_dir))
         except Exception as e:  # tfds raises several types for a missing or foreign directory
-            raise ValueError(
+            raise DataError(
                 f"{builder_dir} is not a prepared TFDS dataset directory "
                 f"(<data_dir>/<name>/<version> with dataset_info.json): {e}"
             ) from e
         if split not in builder.info.splits:
-            raise ValueError(
+            raise DataError(
                 f"TFDS dataset {builder_dir} has no split {split!r}; it has {sorted(builder.info.splits)}"
             )
         try:
             self._records = builder.as_data_source(split=split)
         except Exception as e:
-            raise ValueError(
+            raise DataError(
                 f"TFDS dataset {builder_dir} cannot be read by position ({e}); prepare it with "
                 "file_format='array_record'"
             ) from e

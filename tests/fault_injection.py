@@ -13,17 +13,15 @@ import jax
 import numpy as np
 
 from launch import multiprocess
-from parallel import sharding
-from parallel.mesh import make_mesh
-from pipeline import failpoints, train
-from tasks import mnist
+from pipeline import artifacts, failpoints, validate
+from pipeline.stage import Stage
 from tests.pipeline_helpers import (
     REPO,
     eigvals,
     job_command,
     job_env,
+    launch_job,
     run_job,
-    run_multiprocess,
     scores,
     steps,
     tiny_config,
@@ -42,6 +40,7 @@ FAILPOINT = {"arnoldi": "arnoldi_iteration", "score": "score_batch", "train": "t
 class Run:
     code: int
     output: str
+    outcome: multiprocess.Outcome | None = None  # how each process ended (several processes)
 
 
 def run(job: str, workdir: Path, processes: int = 1, *flags: str, env: dict | None = None) -> Run:
@@ -50,8 +49,8 @@ def run(job: str, workdir: Path, processes: int = 1, *flags: str, env: dict | No
     if processes == 1:
         done = run_job(job, workdir, *flags, env=env)
         return Run(done.returncode, done.stdout + done.stderr)
-    code, output = run_multiprocess(job, workdir, processes, 1, *flags, env=env)
-    return Run(code, output)
+    outcome, output = launch_job(job, workdir, processes, 1, *flags, env=env)
+    return Run(outcome.exit_code, output, outcome)
 
 
 def kill_chain(
@@ -71,18 +70,24 @@ def kill_chain(
         runs.append(result)
         if result.code == 0:
             return runs
-        assert killed(result, processes), result.output[-3000:]
+        assert killed(result, process), result.output[-3000:]
     final = run(job, workdir, processes, *flags)
     assert final.code == 0, final.output[-3000:]
     return [*runs, final]
 
 
-def killed(result: Run, processes: int) -> bool:
-    """Whether a run ended by an injected SIGKILL (with several processes: one was killed and
-    the others stopped with an error, none hung)."""
-    if processes == 1:
+def killed(result: Run, process: int = 0) -> bool:
+    """Whether a run ended by the injected SIGKILL of ``process`` and nothing else: that process
+    died of SIGKILL and every other one stopped on its own with the project's line and exit 1
+    (not a crash of its own, not killed by the launcher after hanging)."""
+    if result.outcome is None:
         return result.code == -9
-    return result.code != 0 and multiprocess.KILLED_REASON not in result.output
+    survivors = [i for i in range(len(result.outcome.codes)) if i != process]
+    return result.outcome.codes[process] == -9 and all(
+        result.outcome.codes[i] == 1
+        and f"[{i}] error: process {i} of {len(result.outcome.codes)}: " in result.output
+        for i in survivors
+    )
 
 
 def kills(runs: list[Run]) -> int:
@@ -105,11 +110,8 @@ def assert_same_scores(got: Path, want: Path, rtol: float = 0.0) -> None:
 
 def params(workdir: Path) -> list[np.ndarray]:
     """The trained params of a workdir (runlocal config) as numpy leaves."""
-    config = tiny_config()
-    task = mnist.make_task(config.model)
-    params_like = jax.eval_shape(task.init_params, jax.random.key(0))
-    param_sh = sharding.param_shardings(params_like, make_mesh(1, 1, 1), 2**18)
-    restored, _ = train.restore_params(workdir, config, params_like, param_sh)
+    stage = Stage.setup(tiny_config(), workdir, validate.check_train)
+    restored, _ = artifacts.restore_params(stage)
     return [np.asarray(x) for x in jax.tree.leaves(restored)]
 
 

@@ -31,38 +31,74 @@ def tiny_config(**overrides: object) -> ml_collections.ConfigDict:
     return config
 
 
-def job_command(job: str, workdir: Path, *flags: str) -> list[str]:
-    """``python -m jobs.<job>`` on the runlocal config."""
+def job_command(
+    job: str, workdir: Path, *flags: str, config: str = "configs/mnist.py:runlocal"
+) -> list[str]:
+    """``python -m jobs.<job>`` on ``config`` (default: the runlocal preset)."""
     return [
         sys.executable,
         "-m",
         f"jobs.{job}",
-        "--config=configs/mnist.py:runlocal",
+        f"--config={config}",
         f"--workdir={workdir}",
         "--config.log_every_secs=1000",
         *flags,
     ]
 
 
+# Variables by which a job would join a cluster (a CI runner inside SLURM, say): never inherited.
+CLUSTER_PREFIXES = ("SLURM_", "OMPI_", "TPU_", "MEGASCALE_", "INFLUENCE_", "JAX_COORDINATOR")
+
+
 def job_env(extra: dict | None = None) -> dict[str, str]:
-    """The test process' environment for a job on the CPU: 1 device unless the job asks."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(extra or {})}
+    """The test process' environment for a job on the CPU, with no cluster variables: 1 process of
+    1 device unless ``extra`` asks for more."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(CLUSTER_PREFIXES)}
+    env.update({"JAX_PLATFORMS": "cpu", **(extra or {})})
     env.pop("XLA_FLAGS", None)
     return env
 
 
 def run_job(
-    job: str, workdir: Path, *flags: str, env: dict | None = None
+    job: str,
+    workdir: Path,
+    *flags: str,
+    env: dict | None = None,
+    config: str = "configs/mnist.py:runlocal",
 ) -> subprocess.CompletedProcess:
-    """``jobs.<job>`` on the runlocal config in a fresh process (1 CPU device)."""
+    """``jobs.<job>`` on ``config`` in a fresh process (1 CPU device unless flags ask)."""
     return subprocess.run(
-        job_command(job, workdir, *flags),
+        job_command(job, workdir, *flags, config=config),
         cwd=REPO,
         env=job_env(env),
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+def launch_job(
+    job: str,
+    workdir: Path,
+    num_processes: int,
+    devices_per_process: int,
+    *flags: str,
+    env: dict | None = None,
+) -> tuple[multiprocess.Outcome, str]:
+    """``jobs.<job>`` on the runlocal config as ``num_processes`` local processes joined by
+    jax.distributed (launch/multiprocess.py); returns how each ended and the prefixed output."""
+    sink = io.StringIO()
+    outcome = multiprocess.launch(
+        job_command(job, workdir, *flags),
+        num_processes,
+        devices_per_process,
+        grace_secs=120,
+        sink=sink,
+        env=env,
+        cwd=REPO,
+        timeout_secs=600,
+    )
+    return outcome, sink.getvalue()
 
 
 def run_multiprocess(
@@ -73,20 +109,9 @@ def run_multiprocess(
     *flags: str,
     env: dict | None = None,
 ) -> tuple[int, str]:
-    """``jobs.<job>`` on the runlocal config as ``num_processes`` local processes joined by
-    jax.distributed (launch/multiprocess.py); returns (exit code, prefixed output of all)."""
-    sink = io.StringIO()
-    code = multiprocess.launch(
-        job_command(job, workdir, *flags),
-        num_processes,
-        devices_per_process,
-        grace_secs=120,
-        sink=sink,
-        env=env,
-        cwd=REPO,
-        timeout_secs=600,
-    )
-    return code, sink.getvalue()
+    """``launch_job`` reduced to (the job's exit code, the output)."""
+    outcome, output = launch_job(job, workdir, num_processes, devices_per_process, *flags, env=env)
+    return outcome.exit_code, output
 
 
 def eigvals(workdir: Path) -> np.ndarray:

@@ -4,10 +4,11 @@ import shutil
 
 import pytest
 
-from checkpoints.checkpointer import CheckpointError
-from pipeline import arnoldi, score, train
+from checkpoints.checkpointer import Checkpointer, CheckpointError
+from pipeline import arnoldi, cli, failpoints, preemption, score, train
 from pipeline.errors import InputError
-from tests.pipeline_helpers import run_job, tiny_config
+from tasks import mnist
+from tests.pipeline_helpers import run_job, steps, tiny_config
 
 
 def _one_line_error(result) -> str:
@@ -101,3 +102,59 @@ def test_scores_from_other_eigenpairs_are_refused(krylov_workdir, tmp_path):
     ):
         score.run(tiny_config(distill__top_k=6), workdir)
     assert sorted(str(p) for p in workdir.rglob("*")) == before
+
+
+def test_only_input_errors_are_one_line(tmp_path, monkeypatch) -> None:
+    """The binary's error handling: the project's input errors exit 2 with one line; anything
+    else raised inside a stage (here a ValueError from task code, i.e. a bug) propagates with its
+    traceback instead of being dressed up as bad input."""
+
+    def bug(**kwargs):
+        raise ValueError("a bug inside the task")
+
+    monkeypatch.setattr(mnist, "load_splits", bug)
+    with pytest.raises(ValueError, match="a bug inside the task"):
+        cli.run_stages([train.run], tiny_config(), str(tmp_path))
+    monkeypatch.undo()
+    with pytest.raises(SystemExit) as stopped:
+        cli.run_stages([arnoldi.run], tiny_config(), str(tmp_path))  # no trained params
+    assert stopped.value.code == 2
+
+
+@pytest.mark.parametrize("how", ["exception", "preemption"])
+def test_checkpointers_close_on_every_exit_path(krylov_workdir, tmp_path, monkeypatch, how):
+    """Arnoldi stopped at iteration 3 by an unexpected exception or a preemption: every
+    Checkpointer the stage opened is closed (pending saves finished), and the preempted run's
+    state of iteration 3 is on disk."""
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    shutil.copytree(krylov_workdir / "params", workdir / "params")
+    opened, closed = [], []
+    real_init, real_close = Checkpointer.__init__, Checkpointer.close
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        opened.append(self)
+
+    def close(self):
+        closed.append(self)
+        real_close(self)
+
+    monkeypatch.setattr(Checkpointer, "__init__", init)
+    monkeypatch.setattr(Checkpointer, "close", close)
+    if how == "exception":
+
+        def fail(name, position):
+            if name == "arnoldi_iteration" and position == 3:
+                raise RuntimeError("injected")
+
+        monkeypatch.setattr(failpoints, "maybe_fail", fail)
+        expected = pytest.raises(RuntimeError, match="injected")
+    else:
+        monkeypatch.setattr(preemption, "reached", lambda step: step == 3)
+        expected = pytest.raises(preemption.Preempted)
+    with expected:
+        arnoldi.run(tiny_config(), workdir)
+    assert len(opened) >= 3 and {id(c) for c in opened} == {id(c) for c in closed}
+    if how == "preemption":
+        assert steps(workdir / "krylov") == [3]

@@ -5,18 +5,19 @@ one single-process reference and one 2- and one 4-process run of arnoldi + score
 whose size is not a multiple of hosts × batch.
 """
 
+import dataclasses
 import shutil
 
 import jax
 import numpy as np
 import pytest
 
-from launch import multiprocess
 from parallel import sharding, steps
 from parallel.mesh import make_mesh
-from pipeline import arnoldi, failpoints, score, train
+from pipeline import arnoldi, artifacts, failpoints, score, train, validate
+from pipeline.stage import Stage
 from tasks import mnist
-from tests.pipeline_helpers import eigvals, run_multiprocess, scores, tiny_config
+from tests.pipeline_helpers import eigvals, launch_job, run_multiprocess, scores, tiny_config
 
 # 250 training and 37 eval examples, parts of 60 rows, global batch 64: with 2 or 4 processes the
 # last parts are ragged, the row groups get unequal numbers of parts and must be padded with masked
@@ -44,18 +45,37 @@ def reference(tmp_path_factory: pytest.TempPathFactory):
     return workdir
 
 
-@pytest.mark.parametrize("num_processes", [2, 4])
-def test_processes_match_single_process(reference, tmp_path, num_processes):
-    """arnoldi + score as 2 or 4 processes of 2 fake devices each (mesh data=2P x model=1,
-    different HVP and scoring shards per host) reproduce the single-process eigenvalues and scores,
-    and the output holds every example exactly once."""
+# Layouts over P processes x D devices: 'data' across hosts (2 hosts as 2 slices of a hybrid mesh,
+# or 4 hosts), and the pod layout, 'model' across both hosts (data=1 x model=8: both processes
+# hold the same rows of every batch, one row group, and only process 0 writes).
+LAYOUTS = {
+    "2x2-two-slices": (2, 2, {"mesh__num_slices": 2}),
+    "4x2": (4, 2, {}),
+    "2x4-model-across-hosts": (
+        2,
+        4,
+        {"mesh__data": 1, "mesh__model": -1, "mesh__min_shard_size": 64},
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_processes_match_single_process(reference, tmp_path, layout):
+    """arnoldi + score on several processes (different HVP and scoring shards per host, or the
+    same rows on every host of a 'model' group) reproduce the single-process eigenvalues and
+    scores, and the output holds every example exactly once."""
+    num_processes, devices, mesh = LAYOUTS[layout]
     workdir = tmp_path / "multi"
     workdir.mkdir()
     shutil.copytree(reference / "params", workdir / "params")
     for job in ("arnoldi", "score"):
-        code, output = run_multiprocess(job, workdir, num_processes, 2, *_flags(UNEVEN))
+        code, output = run_multiprocess(
+            job, workdir, num_processes, devices, *_flags({**UNEVEN, **mesh})
+        )
         assert code == 0, output[-3000:]
     assert f"{num_processes} processes" in output
+    groups = 1 if "model" in layout else num_processes
+    assert f"({groups} row groups)" in output
 
     np.testing.assert_allclose(eigvals(workdir), eigvals(reference), rtol=1e-5)
     for split, size in (("train", 250), ("eval", 37)):
@@ -79,38 +99,52 @@ def test_train_two_processes_matches_single(reference, tmp_path):
     workdir = tmp_path / "train2"
     code, output = run_multiprocess("train", workdir, 2, 1, *_flags(UNEVEN))
     assert code == 0, output[-3000:]
-    config = tiny_config(**UNEVEN)
-    mesh = make_mesh(1, 1, 1)
-    task = mnist.make_task(config.model)
-    params_like = jax.eval_shape(task.init_params, jax.random.key(0))
-    param_sh = sharding.param_shardings(params_like, mesh, config.mesh.min_shard_size)
-    got, _ = train.restore_params(workdir, config, params_like, param_sh)
-    want, _ = train.restore_params(reference, config, params_like, param_sh)
+    stage = Stage.setup(tiny_config(**UNEVEN), workdir, validate.check_train)
+    got, _ = artifacts.restore_params(stage)
+    want, _ = artifacts.restore_params(dataclasses.replace(stage, workdir=reference))
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("dead", [1, 0], ids=["worker-dies", "coordinator-dies"])
-def test_survivors_stop_when_a_process_dies(reference, tmp_path, dead):
-    """SIGKILL one of 2 processes at Arnoldi iteration 5: the other stops on its own with an error
-    naming the cause (the launcher's 120 s grace period and 600 s limit are never reached)."""
+HEARTBEAT_S = 10
+# README ("What happens when…"): the survivors stop within the heartbeat timeout plus this.
+SURVIVOR_SLACK_S = 30
+
+
+@pytest.mark.parametrize(
+    ("dead", "stall"),
+    [(1, False), (0, False), (1, True)],
+    ids=["worker-dies", "coordinator-dies", "worker-dies-while-coordinator-busy"],
+)
+def test_survivor_prints_the_line_and_exits_1(reference, tmp_path, dead, stall):
+    """SIGKILL one of 2 processes at Arnoldi iteration 5: the other ends with the project's line
+    (``error: process i of 2: ...``, its last line) and exit code 1, within the heartbeat timeout
+    plus the README's slack, whether it was in a collective (which fails at once) or busy in host
+    code (then JAX's runtime aborts it and the supervisor reports it)."""
     workdir = tmp_path / "die"
     workdir.mkdir()
     shutil.copytree(reference / "params", workdir / "params")
-    code, output = run_multiprocess(
+    survivor = 1 - dead
+    points = [f"arnoldi_iteration=5@{dead}"]
+    if stall:
+        points.append(f"arnoldi_iteration=5@{survivor}:STALL")
+    outcome, output = launch_job(
         "arnoldi",
         workdir,
         2,
         1,
-        "--heartbeat_timeout_secs=10",
+        f"--heartbeat_timeout_secs={HEARTBEAT_S}",
         *_flags(UNEVEN),
-        env={failpoints.ENV: f"arnoldi_iteration=5@{dead}"},
+        env={failpoints.ENV: ",".join(points)},
     )
-    survivor = 1 - dead
-    lines = [line for line in output.splitlines() if line.startswith(f"[{survivor}]")]
-    assert code != 0, output[-3000:]
-    assert any("another process of the job died" in ln or "another task died" in ln for ln in lines)
-    assert multiprocess.KILLED_REASON not in output
+    print(f"\n{outcome}")
+    assert outcome.codes[dead] == -9, output[-3000:]
+    assert outcome.codes[survivor] == 1, output[-3000:]
+    lines = [ln.split(" ", 1)[1] for ln in output.splitlines() if ln.startswith(f"[{survivor}] ")]
+    assert lines[-1].startswith(f"error: process {survivor} of 2: "), lines[-5:]
+    assert "another process of the job died" in lines[-1]
+    waited = outcome.ended_s[survivor] - outcome.ended_s[dead]
+    assert waited <= HEARTBEAT_S + SURVIVOR_SLACK_S, waited
 
 
 def test_krylov_bytes_per_device_shrink_with_model_axis():
@@ -123,7 +157,7 @@ def test_krylov_bytes_per_device_shrink_with_model_axis():
     for model in (1, 2, 4, 8):
         mesh = make_mesh(8 // model, model, 8)
         param_sh = sharding.param_shardings(params_like, mesh, 4096)
-        init = steps.init_krylov_state(params_like, num_iters, param_sh, mesh)
+        init = steps.jit_init_krylov_state(params_like, num_iters, param_sh, mesh)
         state = init(jax.random.key(0))
         measured[model] = sharding.bytes_per_device(state["krylov_basis"])
     small = sum(x.size for x in jax.tree.leaves(params_like) if x.size < 4096)  # replicated leaves

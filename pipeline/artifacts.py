@@ -1,0 +1,98 @@
+"""Restoring what earlier stages saved in the workdir: trained params and distilled eigenpairs.
+
+One place for every stage that consumes them (arnoldi, score, the tests), so no job imports
+another. Each restore checks the saved fingerprint against the config first
+(``checkpoints.fingerprint``) and puts the arrays straight onto the Stage's mesh: leaves arrive
+sharded like the params, whatever mesh or process count saved them.
+"""
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from checkpoints.checkpointer import Checkpointer, UnreadableCheckpointError
+from checkpoints.fingerprint import meta_check
+from parallel import sharding
+from pipeline import workdir as wd
+from pipeline.errors import InputError
+from pipeline.stage import Stage
+
+FIX = "use a new --workdir, or restore the config the saved state was computed with"
+
+
+def restore_params(stage: Stage) -> tuple[Any, str]:
+    """(params sharded like ``stage.param_sh``, params_id), after checking they come from this
+    config; a clear error naming the job to run when there are none."""
+    directory = stage.path(wd.PARAMS)
+    found = None
+    if directory.exists():
+        with Checkpointer(directory, async_save=False) as ckpt:
+            found = ckpt.restore_latest(
+                sharding.abstract_like({"params": stage.params_like}, {"params": stage.param_sh}),
+                meta_check(
+                    wd.train_fingerprint(stage.config),
+                    f"the params in {directory}",
+                    "train them with this config in a new --workdir, or restore the original config",
+                ),
+            )
+    if found is None:
+        raise InputError(
+            f"no trained params in {directory}; run `python -m jobs.train` with the same --config "
+            "and --workdir first"
+        )
+    _, state, meta = found
+    return state["params"], meta["params_id"]
+
+
+def eigenpairs_target(stage: Stage) -> dict[str, Any]:
+    """Restore target of the eigenpairs: G (p̃, …) sharded like the params, λ replicated."""
+    top_k = stage.config.distill.top_k
+    repl = sharding.replicated(stage.mesh)
+    return {
+        "eigvecs": jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct((top_k, *x.shape), x.dtype, sharding=s),
+            stage.params_like,
+            sharding.stacked_shardings(stage.param_sh),
+        ),
+        "eigvals": jax.ShapeDtypeStruct((top_k,), np.float32, sharding=repl),
+        "ritz_residuals": jax.ShapeDtypeStruct((top_k,), np.float32, sharding=repl),
+    }
+
+
+def find_eigenpairs(
+    ckpt: Checkpointer, stage: Stage, params_id: str
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(state, meta) of the eigenpairs in ``ckpt`` if present and from this config; raises
+    ``UnreadableCheckpointError`` if they exist but cannot be read."""
+    found = ckpt.restore_latest(
+        eigenpairs_target(stage),
+        meta_check(
+            wd.eigenpairs_fingerprint(stage.config, params_id),
+            f"the eigenpairs in {ckpt.directory}",
+            FIX,
+        ),
+    )
+    return None if found is None else (found[1], found[2])
+
+
+def restore_eigenpairs(stage: Stage, params_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The cached eigenpairs (G sharded like the params) and their meta, after checking they come
+    from this config; a clear error if they are absent or unreadable."""
+    directory = stage.path(wd.EIGENPAIRS)
+    found = None
+    if directory.exists():
+        with Checkpointer(directory, async_save=False) as ckpt:
+            try:
+                found = find_eigenpairs(ckpt, stage, params_id)
+            except UnreadableCheckpointError as e:
+                raise UnreadableCheckpointError(
+                    f"{e}; `python -m jobs.arnoldi` with the same --config and --workdir distills "
+                    "them again from the Krylov state"
+                ) from e
+    if found is None:
+        raise InputError(
+            f"no eigenpairs in {directory}; run `python -m jobs.arnoldi` with the same --config "
+            "and --workdir first"
+        )
+    return found

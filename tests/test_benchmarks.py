@@ -1,0 +1,47 @@
+"""The benchmarks run (smoke runs on tiny settings): they print the ratios the README quotes.
+Timings are never asserted here; benchmarks/ measures them."""
+
+import re
+import subprocess
+import sys
+
+from tests.pipeline_helpers import REPO, job_env
+
+
+def run(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=REPO,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_speed_benchmark_prints_its_ratios() -> None:
+    out = run(
+        "benchmarks.speed",
+        "--model=small_cnn",
+        "--batch_size=64",
+        "--num_iters=6",
+        "--top_k=3",
+        "--repeats=3",
+        "--time_budget=5",
+        "--score_batches=3",
+    )
+    for name in (
+        "hvp/grad",
+        "arnoldi/(n*hvp)",
+        "score/forward per example",
+        "arnoldi lookahead/synchronous",
+        "score overlapped/synchronous",
+    ):
+        assert re.search(rf"^{re.escape(name)}[^=]* = [0-9.]+", out, re.M), name
+
+
+def test_scoring_throughput_benchmark_prints_its_ratio() -> None:
+    out = run("benchmarks.scoring_throughput", "--presets=runlocal", "--top_k=4", "--batch_size=64")
+    assert re.search(r"throughput 2 processes / 1 process = [0-9.]+", out)
