@@ -63,6 +63,7 @@ flags.DEFINE_enum(
     "orthogonalization", "mgs2", sorted(arnoldi.ORTHOGONALIZATION), "Arnoldi Gram–Schmidt variant."
 )
 flags.DEFINE_integer("score_batches", 16, "Scoring batches in the lookahead comparison [4].")
+flags.DEFINE_integer("lookahead_iters", 50, "Arnoldi iterations in the lookahead comparison [4].")
 
 
 def time_call(fn: Callable[..., Any], *args: Any, repeats: int) -> float:
@@ -228,7 +229,12 @@ def main(argv: list[str]) -> None:
         mnist.load_splits(num_train=min(4 * b, 5000), num_eval=0, flip_fraction=0.0, seed=1)[0]
     )
     lookahead, overlapped = time_lookahead(
-        hvp_fn, params, task.model_inputs(pool), n, project, pairs.eigvecs
+        hvp_fn,
+        params,
+        task.model_inputs(pool),
+        min(n, FLAGS.lookahead_iters),
+        project,
+        pairs.eigvecs,
     )
 
     arn_ratio = t_arn / (m * t_hvp)

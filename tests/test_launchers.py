@@ -250,13 +250,18 @@ def test_slurm_script_uses_the_documented_interfaces(tmp_path: Path) -> None:
         "SLURM_CPUS_PER_TASK": "12",
     }
     args = ["jobs.arnoldi", "--config=configs/mnist.py:pod", "--workdir=/shared/w"]
-    result = subprocess.run(
-        ["bash", str(shared / "launch" / "gpu_slurm.sbatch"), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+
+    def sbatch(**overrides: str) -> subprocess.CompletedProcess:
+        """The batch script as the batch step runs it (stubbed srun)."""
+        return subprocess.run(
+            ["bash", str(shared / "launch" / "gpu_slurm.sbatch"), *args],
+            env={**env, **overrides},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    result = sbatch()
     assert result.returncode == 0, result.stderr
     check, job = recorded_calls(tmp_path / "srun.log")
     assert "--nodes=2" in check and "--ntasks-per-node=1" in check
@@ -272,22 +277,10 @@ def test_slurm_script_uses_the_documented_interfaces(tmp_path: Path) -> None:
 
     # A node that cannot see the venv: the per-node check stops the job before it starts.
     shutil.rmtree(shared / ".venv")
-    missing = subprocess.run(
-        ["bash", str(shared / "launch" / "gpu_slurm.sbatch"), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    missing = sbatch()
     assert missing.returncode == 2 and "cannot see" in missing.stderr
     assert len(recorded_calls(tmp_path / "srun.log")) == 3  # the check only, no job step
-    wrong_dir = subprocess.run(
-        ["bash", str(shared / "launch" / "gpu_slurm.sbatch"), *args],
-        env={**env, "SLURM_SUBMIT_DIR": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    wrong_dir = sbatch(SLURM_SUBMIT_DIR=str(tmp_path))
     assert wrong_dir.returncode == 2 and "submit from there" in wrong_dir.stderr
 
 
