@@ -3,7 +3,7 @@ r"""The arnoldi job (pipeline/arnoldi.py).
 python -m jobs.arnoldi --config=configs/mnist.py --workdir=workdirs/mnist
 """
 
-from pipeline import arnoldi, cli
+from pipeline import cli
 
 if __name__ == "__main__":
-    cli.main([arnoldi.run])
+    cli.main(["pipeline.arnoldi"])

@@ -6,7 +6,7 @@ Each stage reuses results already in the workdir (after checking they come from 
 so re-running after a crash or a preemption continues where it stopped.
 """
 
-from pipeline import arnoldi, cli, evaluate, score, train
+from pipeline import cli
 
 if __name__ == "__main__":
-    cli.main([train.run, arnoldi.run, score.run, evaluate.run])
+    cli.main(["pipeline.train", "pipeline.arnoldi", "pipeline.score", "pipeline.evaluate"])

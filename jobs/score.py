@@ -3,7 +3,7 @@ r"""The score job (pipeline/score.py).
 python -m jobs.score --config=configs/mnist.py --workdir=workdirs/mnist
 """
 
-from pipeline import cli, score
+from pipeline import cli
 
 if __name__ == "__main__":
-    cli.main([score.run])
+    cli.main(["pipeline.score"])
