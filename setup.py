@@ -1,8 +1,9 @@
 """Install the influence-functions framework: `pip install -e .` (add `[test]` for pytest and ruff).
 
 Every dependency is pinned to a set measured to install cleanly together on Python 3.11
-(see README, "Dependencies"). tensorboard, tensorflow-datasets and importlib_resources are listed
-explicitly because clu and tfds import them without declaring them.
+(see README, "Dependencies"). tensorboard is used directly (pipeline/tensorboard.py writes events
+files with its record writer); importlib_resources is listed because tfds imports it without
+declaring it.
 """
 
 import setuptools
@@ -16,7 +17,6 @@ INSTALL_REQUIRES = [
     "tensorstore==0.1.86",
     "ml-collections==1.1.0",
     "absl-py==2.5.1",
-    "clu==0.0.12",
     "etils==1.15.0",
     "tensorflow-cpu==2.21.0",
     "tensorboard==2.21.0",

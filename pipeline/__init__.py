@@ -1,6 +1,7 @@
 """Orchestration: each module is one job's logic, ``run(config, workdir)``; jobs/ only parses flags.
 
-TensorFlow (imported by clu and tfds) reads these at import; set them before anything imports it.
+TensorFlow (imported by tfds, for TFDS sources) reads these at import; set them before anything
+imports it.
 """
 
 import os

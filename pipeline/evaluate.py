@@ -13,13 +13,13 @@ import matplotlib.pyplot as plt
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from etils import epath
 
 from influence import metrics
 from pipeline import outputs
 from pipeline import workdir as wd
 from pipeline.errors import InputError
+from pipeline.tensorboard import ScalarWriter
 
 INSPECT_FRACTIONS = (0.05, 0.1, 0.2, 0.3)
 
@@ -107,9 +107,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str,
         outputs.write_json(wd.path(workdir, wd.METRICS_JSON), result)
         _plot_retrieval(epath.Path(workdir) / "roc_pr.png", flipped, self_influence, m)
         _plot_spectrum(epath.Path(workdir) / "spectrum.png", eig)
-        writer = metric_writers.create_default_writer(
-            str(epath.Path(workdir) / "tensorboard" / "evaluate")
-        )
+        writer = ScalarWriter(epath.Path(workdir) / "tensorboard" / "evaluate")
         writer.write_scalars(0, {f"evaluate/{k}": v for k, v in m.items()})
         writer.close()
     logging.info(

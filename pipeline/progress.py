@@ -1,7 +1,7 @@
 """Progress of long loops: rate and ETA in the log, scalars in TensorBoard, process 0 only.
 
-Wraps clu's ReportProgress (steps/s, ETA) and metric writer; other processes get a writer that
-only logs, so every process can call the same code.
+Every process calls the same code; only process 0 logs and writes
+``<workdir>/tensorboard/<loop>/events.out.tfevents.*`` (``pipeline/tensorboard.py``).
 """
 
 import time
@@ -9,45 +9,54 @@ from typing import Any
 
 import jax
 from absl import logging
-from clu import metric_writers, periodic_actions
 from etils import epath
+
+from pipeline.tensorboard import ScalarWriter
 
 
 class Progress:
     """One per loop: ``progress(step, **scalars)`` after each step; ``close()`` at the end (or use
     it as a context manager, which closes it on every exit path).
 
-    Scalars may be device arrays: they are read (which waits for the device) only when a line is
-    due, every ``every_secs``, so a hot loop that reports every step does not sync every step.
+    A line (steps/s and ETA since the first report, then the scalars) and a TensorBoard point are
+    due every ``every_secs`` and at the last step. Scalars may be device arrays: they are read
+    (which waits for the device) only when a line is due, so a hot loop that reports every step
+    does not sync every step.
     """
 
     def __init__(self, workdir: epath.PathLike, name: str, total_steps: int, every_secs: float):
         self.name = name
-        self._writer = metric_writers.create_default_writer(
-            str(epath.Path(workdir) / "tensorboard" / name),
-            just_logging=jax.process_index() > 0,
-            asynchronous=False,
+        self._total, self._every_secs = total_steps, every_secs
+        self._leader = jax.process_index() == 0
+        self._writer = (
+            ScalarWriter(epath.Path(workdir) / "tensorboard" / name) if self._leader else None
         )
-        self._report = periodic_actions.ReportProgress(
-            num_train_steps=total_steps, writer=self._writer, every_secs=every_secs
-        )
-        self._every_secs = every_secs
+        self._first: tuple[float, int] | None = None  # (time, step) of the first report
         self._last_log = 0.0
-        self._total = total_steps
 
     def __call__(self, step: int, **scalars: Any) -> None:
-        self._report(step)
         now = time.monotonic()
-        if scalars and (now - self._last_log >= self._every_secs or step == self._total):
-            self._last_log = now
-            self._writer.write_scalars(step, {f"{self.name}/{k}": v for k, v in scalars.items()})
-            if jax.process_index() == 0:
-                shown = ", ".join(f"{k}={float(v):.4g}" for k, v in scalars.items())
-                logging.info("%s step %d/%d: %s", self.name, step, self._total, shown)
+        if self._first is None:
+            self._first = (now, step)
+        if not self._leader or (now - self._last_log < self._every_secs and step < self._total):
+            return
+        self._last_log = now
+        elapsed, done = now - self._first[0], step - self._first[1]
+        rate = done / elapsed if elapsed > 0 and done > 0 else None
+        values = {k: float(v) for k, v in scalars.items()}
+        shown = "".join(f", {k}={v:.4g}" for k, v in values.items())
+        speed = (
+            f"{rate:.3g} steps/s, ETA {(self._total - step) / rate:.0f} s" if rate else "starting"
+        )
+        logging.info("%s step %d/%d (%s)%s", self.name, step, self._total, speed, shown)
+        scalars = {f"{self.name}/{k}": v for k, v in values.items()}
+        if rate:
+            scalars[f"{self.name}/steps_per_sec"] = rate
+        self._writer.write_scalars(step, scalars)
 
     def close(self) -> None:
-        self._writer.flush()
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
     def __enter__(self) -> "Progress":
         return self

@@ -195,3 +195,20 @@ def test_resumed_scoring_scores_only_the_unfinished_rows(
         got, want = scores(workdir, split), scores(finished, split)
         pd.testing.assert_frame_equal(got, want)
     assert not list(train_dir.glob("_partial*"))
+
+
+def test_tensorboard_reads_the_scalars(finished: Path) -> None:
+    """The events files written without TensorFlow are TensorBoard's: its own loader reads every
+    loop's scalars back, at the steps they were logged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for loop, tag in (("arnoldi", "arnoldi/residual_norm"), ("train", "train/loss")):
+        events = EventAccumulator(str(finished / "tensorboard" / loop))
+        events.Reload()
+        assert tag in events.Tags()["scalars"], events.Tags()
+        points = events.Scalars(tag)
+        assert points and np.isfinite([p.value for p in points]).all()
+    events = EventAccumulator(str(finished / "tensorboard" / "evaluate"))
+    events.Reload()
+    (auc,) = events.Scalars("evaluate/auc")
+    assert auc.value == pytest.approx(json.loads((finished / "metrics.json").read_text())["auc"])
