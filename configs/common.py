@@ -60,7 +60,7 @@ def check_choice(preset: Preset, key: str, choices: Sequence[str]) -> None:
 
 def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.task = ""  # module in tasks/registry.py
+    config.task = ""  # import path of the task module (tasks/base.py); aliases: tasks/registry.py
     config.model = ""  # model name within the task
     config.seed = 0  # data split, label flips, param init, training order
     config.l2 = 0.0  # L2 coefficient: in the training loss and the Hessian (H + l2·I)
@@ -76,6 +76,13 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.batch_size = 128
     config.train.learning_rate = 1e-3
     config.train.checkpoint_every = 0  # steps between training checkpoints; 0: once per epoch
+
+    # Influence over a subset of the parameters (influence/selection.py): regexes matched against
+    # whole leaf paths such as "decoder/layers_3/attention/query/kernel"; "" = the task's default
+    # (every leaf unless the task says otherwise; ".*" selects every leaf explicitly).
+    config.params = ml_collections.ConfigDict()
+    config.params.include = ""
+    config.params.exclude = ""
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # devices on the batch axis; -1: the rest
@@ -102,6 +109,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.score.batch_size = 256  # global examples per JVP call
     config.score.examples_per_shard = 2048  # rows per output Parquet file (unit of resumption)
     config.score.tangent_chunk = 0  # >0: JVP tangents in chunks of this size (bounds memory)
+    config.score.read_threads = 2  # threads reading/decoding batches ahead; 0: read inline
+    config.score.read_ahead = 4  # batches read ahead of the one on the devices
     config.score.num_queries = 16  # eval examples traced back to their top training examples
     config.score.top_k = 10  # proponents and opponents kept per query
 

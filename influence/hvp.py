@@ -11,6 +11,7 @@ from collections.abc import Callable
 import jax
 
 from influence import pytree
+from influence.selection import Selection, restricted
 from influence.types import Batch, Params, PerExampleLoss
 
 HVP = Callable[[Params, Batch, Params], Params]
@@ -28,16 +29,22 @@ def make_mean_loss(per_example_loss: PerExampleLoss, l2: float = 0.0) -> Callabl
     return mean_loss
 
 
-def make_hvp(per_example_loss: PerExampleLoss, l2: float = 0.0) -> HVP:
+def make_hvp(
+    per_example_loss: PerExampleLoss, l2: float = 0.0, selection: Selection | None = None
+) -> HVP:
     """Return ``hvp(params, batch, v) = ∇²_θ L(θ; batch) v`` with L from ``make_mean_loss``.
 
-    The L2 term contributes ``l2 * v`` exactly; it is added analytically rather than differentiated.
+    With a ``selection``, θ is the selected leaves only (``influence/selection.py``): ``params`` is
+    the full tree, ``v`` and the result are shaped like ``selection.select(params)``, and the other
+    leaves are constants (the block H_SS of the Hessian). The L2 term contributes ``l2 * v``
+    exactly; it is added analytically rather than differentiated.
     """
-    mean_loss = make_mean_loss(per_example_loss)
 
     def hvp(params: Params, batch: Batch, v: Params) -> Params:
+        loss, primal = restricted(per_example_loss, params, selection)
+        mean_loss = make_mean_loss(loss)
         grad_fn = lambda p: jax.grad(mean_loss)(p, batch)  # noqa: E731
-        _, hv = jax.jvp(grad_fn, (params,), (v,))
+        _, hv = jax.jvp(grad_fn, (primal,), (v,))
         if l2:
             hv = pytree.axpy(l2, v, hv)
         return hv

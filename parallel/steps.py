@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from influence import arnoldi, distill, scoring
 from influence.hvp import HVP
+from influence.selection import Selection
 from parallel.mesh import DATA_AXIS
 from parallel.sharding import batch_sharding, replicated, stacked_shardings
 
@@ -58,11 +59,17 @@ def jit_init_krylov_state(
 
 
 def jit_arnoldi_step(
-    hvp: HVP, param_sh: Any, mesh: Mesh, breakdown_tol: float, orthogonalization: str
+    hvp: HVP,
+    param_sh: Any,
+    vector_sh: Any,
+    mesh: Mesh,
+    breakdown_tol: float,
+    orthogonalization: str,
 ) -> arnoldi.StepFn:
     """Algorithm 1 lines 3–9 jitted over the mesh; the incoming state is donated (no second copy
-    of the basis)."""
-    state_sh = krylov_shardings(param_sh, mesh)
+    of the basis). ``param_sh`` lays out the full params, ``vector_sh`` the vectors the basis is
+    made of (the selected leaves, ``influence/selection.py``)."""
+    state_sh = krylov_shardings(vector_sh, mesh)
     repl = replicated(mesh)
     step = functools.partial(
         arnoldi.arnoldi_step,
@@ -78,9 +85,9 @@ def jit_arnoldi_step(
     )
 
 
-def jit_to_parameter_space(param_sh: Any, mesh: Mesh) -> Callable[[jax.Array, Any], Any]:
-    """G = Uᵀ Q (Alg. 1 line 17) with G sharded like the params."""
-    eig_sh = stacked_shardings(param_sh)
+def jit_to_parameter_space(vector_sh: Any, mesh: Mesh) -> Callable[[jax.Array, Any], Any]:
+    """G = Uᵀ Q (Alg. 1 line 17) with G sharded like the (selected) params."""
+    eig_sh = stacked_shardings(vector_sh)
     return jax.jit(
         distill.to_parameter_space,
         in_shardings=(replicated(mesh), eig_sh),
@@ -89,12 +96,18 @@ def jit_to_parameter_space(param_sh: Any, mesh: Mesh) -> Callable[[jax.Array, An
 
 
 def jit_projector(
-    per_example_loss: Callable, param_sh: Any, mesh: Mesh, tangent_chunk: int | None
+    per_example_loss: Callable,
+    param_sh: Any,
+    vector_sh: Any,
+    mesh: Mesh,
+    tangent_chunk: int | None,
+    selection: Selection | None = None,
 ) -> scoring.Projector:
-    """(params, eigvecs, batch) → (batch, p̃) projections, rows sharded over 'data'."""
-    project = scoring.make_projector(per_example_loss, tangent_chunk)
+    """(params, eigvecs, batch) → (batch, p̃) projections, rows sharded over 'data'; the
+    eigenvectors span the ``selection``'s leaves, laid out by ``vector_sh``."""
+    project = scoring.make_projector(per_example_loss, tangent_chunk, selection)
     return jax.jit(
         project,
-        in_shardings=(param_sh, stacked_shardings(param_sh), batch_sharding(mesh)),
+        in_shardings=(param_sh, stacked_shardings(vector_sh), batch_sharding(mesh)),
         out_shardings=NamedSharding(mesh, P(DATA_AXIS, None)),
     )

@@ -59,13 +59,13 @@ def iterate(stage: Stage, params: Any, params_id: str) -> arnoldi.ArnoldiResult:
     """Alg. 1 lines 1–10 from the latest Krylov checkpoint (or from q_0), saving every
     ``arnoldi.checkpoint_every`` iterations, at the last one and at a preemption."""
     config, mesh, a = stage.config, stage.mesh, stage.config.arnoldi
-    fingerprint = wd.krylov_fingerprint(config, params_id)
-    init = steps.jit_init_krylov_state(stage.params_like, a.num_iters, stage.param_sh, mesh)
+    fingerprint = wd.krylov_fingerprint(config, params_id, stage.selection)
+    init = steps.jit_init_krylov_state(stage.vectors_like, a.num_iters, stage.vector_sh, mesh)
     key = jax.random.key(a.seed)
     with Checkpointer(stage.path(wd.KRYLOV), save_interval_steps=a.checkpoint_every) as ckpt:
         found = ckpt.restore_latest(
             sharding.abstract_like(
-                jax.eval_shape(init, key), steps.krylov_shardings(stage.param_sh, mesh)
+                jax.eval_shape(init, key), steps.krylov_shardings(stage.vector_sh, mesh)
             ),
             meta_check(fingerprint, f"the Krylov state in {ckpt.directory}", artifacts.FIX),
         )
@@ -76,10 +76,11 @@ def iterate(stage: Stage, params: Any, params_id: str) -> arnoldi.ArnoldiResult:
             completed = arnoldi.completed_iterations(hessenberg, start)
             if completed < start:
                 return arnoldi.ArnoldiResult(state, completed, "broke down in an earlier run")
+        logging.info("influence over %s", stage.selection.describe(stage.params_like))
         logging.info(
             "Krylov basis: %d vectors x %d params, %.1f MiB on the most loaded device (mesh %s)",
             a.num_iters + 1,
-            sum(x.size for x in jax.tree.leaves(stage.params_like)),
+            sum(x.size for x in jax.tree.leaves(stage.vectors_like)),
             sharding.bytes_per_device(state["krylov_basis"]) / 2**20,
             dict(mesh.shape),
         )
@@ -115,8 +116,9 @@ def iterate(stage: Stage, params: Any, params_id: str) -> arnoldi.ArnoldiResult:
                     )
 
             step_fn = steps.jit_arnoldi_step(
-                make_hvp(stage.task.per_example_loss, config.l2),
+                make_hvp(stage.task.per_example_loss, config.l2, stage.selection),
                 stage.param_sh,
+                stage.vector_sh,
                 mesh,
                 a.breakdown_tol,
                 a.orthogonalization,
@@ -139,14 +141,14 @@ def distill_and_save(
     """Alg. 1 lines 11–18: the top-p̃ Ritz pairs, G = Uᵀ Q sharded like the params, saved with
     their fingerprint; eigenvalues.json for people."""
     d = stage.config.distill
-    eig_fingerprint = wd.eigenpairs_fingerprint(stage.config, params_id)
+    eig_fingerprint = wd.eigenpairs_fingerprint(stage.config, params_id, stage.selection)
     hessenberg = sharding.replicated_to_host(result.state["hessenberg"])
     m = result.num_completed
     try:
         pairs = distill.ritz_pairs(hessenberg, m, d.top_k, d.positive_only, d.symmetric)
     except ValueError as e:
         raise InputError(f"distill: {e}") from e
-    eigvecs = steps.jit_to_parameter_space(stage.param_sh, stage.mesh)(
+    eigvecs = steps.jit_to_parameter_space(stage.vector_sh, stage.mesh)(
         np.asarray(pairs.coords, np.float32), result.state["krylov_basis"]
     )
     block = hessenberg[:m, :m]
@@ -158,6 +160,7 @@ def distill_and_save(
         "all_ritz_values": np.linalg.eigvalsh(0.5 * (block + block.T)).tolist(),
         "num_iters_completed": m,
         "breakdown": result.breakdown,
+        "influence_over": stage.selection.describe(stage.params_like),
     }
     eig_state = {
         "eigvecs": eigvecs,

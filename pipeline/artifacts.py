@@ -31,7 +31,7 @@ def restore_params(stage: Stage) -> tuple[Any, str]:
             found = ckpt.restore_latest(
                 sharding.abstract_like({"params": stage.params_like}, {"params": stage.param_sh}),
                 meta_check(
-                    wd.train_fingerprint(stage.config),
+                    stage.train_fingerprint,
                     f"the params in {directory}",
                     "train them with this config in a new --workdir, or restore the original config",
                 ),
@@ -46,14 +46,15 @@ def restore_params(stage: Stage) -> tuple[Any, str]:
 
 
 def eigenpairs_target(stage: Stage) -> dict[str, Any]:
-    """Restore target of the eigenpairs: G (p̃, …) sharded like the params, λ replicated."""
+    """Restore target of the eigenpairs: G (p̃, …) sharded like the (selected) params, λ
+    replicated."""
     top_k = stage.config.distill.top_k
     repl = sharding.replicated(stage.mesh)
     return {
         "eigvecs": jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct((top_k, *x.shape), x.dtype, sharding=s),
-            stage.params_like,
-            sharding.stacked_shardings(stage.param_sh),
+            stage.vectors_like,
+            sharding.stacked_shardings(stage.vector_sh),
         ),
         "eigvals": jax.ShapeDtypeStruct((top_k,), np.float32, sharding=repl),
         "ritz_residuals": jax.ShapeDtypeStruct((top_k,), np.float32, sharding=repl),
@@ -68,7 +69,7 @@ def find_eigenpairs(
     found = ckpt.restore_latest(
         eigenpairs_target(stage),
         meta_check(
-            wd.eigenpairs_fingerprint(stage.config, params_id),
+            wd.eigenpairs_fingerprint(stage.config, params_id, stage.selection),
             f"the eigenpairs in {ckpt.directory}",
             FIX,
         ),

@@ -145,7 +145,9 @@ def run_stages(stages: Sequence[Stage], config: ml_collections.ConfigDict, workd
         logging.warning("%s; exiting 0: run the same command again to continue", e)
         logging.flush()
         sys.exit(0)
-    except jax.errors.JaxRuntimeError as e:
+    except (jax.errors.JaxRuntimeError, TimeoutError) as e:
+        # Multi-process: a collective or a barrier (Orbax's async-save commit waits on one) that
+        # fails or times out means a peer is gone.
         if jax.process_count() == 1:
             raise
         _lost_peer(e)

@@ -17,34 +17,42 @@ from collections.abc import Iterator
 
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.sharding import Mesh
 
 from parallel import sharding
-from tasks.base import ClassificationTask
+from tasks.base import Task
 from tasks.registry import task_module
-from tasks.sources import Source
+from tasks.sources import DataError, Source
 
 
-@dataclasses.dataclass(frozen=True)
-class TaskData:
-    task: ClassificationTask
-    splits: dict[str, Source]  # 'train' and 'eval'
-
-
-def load(config: ml_collections.ConfigDict) -> TaskData:
-    """The task's model and both splits, with the configured corruption applied on read. A task
-    reports bad settings or data as ``tasks.sources.DataError``; anything else it raises is a bug
-    and propagates as is."""
-    module = task_module(config.task)
-    task = module.make_task(config.model)
-    train, evaluation = module.load_splits(
-        num_train=config.data.num_train,
-        num_eval=config.data.num_eval,
-        flip_fraction=config.data.flip_fraction,
-        seed=config.seed,
-        source=config.data.source,
-    )
-    return TaskData(task=task, splits={"train": train, "eval": evaluation})
+def load(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> Task:
+    """The task named by ``config.task`` (``tasks/base.py``), with both splits. A task reports bad
+    settings or data as ``tasks.sources.DataError``; anything else it raises is a bug and
+    propagates as is."""
+    task = task_module(config.task).get_task(config, epath.Path(workdir))
+    if not isinstance(task, Task):
+        raise DataError(
+            f"config.task={config.task!r}: get_task returned {type(task).__name__}, not a "
+            "tasks.base.Task"
+        )
+    missing = {"train", "eval"} - set(task.splits)
+    if missing:
+        raise DataError(
+            f"config.task={config.task!r}: get_task's splits lack {sorted(missing)} (it gave "
+            f"{sorted(task.splits)}); give 'train' and 'eval' sources (eval may be empty)"
+        )
+    train = task.splits["train"]
+    if train.num_examples < 1:
+        raise DataError(f"config.task={config.task!r}: the training split is empty")
+    need = {"id", *task.output_columns(), *task.input_columns, *task.ground_truth_columns}
+    absent = need - set(train.take(np.arange(1)))
+    if absent:
+        raise DataError(
+            f"config.task={config.task!r}: training examples lack the columns {sorted(absent)} "
+            "that the task names (input, record, corruption and ground-truth columns, and 'id')"
+        )
+    return task
 
 
 def hvp_batch_indices(
@@ -55,9 +63,7 @@ def hvp_batch_indices(
     return np.sort(rng.choice(num_examples, batch_size, replace=False))
 
 
-def global_batch(
-    task: ClassificationTask, source: Source, positions: np.ndarray, mesh: Mesh
-) -> dict:
+def global_batch(task: Task, source: Source, positions: np.ndarray, mesh: Mesh) -> dict:
     """The model inputs of examples ``positions`` (one global batch) as arrays sharded over 'data';
     this process reads only its own rows."""
     mine = positions[sharding.local_rows(mesh, positions.size)]
@@ -121,29 +127,49 @@ def padded_batches(
         yield np.concatenate([rows, np.full(batch_size - rows.size, start)]), mask
 
 
-def _part_batches(part: Part, batch_size: int) -> Iterator[LocalBatch]:
-    batches = padded_batches(part.start + part.done, part.stop, batch_size)
-    for i, (positions, mask) in enumerate(batches, start=1):
-        last = part.start + part.done + i * batch_size >= part.stop
-        yield LocalBatch(part, positions, mask, last=last)
+@dataclasses.dataclass(frozen=True)
+class ScoringPlan:
+    """One row group's scoring steps, each computed when asked for (memory flat in N: a plan for
+    10^8 examples holds its parts, not its batches).
+
+    Part i of the remaining parts goes to group i mod ``num_groups``; every process computes the
+    same assignment from the same list, so the step counts agree without communication. Step s
+    of the group is a batch of its parts in order; steps past the group's own are padding (all
+    rows masked), up to the step count of the busiest group, so no process waits forever in a
+    collective.
+    """
+
+    parts: tuple[Part, ...]  # this group's parts
+    starts: np.ndarray  # (len(parts) + 1,) first step of each part; starts[-1] = own steps
+    num_steps: int
+    batch_size: int
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def __getitem__(self, step: int) -> LocalBatch:
+        if not 0 <= step < self.num_steps:
+            raise IndexError(step)
+        b = self.batch_size
+        if step >= self.starts[-1]:
+            return LocalBatch(None, np.zeros(b, np.int64), np.zeros(b, bool), False)
+        i = int(np.searchsorted(self.starts, step, side="right")) - 1
+        part = self.parts[i]
+        first = part.start + part.done + (step - int(self.starts[i])) * b
+        rows = np.arange(first, min(first + b, part.stop))
+        positions = np.concatenate([rows, np.full(b - rows.size, part.start)])
+        return LocalBatch(part, positions, np.arange(b) < rows.size, last=first + b >= part.stop)
+
+    def __iter__(self) -> Iterator[LocalBatch]:
+        return (self[s] for s in range(self.num_steps))
 
 
 def scoring_plan(
     remaining: list[Part], num_groups: int, group: int, local_batch_size: int
-) -> list[LocalBatch]:
-    """This row group's batches, padded to the step count of the busiest group.
-
-    Part i of ``remaining`` goes to group i mod ``num_groups``; every process computes the same
-    assignment from the same ``remaining`` list, so the step counts agree without communication.
-    """
-    steps = [0] * num_groups
-    mine: list[LocalBatch] = []
-    for i, part in enumerate(remaining):
-        owner = i % num_groups
-        steps[owner] += -(-(part.stop - part.start - part.done) // local_batch_size)
-        if owner == group:
-            mine.extend(_part_batches(part, local_batch_size))
-    padding = LocalBatch(
-        None, np.zeros(local_batch_size, np.int64), np.zeros(local_batch_size, bool), False
-    )
-    return mine + [padding] * (max(steps, default=0) - len(mine))
+) -> ScoringPlan:
+    """This row group's ``ScoringPlan`` over the ``remaining`` parts."""
+    steps = [-(-(p.stop - p.start - p.done) // local_batch_size) for p in remaining]
+    per_group = [sum(steps[g::num_groups]) for g in range(num_groups)]
+    mine = tuple(remaining[group::num_groups])
+    starts = np.concatenate([[0], np.cumsum(steps[group::num_groups], dtype=np.int64)])
+    return ScoringPlan(mine, starts, max(per_group, default=0), local_batch_size)

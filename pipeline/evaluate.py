@@ -88,11 +88,20 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str,
             f"no scores in {scores_dir}; run `python -m jobs.arnoldi` and `python -m jobs.score` "
             "with the same --config and --workdir first"
         )
+    corruption = outputs.read_json(wd.path(workdir, wd.SCORES_META)).get("corruption_column")
+    if not corruption:
+        raise InputError(
+            f"task {config.task!r} marks no corrupted training examples, so there is nothing to "
+            "retrieve; evaluate needs a task with a corruption_column (tasks/base.py)"
+        )
     table = outputs.read_parquet_dir(scores_dir)
-    flipped = table.column("flipped").to_numpy(zero_copy_only=False).astype(bool)
+    flipped = table.column(corruption).to_numpy(zero_copy_only=False).astype(bool)
     self_influence = table.column("self_influence").to_numpy()
     if not flipped.any():
-        raise InputError("no flipped labels in the training split: set data.flip_fraction > 0")
+        raise InputError(
+            f"no corrupted examples ({corruption!r}) in the training split: raise the task's "
+            "corruption fraction (MNIST: data.flip_fraction > 0)"
+        )
     eig = outputs.read_json(eig_path)
     m = retrieval_metrics(flipped, self_influence)
     result = {

@@ -1,7 +1,8 @@
 """Scoring output in parts: one Parquet file per part of a split, the unit of resumption.
 
 ``scores/<split>/part-XXXXX-of-YYYYY.parquet`` holds rows [start, stop) of the split: the example
-id, its label and flipped flag, self-influence and the p̃ projections g(x). A part file is written
+id, the task's record columns and corruption flag (MNIST: label, flipped), self-influence and the
+p̃ projections g(x). A part file is written
 atomically by the process that scored it (the leader of its row group), so a restarted job skips
 finished parts and reading the directory gives every example exactly once. The rows of a part cut
 short by a preemption go to ``_partial.<part>.parquet`` (a leading '_' hides it from readers);
@@ -20,14 +21,13 @@ from influence import scoring
 from pipeline import outputs
 from pipeline.data import Part
 
-COLUMNS = ("id", "label", "flipped")
-
 
 def table(columns: dict[str, np.ndarray], g: np.ndarray, eigvals: np.ndarray) -> pa.Table:
-    """A part's rows: ``COLUMNS``, self-influence (Alg. 1, line 24) and the projections."""
+    """A part's rows: the host ``columns`` (``Task.output_columns``), self-influence (Alg. 1,
+    line 24) and the projections."""
     return pa.table(
         {
-            **{k: columns[k] for k in COLUMNS},
+            **columns,
             "self_influence": np.asarray(scoring.self_influence(g, eigvals), np.float32),
             "projections": pa.FixedSizeListArray.from_arrays(
                 pa.array(g.reshape(-1), pa.float32()), g.shape[1]
@@ -97,7 +97,7 @@ class PartWriter:
         self._projections.append(g)
 
     def _merged(self) -> pa.Table:
-        merged = {k: np.concatenate([c[k] for c in self._columns]) for k in COLUMNS}
+        merged = {k: np.concatenate([c[k] for c in self._columns]) for k in self._columns[0]}
         rows = table(merged, np.concatenate(self._projections), self._eigvals)
         if self._part.done:  # rows scored before a preemption come first
             saved = outputs.read_parquet(partial_path(self._dir, self._part))

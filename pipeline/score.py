@@ -26,14 +26,13 @@ from jax.experimental import multihost_utils
 from checkpoints.fingerprint import check
 from influence import scoring
 from parallel import sharding, steps
-from pipeline import artifacts, data, failpoints, outputs, parts, preemption, validate
+from pipeline import artifacts, data, failpoints, outputs, parts, preemption, prefetch, validate
 from pipeline import workdir as wd
 from pipeline.progress import Progress
 from pipeline.stage import Stage
 
 SPLITS = ("train", "eval")
 TOPK_FILE = "influence_topk.parquet"
-META_FILE = "meta.json"
 
 
 def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
@@ -45,13 +44,17 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
 
     scores_dir = stage.path(wd.SCORES)
     fingerprint = wd.scores_fingerprint(config, eig_meta["eigenpairs_id"])
-    if (scores_dir / META_FILE).exists():
-        saved = outputs.read_json(scores_dir / META_FILE)["fingerprint"]
+    if stage.path(wd.SCORES_META).exists():
+        saved = outputs.read_json(stage.path(wd.SCORES_META))["fingerprint"]
         check(saved, fingerprint, f"the scores in {scores_dir}", artifacts.FIX)
     else:
-        outputs.write_json(
-            scores_dir / META_FILE, {"fingerprint": fingerprint, "eigvals": eigvals.tolist()}
-        )
+        meta = {
+            "fingerprint": fingerprint,
+            "eigvals": eigvals.tolist(),
+            "task": stage.task.name,
+            "corruption_column": stage.task.corruption_column,
+        }
+        outputs.write_json(stage.path(wd.SCORES_META), meta)
 
     plan = [
         part
@@ -73,12 +76,21 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
         num_groups,
     )
     project = steps.jit_projector(
-        stage.task.per_example_loss, stage.param_sh, stage.mesh, s.tangent_chunk or None
+        stage.task.per_example_loss,
+        stage.param_sh,
+        stage.vector_sh,
+        stage.mesh,
+        s.tangent_chunk or None,
+        stage.selection,
     )
 
-    def score(batch: data.LocalBatch) -> tuple[data.LocalBatch, dict, jax.Array]:
-        """Read and dispatch one batch (returns before the device is done)."""
-        read = stage.split(batch.part.split if batch.part else "train").take(batch.positions)
+    def read(step: int) -> tuple[data.LocalBatch, dict]:
+        """Host work of one step (in a prefetch thread): its rows, read and decoded."""
+        batch = batches[step]
+        return batch, stage.split(batch.part.split if batch.part else "train").take(batch.positions)
+
+    def score(batch: data.LocalBatch, read: dict) -> tuple[data.LocalBatch, dict, jax.Array]:
+        """Dispatch one batch to the devices (returns before they are done)."""
         local = stage.task.model_inputs(read)
         g = project(
             params, eig_state["eigvecs"], sharding.to_global(local, stage.mesh, s.batch_size)
@@ -88,15 +100,17 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
     def collect(batch: data.LocalBatch, read: dict, g: jax.Array) -> None:
         """Fetch a dispatched batch's projections (waits for it) and hand them to the writer."""
         if batch.part is not None:
-            columns = {k: read[k][batch.mask] for k in parts.COLUMNS}
+            columns = {k: read[k][batch.mask] for k in output_columns}
             writer.add(batch.part, columns, sharding.to_host_local(g)[batch.mask])
             if batch.last:
                 writer.finish()
 
+    output_columns = stage.task.output_columns()
     first_step_done, pending = 0.0, None
     with Progress(stage.workdir, "score", len(batches), config.log_every_secs) as progress:
-        for step, batch in enumerate(batches, start=1):
-            current = score(batch)
+        reads = prefetch.ahead(read, 0, len(batches), s.read_threads, s.read_ahead)
+        for step, (batch, rows) in enumerate(reads, start=1):
+            current = score(batch, rows)
             if pending is not None:
                 collect(*pending)
             pending = current

@@ -1,8 +1,10 @@
-"""What every stage sets up before its work: mesh → checks → data → parameter shardings.
+"""What every stage sets up before its work: mesh → checks → task → parameter selection and
+shardings.
 
 Each job's ``run(config, workdir)`` starts with ``Stage.setup``; the order matters: the mesh
 must exist before the checks (batch sizes must divide its 'data' axis), and the checks run before
-any data is read, so bad input costs nothing. Restoring saved results (``pipeline/artifacts.py``)
+the task is built, so bad input costs nothing; checks that need the split sizes run right after
+(sources are lazy: nothing but the sizes and one example is read). Restoring saved results (``pipeline/artifacts.py``)
 comes next and takes the Stage.
 """
 
@@ -15,10 +17,13 @@ import ml_collections
 from etils import epath
 from jax.sharding import Mesh
 
+from influence.selection import Selection, SelectionError
 from parallel import sharding
 from parallel.mesh import make_mesh
-from pipeline import data
-from tasks.base import ClassificationTask
+from pipeline import data, validate
+from pipeline import workdir as wd
+from pipeline.errors import InputError
+from tasks.base import Task
 from tasks.sources import Source
 
 Check = Callable[[ml_collections.ConfigDict, Mesh], None]
@@ -31,16 +36,19 @@ class Stage:
 
     Attributes:
       params_like: ShapeDtypeStructs of the task's params (no array is allocated).
-      param_sh: a NamedSharding per param leaf (``parallel/sharding.py`` rules); the Krylov basis
-        and the eigenvectors follow it.
+      param_sh: a NamedSharding per param leaf (``parallel/sharding.py`` rules).
+      selection: the leaves influence covers (``config.params``, else the task's default).
+      vectors_like, vector_sh: the selected leaves of ``params_like`` and ``param_sh``: the
+        shape and layout of every Krylov vector and eigenvector.
     """
 
     config: ml_collections.ConfigDict
     workdir: epath.Path
     mesh: Mesh
-    task_data: data.TaskData
+    task: Task
     params_like: Any
     param_sh: Any
+    selection: Selection
 
     @classmethod
     def setup(
@@ -49,17 +57,35 @@ class Stage:
         m = config.mesh
         mesh = make_mesh(m.data, m.model, m.num_devices, m.num_slices)
         check(config, mesh)
-        task_data = data.load(config)
-        params_like = jax.eval_shape(task_data.task.init_params, jax.random.key(0))
+        task = data.load(config, workdir)
+        validate.check_sizes(config, task)
+        params_like = jax.eval_shape(task.init_params, jax.random.key(0))
         param_sh = sharding.param_shardings(params_like, mesh, m.min_shard_size)
-        return cls(config, epath.Path(workdir), mesh, task_data, params_like, param_sh)
+        try:
+            selection = Selection.build(
+                params_like,
+                config.params.include or task.param_include,
+                config.params.exclude or task.param_exclude,
+            )
+        except SelectionError as e:
+            raise InputError(str(e)) from e
+        return cls(config, epath.Path(workdir), mesh, task, params_like, param_sh, selection)
 
     @property
-    def task(self) -> ClassificationTask:
-        return self.task_data.task
+    def vectors_like(self) -> Any:
+        return self.selection.select(self.params_like)
+
+    @property
+    def vector_sh(self) -> Any:
+        return self.selection.select(self.param_sh)
+
+    @property
+    def train_fingerprint(self) -> dict[str, Any]:
+        """What the trained params depend on (``pipeline/workdir.py``)."""
+        return wd.train_fingerprint(self.config, dict(self.task.fingerprint))
 
     def split(self, name: str) -> Source:
-        return self.task_data.splits[name]
+        return self.task.splits[name]
 
     def path(self, name: str) -> epath.Path:
         """A result's location inside the workdir (names in ``pipeline/workdir.py``)."""

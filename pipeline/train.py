@@ -25,52 +25,53 @@ from pipeline import data, failpoints, outputs, preemption, validate
 from pipeline import workdir as wd
 from pipeline.progress import Progress
 from pipeline.stage import Stage
-from tasks.base import ClassificationTask
+from tasks.base import Task
 from tasks.sources import Source
 
 
-def accuracy(
-    task: ClassificationTask, params: Any, source: Source, mesh: Mesh, batch_size: int
-) -> float:
-    """Top-1 accuracy on ``source``, in sharded global batches (each process reads its rows; the
-    last batch is padded and masked)."""
+def evaluate(
+    task: Task, params: Any, source: Source, mesh: Mesh, batch_size: int
+) -> dict[str, float]:
+    """The mean loss and the task's metrics (e.g. accuracy) over ``source``, in sharded global
+    batches (each process reads its rows; the last batch is padded and masked)."""
     if source.num_examples == 0:
-        return float("nan")
+        return {}
 
-    def num_correct(params: Any, batch: dict[str, jax.Array]) -> jax.Array:
-        predicted = jnp.argmax(task.logits(params, batch["image"]), axis=-1)
-        return jnp.sum((predicted == batch["label"]) & batch["mask"])
+    def sums(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        inputs = {k: v for k, v in batch.items() if k != "mask"}
+        values = {"loss": task.per_example_loss(params, inputs)}
+        if task.metrics is not None:
+            values.update(task.metrics(params, inputs))
+        return {k: jnp.sum(jnp.where(batch["mask"], v, 0.0)) for k, v in values.items()}
 
-    count = jax.jit(num_correct, out_shardings=sharding.replicated(mesh))
+    total = jax.jit(sums, out_shardings=sharding.replicated(mesh))
     rows = sharding.local_rows(mesh, batch_size)
-    correct = 0
+    result: dict[str, float] = {}
     for positions, mask in data.padded_batches(0, source.num_examples, batch_size):
         local = {**task.model_inputs(source.take(positions[rows])), "mask": mask[rows]}
-        correct += int(count(params, sharding.to_global(local, mesh, batch_size)))
-    return correct / source.num_examples
+        for k, v in total(params, sharding.to_global(local, mesh, batch_size)).items():
+            result[k] = result.get(k, 0.0) + float(v)
+    return {k: v / source.num_examples for k, v in result.items()}
 
 
 def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
     stage = Stage.setup(config, workdir, validate.check_train)
-    fingerprint = wd.train_fingerprint(config)
+    fingerprint = stage.train_fingerprint
     fix = "use a new --workdir or restore the original config"
     with Checkpointer(stage.path(wd.PARAMS), async_save=False) as params_ckpt:
         if params_ckpt.restore_latest(None, meta_check(fingerprint, "the saved params", fix)):
             logging.info("trained params already in %s; nothing to do", params_ckpt.directory)
             return
         params = _train(stage, fingerprint, fix)
-        meta = {
-            "fingerprint": fingerprint,
-            "params_id": wd.params_id(config),
-            "train_accuracy_noisy_labels": accuracy(
-                stage.task, params, stage.split("train"), stage.mesh, config.train.batch_size
-            ),
-            "eval_accuracy": accuracy(
-                stage.task, params, stage.split("eval"), stage.mesh, config.train.batch_size
-            ),
-        }
+        meta = {"fingerprint": fingerprint, "params_id": wd.params_id(fingerprint)}
+        for name in ("train", "eval"):  # train: on the labels trained on (corrupted ones included)
+            quality = evaluate(
+                stage.task, params, stage.split(name), stage.mesh, config.train.batch_size
+            )
+            meta.update({f"{name}_{k}": v for k, v in quality.items()})
         logging.info("trained: %s", meta)
-        write_flipped_labels(stage.path(wd.FLIPPED_LABELS), stage.split("train"))
+        if stage.task.corruption_column:
+            write_corrupted(stage.path(wd.CORRUPTED), stage.task)
         params_ckpt.save(config.train.num_epochs, {"params": params}, meta, force=True)
 
 
@@ -129,18 +130,19 @@ def _train(stage: Stage, fingerprint: dict, fix: str) -> Any:
     return state["params"]
 
 
-def write_flipped_labels(path: epath.Path, train: Source, chunk: int = 4096) -> None:
-    """Record which training labels the corruption flipped (id, clean and noisy label), so the
-    ground truth of the §5.1 benchmark can be read without this project. Process 0 only."""
+def write_corrupted(path: epath.Path, task: Task, chunk: int = 4096) -> None:
+    """Record which training examples the task corrupted (id and its ``ground_truth_columns``,
+    e.g. the clean and the noisy label), so the ground truth of the retrieval benchmark can be
+    read without this project. Process 0 only; reads the split in chunks."""
     if jax.process_index() != 0:
         return
-    kept: dict[str, list[np.ndarray]] = {"id": [], "clean_label": [], "noisy_label": []}
+    train, names = task.splits["train"], ("id", *task.ground_truth_columns)
+    kept: dict[str, list[np.ndarray]] = {k: [] for k in names}
     for start in range(0, train.num_examples, chunk):
         columns = train.take(np.arange(start, min(start + chunk, train.num_examples)))
-        flipped = columns["flipped"]
-        kept["id"].append(columns["id"][flipped])
-        kept["clean_label"].append(columns["clean_label"][flipped])
-        kept["noisy_label"].append(columns["label"][flipped])
+        corrupted = np.asarray(columns[task.corruption_column], bool)
+        for k in names:
+            kept[k].append(columns[k][corrupted])
     table = pa.table({k: np.concatenate(v) for k, v in kept.items()})
     outputs.write_parquet(path, table)
-    logging.info("%d flipped training labels recorded in %s", table.num_rows, path)
+    logging.info("%d corrupted training examples recorded in %s", table.num_rows, path)

@@ -6,6 +6,7 @@ from jax.sharding import Mesh
 from influence import arnoldi
 from parallel.mesh import DATA_AXIS
 from pipeline.errors import InputError
+from tasks.base import Task
 
 
 def _divisible(value: int, by: int, field: str, mesh_field: str = "mesh.data") -> None:
@@ -18,10 +19,6 @@ def _divisible(value: int, by: int, field: str, mesh_field: str = "mesh.data") -
 
 def check_train(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     _divisible(config.train.batch_size, mesh.shape[DATA_AXIS], "train.batch_size")
-    if config.train.batch_size > config.data.num_train:
-        raise InputError(
-            f"train.batch_size={config.train.batch_size} exceeds data.num_train={config.data.num_train}"
-        )
     if config.train.checkpoint_every < 0:
         raise InputError(
             f"train.checkpoint_every={config.train.checkpoint_every} must be 0 (once per epoch) "
@@ -41,10 +38,6 @@ def check_arnoldi(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
             "(p̃ ≤ n: Arnoldi yields at most n eigenpairs); lower top_k or raise num_iters"
         )
     _divisible(a.hvp_batch_size, mesh.shape[DATA_AXIS], "arnoldi.hvp_batch_size")
-    if a.hvp_batch_size > config.data.num_train:
-        raise InputError(
-            f"arnoldi.hvp_batch_size={a.hvp_batch_size} exceeds data.num_train={config.data.num_train}"
-        )
     if a.orthogonalization not in arnoldi.ORTHOGONALIZATION:
         raise InputError(
             f"arnoldi.orthogonalization={a.orthogonalization!r}; choose one of "
@@ -54,11 +47,27 @@ def check_arnoldi(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         raise InputError(f"arnoldi.checkpoint_every={a.checkpoint_every} must be at least 1")
 
 
+def check_sizes(config: ml_collections.ConfigDict, task: Task) -> None:
+    """Batches drawn from the training split must fit in it (the task knows its size)."""
+    num_train = task.splits["train"].num_examples
+    for field, value in (
+        ("train.batch_size", config.train.batch_size),
+        ("arnoldi.hvp_batch_size", config.arnoldi.hvp_batch_size),
+    ):
+        if value > num_train:
+            raise InputError(
+                f"{field}={value} exceeds the {num_train} training examples of task "
+                f"{config.task!r}; lower {field} or use more training data"
+            )
+
+
 def check_score(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     s = config.score
     _divisible(s.batch_size, mesh.shape[DATA_AXIS], "score.batch_size")
     if s.examples_per_shard < 1:
         raise InputError(f"score.examples_per_shard={s.examples_per_shard} must be positive")
+    if s.read_threads < 0 or s.read_ahead < 1:
+        raise InputError("score.read_threads must be >= 0 and score.read_ahead >= 1")
     if s.tangent_chunk < 0:
         raise InputError(f"score.tangent_chunk={s.tangent_chunk} must be 0 (off) or positive")
     if s.num_queries < 0 or s.top_k < 1:

@@ -3,7 +3,7 @@
     workdir/
       train_state/   Orbax: params + optimizer state per epoch (resume training)
       params/        Orbax: the trained params the analysis uses (meta: params_id)
-      flipped_labels.parquet   the corrupted training examples: id, clean_label, noisy_label
+      corrupted.parquet   the corrupted training examples: id and the task's ground-truth columns
       krylov/        Orbax: Krylov basis + Hessenberg matrix every k iterations
       eigenpairs/    Orbax: distilled eigenvectors G, eigenvalues, Ritz residuals
       eigenvalues.json
@@ -21,6 +21,7 @@ import ml_collections
 from etils import epath
 
 from checkpoints import fingerprint
+from influence.selection import Selection
 from pipeline.errors import InputError
 
 TRAIN_STATE = "train_state"
@@ -28,9 +29,10 @@ PARAMS = "params"
 KRYLOV = "krylov"
 EIGENPAIRS = "eigenpairs"
 SCORES = "scores"
+SCORES_META = "scores/meta.json"
 EIGENVALUES_JSON = "eigenvalues.json"
 METRICS_JSON = "metrics.json"
-FLIPPED_LABELS = "flipped_labels.parquet"
+CORRUPTED = "corrupted.parquet"
 
 
 def path(workdir: epath.PathLike, name: str) -> epath.Path:
@@ -52,28 +54,62 @@ def ensure_writable(workdir: epath.PathLike) -> None:
         ) from e
 
 
-def train_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+NOT_TRAINING = ("mesh", "params", "arnoldi", "distill", "score", "log_every_secs")
+"""Config blocks that do not change the trained params (layout, and the stages after training);
+every other field does, including any block a task of its own reads (a new stage's block is
+added here)."""
+NOT_TRAINING_FIELDS = ("train.checkpoint_every",)
+
+
+def flat(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[str, Any]:
+    """{'data.num_train': 4000, ...}: a config (block) as one level of dotted names."""
+    result: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict | dict):
+            result.update(flat(value, f"{name}."))
+        else:
+            result[name] = list(value) if isinstance(value, tuple) else value
+    return result
+
+
+def train_fingerprint(
+    config: ml_collections.ConfigDict, task_fingerprint: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Every field that changes the trained params: the whole config but ``NOT_TRAINING``, plus
+    what the task says its params also depend on (``Task.fingerprint``, e.g. a tokenizer)."""
+    fields = {
+        k: v
+        for k, v in flat(config).items()
+        if k.split(".")[0] not in NOT_TRAINING and k not in NOT_TRAINING_FIELDS
+    }
+    fields.update({f"task.{k}": v for k, v in (task_fingerprint or {}).items()})
+    return fields
+
+
+def params_id(train_fingerprint: dict[str, Any]) -> str:
+    """Trained params are a deterministic function of the train fingerprint, so its digest names them."""
+    return fingerprint.digest(train_fingerprint)
+
+
+def selection_fingerprint(selection: Selection) -> dict[str, str]:
+    """The parameter leaves influence covers: the paths ``params.include``/``exclude`` resolved to
+    (two patterns selecting the same leaves are the same run)."""
+    digest = fingerprint.digest({"paths": list(selection.selected)})
     return {
-        "task": config.task,
-        "model": config.model,
-        "seed": config.seed,
-        "l2": config.l2,
-        **{f"data.{k}": v for k, v in config.data.items()},
-        **{f"train.{k}": config.train[k] for k in ("num_epochs", "batch_size", "learning_rate")},
+        "params.selected": f"{len(selection.selected)} of {len(selection.paths)} leaves ({digest})"
     }
 
 
-def params_id(config: ml_collections.ConfigDict) -> str:
-    """Trained params are a deterministic function of the train fingerprint, so its digest names them."""
-    return fingerprint.digest(train_fingerprint(config))
-
-
-def krylov_fingerprint(config: ml_collections.ConfigDict, params_id: str) -> dict[str, Any]:
+def krylov_fingerprint(
+    config: ml_collections.ConfigDict, params_id: str, selection: Selection
+) -> dict[str, Any]:
     a = config.arnoldi
     return {
         "task": config.task,
         "model": config.model,
         "params_id": params_id,
+        **selection_fingerprint(selection),
         "l2": config.l2,
         "arnoldi.num_iters": a.num_iters,
         "arnoldi.hvp_batch_size": a.hvp_batch_size,
@@ -84,10 +120,12 @@ def krylov_fingerprint(config: ml_collections.ConfigDict, params_id: str) -> dic
     }
 
 
-def eigenpairs_fingerprint(config: ml_collections.ConfigDict, params_id: str) -> dict[str, Any]:
+def eigenpairs_fingerprint(
+    config: ml_collections.ConfigDict, params_id: str, selection: Selection
+) -> dict[str, Any]:
     d = config.distill
     return {
-        **krylov_fingerprint(config, params_id),
+        **krylov_fingerprint(config, params_id, selection),
         "distill.top_k": d.top_k,
         "distill.positive_only": d.positive_only,
         "distill.symmetric": d.symmetric,
@@ -97,7 +135,7 @@ def eigenpairs_fingerprint(config: ml_collections.ConfigDict, params_id: str) ->
 def scores_fingerprint(config: ml_collections.ConfigDict, eigenpairs_id: str) -> dict[str, Any]:
     return {
         "eigenpairs_id": eigenpairs_id,
-        **{f"data.{k}": v for k, v in config.data.items()},
+        **flat(config.data, "data."),
         "seed": config.seed,
         "score.examples_per_shard": config.score.examples_per_shard,
         "score.num_queries": config.score.num_queries,

@@ -1,12 +1,20 @@
-"""What a task is: a model, its per-example loss, and its data with the corruption applied.
+"""The task contract: what the pipeline needs from a model and its data, and nothing more.
 
-The influence math only sees ``per_example_loss(params, batch) -> (batch_size,)``; the pipeline only
-sees ``init_params``, ``per_example_loss``, ``model_inputs`` and the splits as random-access
-``tasks.sources.Source``s. A new task (ImageNet, ViT, Paracrawl) is a new module providing
-``make_task`` and ``load_splits``; nothing else changes.
+A task is a module named by ``config.task``, an import path (``tasks.translation``,
+``my_package.my_task``; built-in short names are aliases, ``tasks/registry.py``). It provides
+
+    get_task(config: ml_collections.ConfigDict, workdir: epath.Path) -> Task
+
+reading its own config fields (``config.model``, ``config.data`` and any block of its own; every
+field outside the stage blocks is part of the training fingerprint, ``pipeline/workdir.py``).
+``workdir`` is where a task keeps what it derives from its data, e.g. a tokenizer trained on the
+training text. The influence math only sees ``per_example_loss(params, batch) -> (batch_size,)``
+over any batch structure (images, token ids with padding masks, ...); the pipeline only sees the
+``Task`` below and the splits as random-access ``tasks.sources.Source``s.
 """
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -15,9 +23,59 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tasks.sources import Columns, Source
+
 Split = dict[str, np.ndarray]
-"""Host-memory columns of some examples of a split: at least 'id' (int64, unique across the split),
-'label', 'flipped' (bool: the corruption changed this example) and the model inputs."""
+"""Host-memory columns of some examples of a split: at least 'id' (int64, unique across the split)
+and the model inputs."""
+
+Metrics = Callable[[Any, Mapping[str, jax.Array]], dict[str, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A model, its per-example loss and its data, as the pipeline sees them.
+
+    Attributes:
+      name: for logs and outputs.
+      init_params: key → params (a pytree; nested dicts, as Flax makes them, name the leaves).
+      per_example_loss: (params, batch) → (batch_size,) losses; ``batch`` holds the
+        ``input_columns`` as arrays with the example axis first. No regularisation (config.l2).
+      splits: 'train' and 'eval' sources; every example has a stable int64 'id' column.
+      input_columns: the columns the loss reads (what is sharded onto the devices).
+      record_columns: host columns written beside 'id' in the score outputs (e.g. the label).
+      corruption_column: a bool column marking the examples the task corrupted (the ground truth
+        of mislabeled / shuffled retrieval), or None when there is none.
+      ground_truth_columns: columns recorded for each corrupted training example
+        (``corrupted.parquet``), e.g. the clean and the noisy label.
+      metrics: (params, batch) → per-example values (e.g. {'accuracy': 0/1}) averaged over a split
+        after training; None: the mean loss only.
+      param_include, param_exclude: the default parameter selection (regexes over leaf paths,
+        ``influence/selection.py``) when the config gives none.
+      fingerprint: what else the trained params depend on (e.g. a tokenizer's digest).
+    """
+
+    name: str
+    init_params: Callable[[jax.Array], Any]
+    per_example_loss: Callable[[Any, Mapping[str, jax.Array]], jax.Array]
+    splits: Mapping[str, Source]
+    input_columns: tuple[str, ...]
+    record_columns: tuple[str, ...] = ()
+    corruption_column: str | None = None
+    ground_truth_columns: tuple[str, ...] = ()
+    metrics: Metrics | None = None
+    param_include: str = ""
+    param_exclude: str = ""
+    fingerprint: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def model_inputs(self, columns: Columns) -> dict[str, np.ndarray]:
+        """The columns a loss evaluation needs (what gets sharded onto devices)."""
+        return {k: columns[k] for k in self.input_columns}
+
+    def output_columns(self) -> tuple[str, ...]:
+        """The host columns each score output row carries: id, records, the corruption flag."""
+        extra = (self.corruption_column,) if self.corruption_column else ()
+        return ("id", *self.record_columns, *extra)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +93,25 @@ class ClassificationTask:
     def logits(self, params: Any, images: jax.Array) -> jax.Array:
         return self.model.apply({"params": params}, images)
 
-    def per_example_loss(self, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+    def per_example_loss(self, params: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
         logits = self.logits(params, batch["image"])
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
 
+    def accuracy(self, params: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        predicted = jnp.argmax(self.logits(params, batch["image"]), axis=-1)
+        return {"accuracy": (predicted == batch["label"]).astype(jnp.float32)}
+
     def model_inputs(self, split: Split) -> dict[str, np.ndarray]:
-        """The columns a loss evaluation needs (what gets sharded onto devices)."""
         return {"image": split["image"], "label": split["label"]}
+
+    def as_task(self, splits: Mapping[str, Source], **fields: Any) -> Task:
+        """The pipeline's view: this classifier on ``splits`` (labels may carry a corruption)."""
+        return Task(
+            name=self.name,
+            init_params=self.init_params,
+            per_example_loss=self.per_example_loss,
+            splits=splits,
+            input_columns=("image", "label"),
+            metrics=self.accuracy,
+            **fields,
+        )

@@ -6,9 +6,11 @@ class), so everything runs offline. A user's own data can be given as an ``.npz`
 format (``tfds:<builder_dir>``), of which each host then reads only the examples it uses.
 """
 
+import ml_collections
 import numpy as np
+from etils import epath
 
-from tasks.base import ClassificationTask
+from tasks.base import ClassificationTask, Task
 from tasks.models import MODELS
 from tasks.sources import ArraySource, Columns, DataError, MappedSource, Source, TfdsSource
 
@@ -124,3 +126,17 @@ def load_splits(
         }
 
     return MappedSource(base, train_rows, corrupt), MappedSource(base, eval_rows, identify)
+
+
+def get_task(config: ml_collections.ConfigDict, workdir: epath.Path) -> Task:
+    """The task contract (``tasks/base.py``): ``config.model`` names the CNN, ``config.data`` the
+    source, sizes and flip fraction; nothing is kept in the workdir."""
+    del workdir
+    d = config.data
+    train, evaluation = load_splits(d.num_train, d.num_eval, d.flip_fraction, config.seed, d.source)
+    return make_task(config.model).as_task(
+        {"train": train, "eval": evaluation},
+        record_columns=("label",),
+        corruption_column="flipped",
+        ground_truth_columns=("clean_label", "label"),
+    )

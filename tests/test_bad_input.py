@@ -109,10 +109,10 @@ def test_only_input_errors_are_one_line(tmp_path, monkeypatch) -> None:
     else raised inside a stage (here a ValueError from task code, i.e. a bug) propagates with its
     traceback instead of being dressed up as bad input."""
 
-    def bug(**kwargs):
+    def bug(*args, **kwargs):
         raise ValueError("a bug inside the task")
 
-    monkeypatch.setattr(mnist, "load_splits", bug)
+    monkeypatch.setattr(mnist, "load_splits", bug)  # called by mnist.get_task
     with pytest.raises(ValueError, match="a bug inside the task"):
         cli.run_stages([train.run], tiny_config(), str(tmp_path))
     monkeypatch.undo()

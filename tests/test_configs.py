@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from checkpoints.fingerprint import digest
 from parallel.mesh import make_mesh
 from pipeline import data, validate
 from tests.pipeline_helpers import REPO, run_job
@@ -25,12 +26,20 @@ def preset_variants(module_name: str) -> list[tuple[str, str]]:
     return [(module_name, v) for v in variants]
 
 
+@pytest.fixture(scope="module")
+def task_workdirs(tmp_path_factory: pytest.TempPathFactory):
+    """One workdir per data block: what a task derives from its data (a tokenizer) is made once
+    for all the presets that share it."""
+    root = tmp_path_factory.mktemp("tasks")
+    return lambda config: root / digest(config.data.to_dict())
+
+
 @pytest.mark.parametrize(
     ("module_name", "preset"),
     [pair for name in CONFIG_MODULES for pair in preset_variants(name)],
     ids=lambda x: x or "default",
 )
-def test_preset_is_valid_for_its_data(module_name: str, preset: str) -> None:
+def test_preset_is_valid_for_its_data(module_name: str, preset: str, task_workdirs) -> None:
     """The checks every stage runs before its work pass on the mesh the preset asks for (over
     this test's 8 fake devices), and the data it names exists with enough examples."""
     config = importlib.import_module(f"configs.{module_name}").get_config(preset)
@@ -38,9 +47,9 @@ def test_preset_is_valid_for_its_data(module_name: str, preset: str) -> None:
     mesh = make_mesh(m.data, m.model, m.num_devices, m.num_slices)
     for check in (validate.check_train, validate.check_arnoldi, validate.check_score):
         check(config, mesh)
-    splits = data.load(config).splits
-    assert splits["train"].num_examples == config.data.num_train
-    assert config.arnoldi.hvp_batch_size <= splits["train"].num_examples
+    task = data.load(config, task_workdirs(config))
+    validate.check_sizes(config, task)
+    assert task.splits["train"].num_examples == config.data.num_train
 
 
 @pytest.mark.parametrize(

@@ -130,7 +130,7 @@ def test_sigterm_saves_the_step_reached_and_exits_zero(
     }[job]
     assert marker in resumed.output
     if job == "train":
-        assert (workdir / "flipped_labels.parquet").exists()
+        assert (workdir / "corrupted.parquet").exists()
         for got, want in zip(fi.params(workdir), fi.params(reference), strict=True):
             np.testing.assert_array_equal(got, want)
     elif job == "arnoldi":

@@ -38,15 +38,15 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_outputs_hold_every_example_once(finished: Path) -> None:
     """Eigenvalues, Parquet scores (each example once, with its label and flipped flag), the
-    flipped-label record, the traced queries, metrics and plots; running arnoldi and score again
+    corrupted-example record, the traced queries, metrics and plots; running arnoldi and score again
     reuses everything and rewrites nothing."""
     config = tiny_config(**CONFIG)
     train_scores = pd.read_parquet(finished / "scores" / "train")
     assert len(train_scores) == config.data.num_train and train_scores["id"].is_unique
     assert train_scores["flipped"].sum() == round(0.2 * config.data.num_train)
-    flips = pd.read_parquet(finished / "flipped_labels.parquet")
+    flips = pd.read_parquet(finished / "corrupted.parquet")
     assert set(flips["id"]) == set(train_scores["id"][train_scores["flipped"]])
-    assert (flips["clean_label"] != flips["noisy_label"]).all()
+    assert (flips["clean_label"] != flips["label"]).all()
     g = np.stack(train_scores["projections"].to_numpy())
     assert g.shape == (config.data.num_train, config.distill.top_k)
     np.testing.assert_allclose(

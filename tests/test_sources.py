@@ -97,3 +97,35 @@ def test_scoring_plan_scores_each_example_once(sizes, per_shard, num_groups, loc
         seen[batch.part.split].extend(rows.tolist())
     for name, n in splits.items():
         assert sorted(seen[name]) == list(range(n))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 1000, 4097])
+def test_permutation_is_a_seeded_bijection(n: int) -> None:
+    """Every index maps to a distinct index of [0, n), inverse undoes it, the seed decides it."""
+    from tasks.permutation import Permutation
+
+    p = Permutation(n, seed=3)
+    image = p(np.arange(n))
+    assert sorted(image.tolist()) == list(range(n))
+    np.testing.assert_array_equal(p.inverse(image), np.arange(n))
+    np.testing.assert_array_equal(Permutation(n, seed=3)(np.arange(n)), image)
+    if n >= 17:
+        assert (Permutation(n, seed=4)(np.arange(n)) != image).mean() > 0.5
+        assert abs(np.corrcoef(np.arange(n), image)[0, 1]) < 0.5
+    with pytest.raises(IndexError):
+        p(np.array([n]))
+
+
+def test_translation_shuffle_moves_exactly_the_chosen_pairs() -> None:
+    """Shuffle.make: round(fraction · N) positions get another position's target, every one a
+    different one, and the map is a function of the position alone (any batch order)."""
+    from tasks.translation import Shuffle
+
+    shuffle = Shuffle.make(1000, 0.0625, seed=1)
+    positions = np.arange(1000)
+    partner = shuffle.partner(positions)
+    moved = partner != positions
+    assert moved.sum() == 62
+    assert sorted(partner[moved].tolist()) == sorted(positions[moved].tolist())  # among themselves
+    rng = np.random.default_rng(0).permutation(1000)
+    np.testing.assert_array_equal(shuffle.partner(rng), partner[rng])
