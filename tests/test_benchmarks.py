@@ -45,3 +45,16 @@ def test_speed_benchmark_prints_its_ratios() -> None:
 def test_scoring_throughput_benchmark_prints_its_ratio() -> None:
     out = run("benchmarks.scoring_throughput", "--presets=runlocal", "--top_k=4", "--batch_size=64")
     assert re.search(r"throughput 2 processes / 1 process = [0-9.]+", out)
+
+
+def test_streaming_benchmark_prints_rss_and_busy_fraction() -> None:
+    out = run(
+        "benchmarks.streaming",
+        "--sizes=2000,4000",
+        "--busy_batches=3",
+        "--preset=runlocal",
+    )
+    assert re.search(r"^N=\s+4,000: .* examples/s, peak RSS\s+[0-9.]+ MiB", out, re.M)
+    assert re.search(r"^peak RSS N=4,000 / N=2,000 = [0-9.]+", out, re.M)
+    for threads in (2, 0):
+        assert re.search(rf"^read_threads={threads}: .* busy fraction = [0-9.]+", out, re.M)
