@@ -55,6 +55,14 @@ def shift_right(x: jax.Array) -> jax.Array:
     return jnp.pad(x, ((0, 0), (1, 0)))[:, :-1]
 
 
+def attention(c: TransformerConfig) -> nn.MultiHeadDotProductAttention:
+    """The attention of every block: c.num_heads heads over c.qkv_dim features, no biases, no
+    dropout (created inside a block's compact call, so Flax names it there)."""
+    return nn.MultiHeadDotProductAttention(
+        num_heads=c.num_heads, qkv_features=c.qkv_dim, use_bias=False, deterministic=True
+    )
+
+
 class MlpBlock(nn.Module):
     mlp_dim: int
 
@@ -71,9 +79,7 @@ class Encoder1DBlock(nn.Module):
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         c = self.config
         y = nn.LayerNorm()(x)
-        y = nn.MultiHeadDotProductAttention(
-            num_heads=c.num_heads, qkv_features=c.qkv_dim, use_bias=False, deterministic=True
-        )(y, mask=mask)
+        y = attention(c)(y, mask=mask)
         x = x + y
         return x + MlpBlock(c.mlp_dim)(nn.LayerNorm()(x))
 
@@ -87,14 +93,10 @@ class EncoderDecoder1DBlock(nn.Module):
     ) -> jax.Array:
         c = self.config
         z = nn.LayerNorm()(y)
-        z = nn.MultiHeadDotProductAttention(
-            num_heads=c.num_heads, qkv_features=c.qkv_dim, use_bias=False, deterministic=True
-        )(z, mask=self_mask)
+        z = attention(c)(z, mask=self_mask)
         y = y + z
         z = nn.LayerNorm()(y)
-        z = nn.MultiHeadDotProductAttention(
-            num_heads=c.num_heads, qkv_features=c.qkv_dim, use_bias=False, deterministic=True
-        )(z, encoded, mask=cross_mask)
+        z = attention(c)(z, encoded, mask=cross_mask)
         y = y + z
         return y + MlpBlock(c.mlp_dim)(nn.LayerNorm()(y))
 
