@@ -3,8 +3,9 @@
 Each split is scored in fixed parts of ``score.examples_per_shard`` rows (``pipeline/parts.py``:
 one Parquet file each, the unit of resumption). Parts are dealt to the processes' row groups
 (``pipeline/data.py``): each reads and scores only its own examples. The loop keeps the device
-busy: batch i + 1 is read and dispatched before the projections of batch i are fetched to the
-host and written.
+busy: Grain threads read and decode the next ``score.read_ahead`` batches (``pipeline/prefetch.py``),
+and batch i + 1 is dispatched before the projections of batch i are fetched to the host and
+written.
 
 On SIGTERM every process stops at the same step and saves the rows its unfinished part has so far;
 the next run scores only the rest of that part. Then each of ``score.num_queries`` eval examples
