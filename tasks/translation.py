@@ -46,11 +46,11 @@ from jax.experimental import multihost_utils
 from checkpoints import fingerprint
 from tasks.base import Task
 from tasks.permutation import Permutation
-from tasks.sources import ArraySource, Columns, DataError, Source, TfdsSource
+from tasks.sources import ArraySource, Columns, DataError, Source, TfdsSource, tfds_location
 from tasks.transformer import PRESETS, Transformer, TransformerConfig
 
 PAD, EOS, UNK = 0, 1, 2
-BIBLE_PREFIX, TFDS_PREFIX = "bible:", "tfds:"
+BIBLE_PREFIX = "bible:"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FIELDS = ("source", "source_lang", "target_lang", "num_train", "vocab_size")
 
@@ -127,9 +127,8 @@ def open_corpus(d: ml_collections.ConfigDict) -> Source:
                 f"data.source={d.source!r}: write bible:<source>:<target>, e.g. bible:e:4"
             )
         return open_bible(*parts)
-    if d.source.startswith(TFDS_PREFIX):
-        builder_dir, _, split = d.source[len(TFDS_PREFIX) :].partition(":")
-        return TfdsPairs(builder_dir, split or "train", d.source_lang, d.target_lang)
+    if (location := tfds_location(d.source)) is not None:
+        return TfdsPairs(*location, d.source_lang, d.target_lang)
     raise DataError(
         f"data.source={d.source!r} is neither bible:<source>:<target> nor tfds:<builder_dir>[:split]"
     )
