@@ -192,3 +192,24 @@ def test_bleu_is_sacrebleu_corpus_bleu() -> None:
     assert translation.bleu(refs, refs) == pytest.approx(100.0)
     assert translation.bleu(hyps, refs) == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
     assert 0.0 < translation.bleu(hyps, refs) < 100.0
+
+
+def test_tokenizer_round_trip_with_eos_padding_and_truncation() -> None:
+    """encode → decode gives the text back (up to the first EOS, padding dropped); a sentence longer than
+    max_len keeps EOS as its last token and is counted."""
+    bible = read_all(translation.open_bible("e", "4"))
+    pairs = zip(bible["source"][:300], bible["target"][:300], strict=True)
+    text = [str(s) for pair in pairs for s in pair]
+    tokenizer = translation.Tokenizer(translation.train_tokenizer(iter(text), 300), max_len=128)
+    sentences = np.array(["Und Gott sprach: Es werde Licht!", "And there was light."], object)
+    ids = tokenizer.encode(sentences)
+    assert ids.shape == (2, 128) and (ids[:, -1] == translation.PAD).all()
+    assert tokenizer.decode(ids) == list(sentences)
+    after_eos = ids.copy()  # whatever follows the first EOS is not part of the sentence
+    end = int(np.flatnonzero(ids[0] == translation.EOS)[0])
+    after_eos[0, end + 1 : end + 4] = ids[1, :3]
+    assert tokenizer.decode(after_eos) == list(sentences)
+    cut = translation.Tokenizer(tokenizer.proto, max_len=4)
+    short = cut.encode(sentences)
+    assert (short[:, -1] == translation.EOS).all() and (short > 0).all()
+    assert (cut.truncated, cut.seen) == (2, 2)
