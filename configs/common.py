@@ -77,6 +77,15 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.learning_rate = 1e-3
     config.train.checkpoint_every = 0  # steps between training checkpoints; 0: once per epoch
 
+    # Data filtering (pipeline/filtering.py): train on the `keep` fraction of the training split
+    # with the lowest `by` score of the finished run in workdir `scores` (by="random": a seeded
+    # random subset of the same size, the control). keep=1: the whole split.
+    config.filter = ml_collections.ConfigDict()
+    config.filter.keep = 1.0
+    config.filter.by = "self_influence"
+    config.filter.scores = ""
+    config.filter.seed = 0
+
     # Influence over a subset of the parameters (influence/selection.py): regexes matched against
     # whole leaf paths such as "decoder/layers_3/attention/query/kernel"; "" = the task's default
     # (every leaf unless the task says otherwise; ".*" selects every leaf explicitly).

@@ -21,15 +21,17 @@ from etils import epath
 from jax.sharding import Mesh
 
 from parallel import sharding
+from pipeline import filtering
 from tasks.base import Task
 from tasks.registry import task_module
 from tasks.sources import DataError, Source
 
 
 def load(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> Task:
-    """The task named by ``config.task`` (``tasks/base.py``), with both splits. A task reports bad
-    settings or data as ``tasks.sources.DataError``; anything else it raises is a bug and
-    propagates as is."""
+    """The task named by ``config.task`` (``tasks/base.py``), with both splits, its training split
+    restricted by ``config.filter`` (``pipeline/filtering.py``). A task reports bad settings or
+    data as ``tasks.sources.DataError``; anything else it raises is a bug and propagates as is."""
+    filtering.check_config(config)
     task = task_module(config.task).get_task(config, epath.Path(workdir))
     if not isinstance(task, Task):
         raise DataError(
@@ -52,7 +54,7 @@ def load(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> Task:
             f"config.task={config.task!r}: training examples lack the columns {sorted(absent)} "
             "that the task names (input, record, corruption and ground-truth columns, and 'id')"
         )
-    return task
+    return filtering.apply(config, task)
 
 
 def hvp_batch_indices(

@@ -34,14 +34,14 @@ def write_parquet(path: epath.PathLike, table: pa.Table) -> None:
     tmp.replace(path)
 
 
-def read_parquet_dir(directory: epath.PathLike) -> pa.Table:
-    """All ``part-*.parquet`` files of a directory, in part order."""
+def read_parquet_dir(directory: epath.PathLike, columns: list[str] | None = None) -> pa.Table:
+    """All ``part-*.parquet`` files of a directory, in part order (only ``columns`` if given)."""
     files = sorted(epath.Path(directory).glob("part-*.parquet"))
     if not files:
         raise FileNotFoundError(f"no part-*.parquet files in {directory}")
-    return pa.concat_tables([read_parquet(file) for file in files])
+    return pa.concat_tables([read_parquet(file, columns) for file in files])
 
 
-def read_parquet(path: epath.PathLike) -> pa.Table:
+def read_parquet(path: epath.PathLike, columns: list[str] | None = None) -> pa.Table:
     with epath.Path(path).open("rb") as f:
-        return pq.read_table(f)
+        return pq.read_table(f, columns=columns)

@@ -54,10 +54,11 @@ def ensure_writable(workdir: epath.PathLike) -> None:
         ) from e
 
 
-NOT_TRAINING = ("mesh", "params", "arnoldi", "distill", "score", "log_every_secs")
+NOT_TRAINING = ("mesh", "params", "arnoldi", "distill", "score", "log_every_secs", "filter")
 """Config blocks that do not change the trained params (layout, and the stages after training);
 every other field does, including any block a task of its own reads (a new stage's block is
-added here)."""
+added here). ``filter`` does change them, through what it keeps: ``pipeline/filtering.py`` puts
+the digest of the kept examples into the task's fingerprint."""
 NOT_TRAINING_FIELDS = ("train.checkpoint_every",)
 
 

@@ -30,6 +30,7 @@ Split = dict[str, np.ndarray]
 and the model inputs."""
 
 Metrics = Callable[[Any, Mapping[str, jax.Array]], dict[str, jax.Array]]
+CorpusMetrics = Callable[[Any, Source], dict[str, float]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,9 @@ class Task:
         (``corrupted.parquet``), e.g. the clean and the noisy label.
       metrics: (params, batch) → per-example values (e.g. {'accuracy': 0/1}) averaged over a split
         after training; None: the mean loss only.
+      corpus_metrics: (params, source) → quality measures of trained params over a whole split
+        that are not means of per-example values (BLEU of greedy translations); computed on one
+        host, by the data-filtering comparison (``benchmarks/filtering.py``), not by the stages.
       param_include, param_exclude: the default parameter selection (regexes over leaf paths,
         ``influence/selection.py``) when the config gives none.
       fingerprint: what else the trained params depend on (e.g. a tokenizer's digest).
@@ -64,6 +68,7 @@ class Task:
     corruption_column: str | None = None
     ground_truth_columns: tuple[str, ...] = ()
     metrics: Metrics | None = None
+    corpus_metrics: CorpusMetrics | None = None
     param_include: str = ""
     param_exclude: str = ""
     fingerprint: Mapping[str, Any] = dataclasses.field(default_factory=dict)

@@ -213,3 +213,29 @@ def test_tokenizer_round_trip_with_eos_padding_and_truncation() -> None:
     short = cut.encode(sentences)
     assert (short[:, -1] == translation.EOS).all() and (short > 0).all()
     assert (cut.truncated, cut.seen) == (2, 2)
+
+
+def test_corpus_metrics_translate_every_pair_of_a_split(trained) -> None:
+    """BLEU and chrF of the trained params over a split: every pair translated once, whatever the
+    batch size (the last batch is padded), against the split's own reference texts."""
+    import sacrebleu
+
+    from configs import translation as translation_config
+    from pipeline import artifacts, validate
+    from pipeline.stage import Stage
+    from tasks.sources import MappedSource
+
+    config = translation_config.get_config("runlocal")
+    config.train.num_epochs = 1
+    stage = Stage.setup(config, trained, validate.check_train)
+    params, _ = artifacts.restore_params(stage)
+    pairs = MappedSource(stage.split("eval"), np.arange(5))
+    model = Transformer(translation.model_config(config, config.data.vocab_size))
+    tokenizer = stage.split("train").tokenizer
+    args = (model, tokenizer, params, pairs, config.data.max_len)
+    hyps, refs = translation.translate_split(*args, batch_size=4)
+    assert translation.translate_split(*args, batch_size=8) == (hyps, refs)
+    assert refs == [str(t) for t in pairs.take(np.arange(5))["target"]] and len(hyps) == 5
+    got = stage.task.corpus_metrics(params, pairs)
+    assert got["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
+    assert got["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)

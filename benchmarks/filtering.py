@@ -1,0 +1,124 @@
+"""Data filtering by self-influence against a random subset of the same size (paper §5.2, Table 3).
+
+    .venv/bin/python -m benchmarks.filtering --config=configs/translation.py \
+        --scored=workdirs/translation --keep=0.5,0.75 --out=workdirs/filtering
+
+``--scored`` is a finished pipeline run of the same config (``jobs.pipeline``): its scores rank
+the training split. For each x in ``--keep``, ``jobs.train`` trains, each in its own process as a
+user runs it, on the x fraction with the lowest self-influence (``filter.scores=<scored>``) and on
+a random x fraction (``filter.by=random``), in ``<out>/<by>-<x>/`` (reused when already trained,
+``pipeline/filtering.py``). Then, for those and for the scored run itself (all the data), the
+held-out quality of the trained params: mean eval loss, the task's metrics and corpus metrics
+(BLEU and chrF of greedy translations for translation), and how many of the task's corrupted
+examples each training set kept. Prints one table and writes ``<out>/filtering.json``.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+REPO = Path(__file__).resolve().parents[1]
+_CONFIG = flags.DEFINE_string("config", "configs/translation.py", "Config file[:presets].")
+_SCORED = flags.DEFINE_string("scored", None, "Workdir of a finished pipeline run of --config.")
+_KEEP = flags.DEFINE_list("keep", ["0.5", "0.75"], "Fractions of the training split kept.")
+_BY = flags.DEFINE_string(
+    "by", "self_influence", "Score column ranking the examples (lowest kept)."
+)
+_OUT = flags.DEFINE_string("out", None, "Directory of the filtered runs and filtering.json.")
+_SEED = flags.DEFINE_integer("seed", 0, "filter.seed of the random subsets.")
+
+
+def load_config(spec: str):
+    """``configs/x.py[:presets]`` → its ``get_config(presets)``, as the jobs' --config reads it."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("filtering_config", REPO / path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def train_filtered(workdir: Path, keep: float, by: str) -> float:
+    """``jobs.train`` on the kept subset in a fresh process; its wall seconds."""
+    command = [
+        sys.executable,
+        "-m",
+        "jobs.train",
+        f"--config={_CONFIG.value}",
+        f"--workdir={workdir}",
+        f"--config.filter.keep={keep}",
+        f"--config.filter.by={by}",
+        f"--config.filter.scores={Path(_SCORED.value).resolve()}",
+        f"--config.filter.seed={_SEED.value}",
+    ]
+    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def quality(config, workdir: Path) -> dict[str, float]:
+    """Held-out quality of the params trained in ``workdir`` and the corrupted examples kept."""
+    from pipeline import artifacts, outputs, validate
+    from pipeline import train as train_stage
+    from pipeline import workdir as wd
+    from pipeline.stage import Stage
+
+    stage = Stage.setup(config, workdir, validate.check_train)
+    params, _ = artifacts.restore_params(stage)
+    held_out = stage.split("eval")
+    result = {
+        "num_train": stage.split("train").num_examples,
+        **{
+            f"eval_{k}": v
+            for k, v in train_stage.evaluate(
+                stage.task, params, held_out, stage.mesh, config.train.batch_size
+            ).items()
+        },
+    }
+    if stage.task.corpus_metrics is not None:
+        result.update(stage.task.corpus_metrics(params, held_out))
+    if stage.task.corruption_column and stage.path(wd.CORRUPTED).exists():
+        result["corrupted_kept"] = outputs.read_parquet(stage.path(wd.CORRUPTED)).num_rows
+    return result
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if not _SCORED.value or not _OUT.value:
+        raise app.UsageError("--scored and --out are required")
+    out = Path(_OUT.value)
+    rows = []
+    base = load_config(_CONFIG.value)
+    rows.append({"selection": "all", "keep": 1.0, **quality(base, Path(_SCORED.value))})
+    for keep in map(float, _KEEP.value):
+        for by in (_BY.value, "random"):
+            workdir = out / f"{by}-{keep:g}"
+            seconds = train_filtered(workdir, keep, by)
+            config = load_config(_CONFIG.value)
+            config.filter.keep, config.filter.by = keep, by
+            config.filter.scores, config.filter.seed = str(Path(_SCORED.value)), _SEED.value
+            rows.append(
+                {"selection": by, "keep": keep, "train_s": seconds, **quality(config, workdir)}
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    columns = [c for c in rows[0] if c not in ("selection", "keep")]
+    print("\n| selection | keep | " + " | ".join(columns) + " |")
+    print("|---|---|" + "---|" * len(columns))
+    for row in rows:
+        values = [row.get(c, float("nan")) for c in columns]
+        cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in values]
+        print(f"| {row['selection']} | {row['keep']:g} | " + " | ".join(cells) + " |")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "filtering.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)
