@@ -3,6 +3,8 @@ finished run (or a seeded random subset), every stage sees that subset, and bad 
 one line before any compute."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ from checkpoints.checkpointer import Checkpointer
 from pipeline import data, filtering, outputs
 from pipeline import workdir as wd
 from pipeline.errors import InputError
-from tests.pipeline_helpers import run_job, tiny_config
+from tests.pipeline_helpers import REPO, job_env, run_job, tiny_config
 
 
 def fake_scores(workdir: Path, ids: np.ndarray, values: np.ndarray, parts: int = 1) -> Path:
@@ -66,23 +68,50 @@ def test_random_subset_is_seeded_and_of_the_same_size(scored, tmp_path: Path) ->
     assert not np.array_equal(random_ids(1), first)
 
 
-def test_train_job_trains_on_the_subset_only(scored, tmp_path: Path) -> None:
-    """The corrupted examples the filtered run records are those it kept, the kept set is in the
-    params' fingerprint (another subset is another model), and an unfiltered run's fingerprint
-    has no filter field (workdirs from before filtering existed stay valid)."""
-    directory, ids, values = scored
-    workdir = tmp_path / "filtered"
-    flags = ("--config.filter.keep=0.5", f"--config.filter.scores={directory}")
-    done = run_job("train", workdir, *flags)
-    assert done.returncode == 0, done.stderr[-2000:]
+def test_filtering_benchmark_retrains_on_each_subset(tmp_path: Path) -> None:
+    """benchmarks/filtering.py trains (with jobs.train) on the lowest-scored half and on a random
+    half: each run records only the corrupted examples it kept, each kept set is in its params'
+    fingerprint, and the report has a row per training set. An unfiltered run's fingerprint has
+    no filter field (workdirs from before filtering existed stay valid)."""
+    scored = tmp_path / "scored"
+    assert run_job("train", scored).returncode == 0
+    ids = train_ids(tiny_config(), scored)
+    values = np.random.default_rng(3).standard_normal(ids.size)
+    fake_scores(scored, ids, values)
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.filtering",
+            "--config=configs/mnist.py:runlocal",
+            f"--scored={scored}",
+            "--keep=0.5",
+            f"--out={out}",
+        ],
+        cwd=REPO,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((out / "filtering.json").read_text())
+    assert [(r["selection"], r["keep"], r["num_train"]) for r in rows] == [
+        ("all", 1.0, 256),
+        ("self_influence", 0.5, 128),
+        ("random", 0.5, 128),
+    ]
+    assert all(0.0 <= r["eval_accuracy"] <= 1.0 for r in rows)
     kept = set(ids[np.argsort(values)[: ids.size // 2]])
-    corrupted = set(pd.read_parquet(workdir / wd.CORRUPTED)["id"])
-    assert corrupted and corrupted <= kept
-    with Checkpointer(workdir / wd.PARAMS, async_save=False) as ckpt:
-        meta = ckpt.restore_meta(ckpt.all_steps()[-1])
-    assert meta["fingerprint"]["task.filter"].startswith("lowest self_influence 128 of 256")
-    other = run_job("train", workdir, "--config.filter.keep=0.5", "--config.filter.by=random")
-    assert other.returncode == 2 and "task.filter" in other.stderr, other.stderr[-2000:]
+    corrupted = set(pd.read_parquet(out / "self_influence-0.5" / wd.CORRUPTED)["id"])
+    assert corrupted and corrupted <= kept and rows[1]["corrupted_kept"] == len(corrupted)
+    filters = []
+    for name in ("self_influence-0.5", "random-0.5"):
+        with Checkpointer(out / name / wd.PARAMS, async_save=False) as ckpt:
+            filters.append(ckpt.restore_meta(ckpt.all_steps()[-1])["fingerprint"]["task.filter"])
+    assert filters[0].startswith("lowest self_influence 128 of 256")
+    assert filters[1].startswith("random 128 of 256")
     assert not any(k.startswith("filter") for k in wd.train_fingerprint(tiny_config()))
 
 
