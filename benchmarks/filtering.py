@@ -6,11 +6,12 @@
 ``--scored`` is a finished pipeline run of the same config (``jobs.pipeline``): its scores rank
 the training split. For each x in ``--keep``, ``jobs.train`` trains, each in its own process as a
 user runs it, on the x fraction with the lowest self-influence (``filter.scores=<scored>``) and on
-a random x fraction (``filter.by=random``), in ``<out>/<by>-<x>/`` (reused when already trained,
-``pipeline/filtering.py``). Then, for those and for the scored run itself (all the data), the
-held-out quality of the trained params: mean eval loss, the task's metrics and corpus metrics
-(BLEU and chrF of greedy translations for translation), and how many of the task's corrupted
-examples each training set kept. Prints one table and writes ``<out>/filtering.json``.
+a random x fraction (``filter.by=random``, seeded by ``--seed``), in ``<out>/<by>-<x>[-seed<s>]/``
+(reused when already trained, so a second ``--seed`` only adds random subsets). Then, for those
+and for the scored run itself (all the data), the held-out quality of the trained params: mean
+eval loss, the task's metrics and corpus metrics (BLEU and chrF of greedy translations for
+translation), and how many of the task's corrupted examples each training set kept. Prints one
+table and writes ``<out>/filtering-seed<s>.json``.
 """
 
 import importlib.util
@@ -30,7 +31,7 @@ _KEEP = flags.DEFINE_list("keep", ["0.5", "0.75"], "Fractions of the training sp
 _BY = flags.DEFINE_string(
     "by", "self_influence", "Score column ranking the examples (lowest kept)."
 )
-_OUT = flags.DEFINE_string("out", None, "Directory of the filtered runs and filtering.json.")
+_OUT = flags.DEFINE_string("out", None, "Directory of the filtered runs and the JSON report.")
 _SEED = flags.DEFINE_integer("seed", 0, "filter.seed of the random subsets.")
 
 
@@ -100,7 +101,8 @@ def main(argv: list[str]) -> None:
     rows.append({"selection": "all", "keep": 1.0, **quality(base, Path(_SCORED.value))})
     for keep in map(float, _KEEP.value):
         for by in (_BY.value, "random"):
-            workdir = out / f"{by}-{keep:g}"
+            seed = f"-seed{_SEED.value}" if by == "random" else ""
+            workdir = out / f"{by}-{keep:g}{seed}"
             seconds = train_filtered(workdir, keep, by)
             config = load_config(_CONFIG.value)
             config.filter.keep, config.filter.by = keep, by
@@ -117,7 +119,7 @@ def main(argv: list[str]) -> None:
         cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in values]
         print(f"| {row['selection']} | {row['keep']:g} | " + " | ".join(cells) + " |")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "filtering.json").write_text(json.dumps(rows, indent=2))
+    (out / f"filtering-seed{_SEED.value}.json").write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def test_filtering_benchmark_retrains_on_each_subset(tmp_path: Path) -> None:
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads((out / "filtering.json").read_text())
+    rows = json.loads((out / "filtering-seed0.json").read_text())
     assert [(r["selection"], r["keep"], r["num_train"]) for r in rows] == [
         ("all", 1.0, 256),
         ("self_influence", 0.5, 128),
@@ -107,7 +107,7 @@ def test_filtering_benchmark_retrains_on_each_subset(tmp_path: Path) -> None:
     corrupted = set(pd.read_parquet(out / "self_influence-0.5" / wd.CORRUPTED)["id"])
     assert corrupted and corrupted <= kept and rows[1]["corrupted_kept"] == len(corrupted)
     filters = []
-    for name in ("self_influence-0.5", "random-0.5"):
+    for name in ("self_influence-0.5", "random-0.5-seed0"):
         with Checkpointer(out / name / wd.PARAMS, async_save=False) as ckpt:
             filters.append(ckpt.restore_meta(ckpt.all_steps()[-1])["fingerprint"]["task.filter"])
     assert filters[0].startswith("lowest self_influence 128 of 256")
