@@ -59,6 +59,21 @@ def job_env(extra: dict | None = None) -> dict[str, str]:
     return env
 
 
+def run_module(*args: str) -> str:
+    """``python -m <args>`` from the repository root (1 CPU device); its stdout, after checking
+    it exited 0."""
+    done = subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=REPO,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 def run_job(
     job: str,
     workdir: Path,

@@ -2,23 +2,8 @@
 Timings are never asserted here; benchmarks/ measures them."""
 
 import re
-import subprocess
-import sys
 
-from tests.pipeline_helpers import REPO, job_env
-
-
-def run(*args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", *args],
-        cwd=REPO,
-        env=job_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+from tests.pipeline_helpers import run_module as run
 
 
 def test_speed_benchmark_prints_its_ratios() -> None:

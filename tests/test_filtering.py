@@ -3,8 +3,6 @@ finished run (or a seeded random subset), every stage sees that subset, and bad 
 one line before any compute."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ from checkpoints.checkpointer import Checkpointer
 from pipeline import data, filtering, outputs
 from pipeline import workdir as wd
 from pipeline.errors import InputError
-from tests.pipeline_helpers import REPO, job_env, run_job, tiny_config
+from tests.pipeline_helpers import run_job, run_module, tiny_config
 
 
 def fake_scores(workdir: Path, ids: np.ndarray, values: np.ndarray, parts: int = 1) -> Path:
@@ -79,23 +77,13 @@ def test_filtering_benchmark_retrains_on_each_subset(tmp_path: Path) -> None:
     values = np.random.default_rng(3).standard_normal(ids.size)
     fake_scores(scored, ids, values)
     out = tmp_path / "out"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.filtering",
-            "--config=configs/mnist.py:runlocal",
-            f"--scored={scored}",
-            "--keep=0.5",
-            f"--out={out}",
-        ],
-        cwd=REPO,
-        env=job_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run_module(
+        "benchmarks.filtering",
+        "--config=configs/mnist.py:runlocal",
+        f"--scored={scored}",
+        "--keep=0.5",
+        f"--out={out}",
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((out / "filtering-seed0.json").read_text())
     assert [(r["selection"], r["keep"], r["num_train"]) for r in rows] == [
         ("all", 1.0, 256),
