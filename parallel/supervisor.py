@@ -17,6 +17,7 @@ Single-process jobs run without it.
 """
 
 import ctypes
+import faulthandler
 import os
 import signal
 import subprocess
@@ -42,7 +43,15 @@ def is_supervised() -> bool:
 
 def die_with_supervisor() -> None:
     """In the child: be killed with the supervisor (a scheduler that SIGKILLs the process it
-    started must not leave the job running), by Linux's PR_SET_PDEATHSIG."""
+    started must not leave the job running), by Linux's PR_SET_PDEATHSIG.
+
+    Also make a fatal signal dump only the thread that received it: absl enables
+    ``faulthandler`` for all threads, and when JAX's runtime aborts the process from one of its
+    C++ threads, walking the other Python threads' frames can itself crash (seen once in CI: a
+    SIGSEGV while the main thread was inside an import), so the child died of SIGSEGV instead of
+    SIGABRT and the supervisor, rightly taking that for a crash, re-raised it instead of printing
+    the lost-peer line."""
+    faulthandler.enable(all_threads=False)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
