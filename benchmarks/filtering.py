@@ -1,7 +1,7 @@
 """Data filtering by self-influence against a random subset of the same size (paper §5.2, Table 3).
 
     .venv/bin/python -m benchmarks.filtering --config=configs/translation.py \
-        --scored=workdirs/translation --keep=0.5,0.75 --out=workdirs/filtering
+        --scored=workdirs/translation --keep=0.5,0.9 --out=workdirs/filtering
 
 ``--scored`` is a finished pipeline run of the same config (``jobs.pipeline``): its scores rank
 the training split. For each x in ``--keep``, ``jobs.train`` trains, each in its own process as a
@@ -27,7 +27,7 @@ from absl import app, flags
 REPO = Path(__file__).resolve().parents[1]
 _CONFIG = flags.DEFINE_string("config", "configs/translation.py", "Config file[:presets].")
 _SCORED = flags.DEFINE_string("scored", None, "Workdir of a finished pipeline run of --config.")
-_KEEP = flags.DEFINE_list("keep", ["0.5", "0.75"], "Fractions of the training split kept.")
+_KEEP = flags.DEFINE_list("keep", ["0.5", "0.9"], "Fractions of the training split kept.")
 _BY = flags.DEFINE_string(
     "by", "self_influence", "Score column ranking the examples (lowest kept)."
 )

@@ -1,8 +1,8 @@
 """Data filtering (paper §5.2, Table 3): train on the fraction of the training split that a finished
 run ranks cleanest, or on a random subset of the same size (the control).
 
-    --config.filter.keep=0.75 --config.filter.scores=workdirs/translation   # lowest self-influence
-    --config.filter.keep=0.75 --config.filter.by=random                      # the control
+    --config.filter.keep=0.9 --config.filter.scores=workdirs/translation   # lowest self-influence
+    --config.filter.keep=0.9 --config.filter.by=random                      # the control
 
 ``filter.scores`` is a workdir whose ``jobs.score`` finished on the same training split (same
 examples at the same positions: checked on the ids); the ``filter.keep`` fraction of examples with
@@ -102,7 +102,8 @@ def read_ranking(scored: epath.Path, column: str, train: Source) -> np.ndarray:
             f"{where}: scoring is unfinished ({len(files)} of {max(expected, 0) or '?'} parts in "
             f"{scores_dir}); finish `python -m jobs.score` there first"
         )
-    names = pq.read_schema(files[0].open("rb")).names
+    with files[0].open("rb") as f:
+        names = pq.read_schema(f).names
     if column not in names:
         choices = [c for c in names if c not in ("id", "projections")]
         raise InputError(
