@@ -44,18 +44,27 @@ def load_config(spec: str):
     return module.get_config(arg) if arg else module.get_config()
 
 
-def train_filtered(workdir: Path, keep: float, by: str) -> float:
-    """``jobs.train`` on the kept subset in a fresh process; its wall seconds."""
+def filter_fields(keep: float, by: str) -> dict[str, object]:
+    """The ``config.filter`` fields of one training set (the job's flags and the config that
+    reads its params back are made from these, so they cannot differ)."""
+    return {
+        "keep": keep,
+        "by": by,
+        "scores": str(Path(_SCORED.value).resolve()),
+        "seed": _SEED.value,
+    }
+
+
+def train_filtered(workdir: Path, fields: dict[str, object]) -> float:
+    """``jobs.train`` with ``config.filter`` set to ``fields``, in a fresh process; its wall
+    seconds."""
     command = [
         sys.executable,
         "-m",
         "jobs.train",
         f"--config={_CONFIG.value}",
         f"--workdir={workdir}",
-        f"--config.filter.keep={keep}",
-        f"--config.filter.by={by}",
-        f"--config.filter.scores={Path(_SCORED.value).resolve()}",
-        f"--config.filter.seed={_SEED.value}",
+        *(f"--config.filter.{k}={v}" for k, v in fields.items()),
     ]
     env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
     start = time.perf_counter()
@@ -103,10 +112,10 @@ def main(argv: list[str]) -> None:
         for by in (_BY.value, "random"):
             seed = f"-seed{_SEED.value}" if by == "random" else ""
             workdir = out / f"{by}-{keep:g}{seed}"
-            seconds = train_filtered(workdir, keep, by)
+            fields = filter_fields(keep, by)
+            seconds = train_filtered(workdir, fields)
             config = load_config(_CONFIG.value)
-            config.filter.keep, config.filter.by = keep, by
-            config.filter.scores, config.filter.seed = str(Path(_SCORED.value)), _SEED.value
+            config.filter.update(fields)
             rows.append(
                 {"selection": by, "keep": keep, "train_s": seconds, **quality(config, workdir)}
             )
