@@ -92,6 +92,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.params = ml_collections.ConfigDict()
     config.params.include = ""
     config.params.exclude = ""
+    # > 0: of those, only the last layers in the model's forward order holding at least this
+    # fraction of their parameters, whole layers at a time (the paper's "top 10% / 20% of
+    # parameters", Table 6); needs a task that orders its layers (Task.param_rank).
+    config.params.last_fraction = 0.0
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # devices on the batch axis; -1: the rest

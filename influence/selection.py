@@ -17,6 +17,7 @@ into the full params inside the jitted function, where XLA sees only a re-assemb
 
 import dataclasses
 import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -68,16 +69,35 @@ class Selection:
     selected: tuple[str, ...]
 
     @classmethod
-    def build(cls, params_like: Any, include: str = "", exclude: str = "") -> "Selection":
+    def build(
+        cls,
+        params_like: Any,
+        include: str = "",
+        exclude: str = "",
+        *,
+        state: str = "",
+        last_fraction: float = 0.0,
+        rank: Callable[[str], Any] | None = None,
+    ) -> "Selection":
         """The leaves of ``params_like`` matching ``include`` and not ``exclude``; a pattern that
-        selects nothing is an error listing a few of the paths, so a typo costs nothing."""
+        selects nothing is an error listing a few of the paths, so a typo costs nothing.
+
+        ``state`` leaves (BatchNorm statistics) are never selected, whatever the patterns say.
+        ``last_fraction`` > 0 then keeps only the last layers in forward order (``rank``, from
+        the task: equal for the leaves of one layer) that together hold at least that fraction
+        of the candidates' parameters: the paper's "top 10% / 20% of parameters" (Schioppa et
+        al. 2022, Table 6).
+        """
         inc = _compile(include, "params.include")
         exc = _compile(exclude, "params.exclude")
+        never = _compile(state, "the task's state pattern")
         paths = tuple(leaf_paths(params_like))
         chosen = tuple(
             p
             for p in paths
-            if (inc is None or inc.fullmatch(p)) and (exc is None or not exc.fullmatch(p))
+            if (inc is None or inc.fullmatch(p))
+            and (exc is None or not exc.fullmatch(p))
+            and (never is None or not never.fullmatch(p))
         )
         if not chosen:
             shown = ", ".join(paths[:6]) + (", ..." if len(paths) > 6 else "")
@@ -85,6 +105,8 @@ class Selection:
                 f"params.include={include!r} params.exclude={exclude!r} select none of the "
                 f"{len(paths)} parameter leaves (paths are matched whole, e.g. {shown})"
             )
+        if last_fraction:
+            chosen = _last(chosen, params_like, paths, last_fraction, rank)
         return cls(paths, chosen)
 
     @property
@@ -126,6 +148,35 @@ class Selection:
             f"{chosen:,} of {sum(sizes.values()):,} parameters "
             f"({len(self.selected)} of {len(self.paths)} leaves)"
         )
+
+
+def _last(
+    chosen: tuple[str, ...],
+    params_like: Any,
+    paths: tuple[str, ...],
+    fraction: float,
+    rank: Callable[[str], Any] | None,
+) -> tuple[str, ...]:
+    """The last of ``chosen`` in forward order holding ≥ ``fraction`` of their parameters."""
+    if not 0.0 < fraction <= 1.0:
+        raise SelectionError(f"params.last_fraction={fraction} must be in (0, 1]")
+    if rank is None:
+        raise SelectionError(
+            "params.last_fraction needs the task to order its layers (Task.param_rank); "
+            "this task does not: name the leaves with params.include instead"
+        )
+    sizes = dict(zip(paths, (int(x.size) for x in jax.tree.leaves(params_like)), strict=True))
+    total = sum(sizes[p] for p in chosen)
+    kept, held = [], 0
+    # Whole groups of equal rank (a layer's kernel and bias) at a time, from the head backwards.
+    ordered = sorted(chosen, key=lambda p: (rank(p), p), reverse=True)
+    for p in ordered:
+        if held >= fraction * total and rank(p) != rank(kept[-1]):
+            break
+        kept.append(p)
+        held += sizes[p]
+    keep = set(kept)
+    return tuple(p for p in chosen if p in keep)
 
 
 def restricted(

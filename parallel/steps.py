@@ -20,21 +20,27 @@ from parallel.sharding import batch_sharding, replicated, stacked_shardings
 
 
 def jit_train_step(
-    loss_fn: Callable[[Any, Any], jax.Array],
+    objective: Callable[[Any, Any, Any], tuple[jax.Array, Any]],
     optimizer: optax.GradientTransformation,
+    trainable: Selection,
     state_sh: Any,
     mesh: Mesh,
 ) -> Callable[[dict, dict], tuple[dict, jax.Array]]:
-    """One optimizer step on ``loss_fn`` over a 'data'-sharded batch; state {'params',
-    'opt_state'} keeps its shardings and is donated."""
+    """One optimizer step over a 'data'-sharded batch; state {'params', 'opt_state'} keeps its
+    shardings and is donated.
+
+    ``objective(θ_T, params, batch) → (loss, params')`` is differentiated in the trainable leaves
+    θ_T only (``trainable.select(params)``, the optimizer's state is over those); ``params'`` is
+    the params with their state leaves updated (BatchNorm statistics), into which the updated
+    θ_T is merged."""
 
     def step(state: dict, batch: dict) -> tuple[dict, jax.Array]:
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        return {
-            "params": optax.apply_updates(state["params"], updates),
-            "opt_state": opt_state,
-        }, loss
+        theta = trainable.select(state["params"])
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
+        (loss, params), grads = grad_fn(theta, state["params"], batch)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], theta)
+        params = trainable.merge(params, optax.apply_updates(theta, updates))
+        return {"params": params, "opt_state": opt_state}, loss
 
     return jax.jit(
         step,

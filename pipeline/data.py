@@ -44,6 +44,11 @@ def load(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> Task:
             f"config.task={config.task!r}: get_task's splits lack {sorted(missing)} (it gave "
             f"{sorted(task.splits)}); give 'train' and 'eval' sources (eval may be empty)"
         )
+    if task.state and task.train_loss is None:
+        raise DataError(
+            f"config.task={config.task!r}: the task marks state leaves ({task.state!r}) but gives "
+            "no train_loss to update them; give Task.train_loss or drop Task.state"
+        )
     train = task.splits["train"]
     if train.num_examples < 1:
         raise DataError(f"config.task={config.task!r}: the training split is empty")
@@ -65,11 +70,21 @@ def hvp_batch_indices(
     return np.sort(rng.choice(num_examples, batch_size, replace=False))
 
 
-def global_batch(task: Task, source: Source, positions: np.ndarray, mesh: Mesh) -> dict:
+def global_batch(
+    task: Task,
+    source: Source,
+    positions: np.ndarray,
+    mesh: Mesh,
+    augment_seeds: np.ndarray | None = None,
+) -> dict:
     """The model inputs of examples ``positions`` (one global batch) as arrays sharded over 'data';
-    this process reads only its own rows."""
-    mine = positions[sharding.local_rows(mesh, positions.size)]
-    return sharding.to_global(task.model_inputs(source.take(mine)), mesh, positions.size)
+    this process reads only its own rows. With ``augment_seeds`` (one per position; the train job
+    only) the rows pass through ``task.augment`` first."""
+    rows = sharding.local_rows(mesh, positions.size)
+    columns = source.take(positions[rows])
+    if augment_seeds is not None:
+        columns = task.augment(columns, augment_seeds[rows])
+    return sharding.to_global(task.model_inputs(columns), mesh, positions.size)
 
 
 @dataclasses.dataclass(frozen=True)

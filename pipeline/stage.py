@@ -66,6 +66,9 @@ class Stage:
                 params_like,
                 config.params.include or task.param_include,
                 config.params.exclude or task.param_exclude,
+                state=task.state,
+                last_fraction=config.params.last_fraction,
+                rank=task.param_rank,
             )
         except SelectionError as e:
             raise InputError(str(e)) from e

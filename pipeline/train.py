@@ -5,6 +5,7 @@ objective whose Hessian Arnoldi analyses. Checkpointed every ``train.checkpoint_
 once per epoch) and at a preemption; resumes mid-epoch; deterministic given the config.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -19,10 +20,12 @@ from jax.sharding import Mesh
 
 from checkpoints.checkpointer import Checkpointer
 from checkpoints.fingerprint import meta_check
-from influence.hvp import make_mean_loss
+from influence import pytree
+from influence.selection import Selection, SelectionError
 from parallel import sharding, steps
 from pipeline import data, failpoints, outputs, preemption, validate
 from pipeline import workdir as wd
+from pipeline.errors import InputError
 from pipeline.progress import Progress
 from pipeline.stage import Stage
 from tasks.base import Task
@@ -75,20 +78,51 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
         params_ckpt.save(config.train.num_epochs, {"params": params}, meta, force=True)
 
 
+def objective(task: Task, l2: float, trainable: Selection, state: Selection | None) -> Callable:
+    """(θ_T, params, batch) → (mean_i ℓ + (l2/2)‖θ_T‖², params with the state leaves updated): the
+    training objective in the trainable leaves, the one whose Hessian Arnoldi analyses (for a
+    model with state, the Hessian is of the inference-mode loss at the final statistics)."""
+
+    def fn(theta: Any, params: Any, batch: dict) -> tuple[jax.Array, Any]:
+        full = trainable.merge(params, theta)
+        if state is None:
+            losses, updated = task.per_example_loss(full, batch), full
+        else:
+            losses, new_state = task.train_loss(full, batch)
+            updated = state.merge(full, jax.lax.stop_gradient(new_state))
+        loss = losses.mean()
+        if l2:
+            loss = loss + 0.5 * l2 * pytree.vdot(theta, theta)
+        return loss, updated
+
+    return fn
+
+
+def selections(task: Task, params_like: Any) -> tuple[Selection, Selection | None]:
+    """(the leaves the optimizer updates, the state leaves or None)."""
+    try:
+        trainable = Selection.build(params_like, task.trainable, state=task.state)
+    except SelectionError as e:
+        raise InputError(f"task {task.name}: Task.trainable: {e}") from e
+    state = Selection.build(params_like, task.state) if task.state else None
+    return trainable, state
+
+
 def _train(stage: Stage, fingerprint: dict, fix: str) -> Any:
     """The optimisation loop, resumed from the latest training checkpoint; returns the params."""
     config, mesh, task, train = stage.config, stage.mesh, stage.task, stage.split("train")
     optimizer = optax.adam(config.train.learning_rate)
+    trainable, state_leaves = selections(task, stage.params_like)
 
     def init_state(key: jax.Array) -> dict[str, Any]:
         params = task.init_params(key)
-        return {"params": params, "opt_state": optimizer.init(params)}
+        return {"params": params, "opt_state": optimizer.init(trainable.select(params))}
 
     # The size rule of the params applies leaf by leaf, so Adam's moments follow their params.
     state_like = jax.eval_shape(init_state, jax.random.key(config.seed))
     state_sh = sharding.param_shardings(state_like, mesh, config.mesh.min_shard_size)
     step_fn = steps.jit_train_step(
-        make_mean_loss(task.per_example_loss, config.l2), optimizer, state_sh, mesh
+        objective(task, config.l2, trainable, state_leaves), optimizer, trainable, state_sh, mesh
     )
     batch_size = config.train.batch_size
     steps_per_epoch = train.num_examples // batch_size
@@ -116,7 +150,12 @@ def _train(stage: Stage, fingerprint: dict, fix: str) -> Any:
             if order is None or i == 0:  # examples of epoch e in the order drawn from (seed, e)
                 order = np.random.default_rng([config.seed, epoch]).permutation(train.num_examples)
             positions = order[i * batch_size : (i + 1) * batch_size]
-            state, loss = step_fn(state, data.global_batch(task, train, positions, mesh))
+            seeds = None
+            if task.augment is not None:  # per example, from (seed, step, position)
+                seeds = [np.random.SeedSequence([config.seed, step, int(p)]) for p in positions]
+                seeds = np.array([s.generate_state(1, np.uint64)[0] for s in seeds])
+            batch = data.global_batch(task, train, positions, mesh, augment_seeds=seeds)
+            state, loss = step_fn(state, batch)
             done = step + 1
             failpoints.maybe_fail("train_step", done)
             stop = preemption.reached(done)

@@ -31,6 +31,8 @@ and the model inputs."""
 
 Metrics = Callable[[Any, Mapping[str, jax.Array]], dict[str, jax.Array]]
 CorpusMetrics = Callable[[Any, Source], dict[str, float]]
+TrainLoss = Callable[[Any, Mapping[str, jax.Array]], tuple[jax.Array, Any]]
+Augment = Callable[[Columns, np.ndarray], Columns]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,21 @@ class Task:
       param_include, param_exclude: the default parameter selection (regexes over leaf paths,
         ``influence/selection.py``) when the config gives none.
       fingerprint: what else the trained params depend on (e.g. a tokenizer's digest).
+      state: a regex (``re.fullmatch`` over leaf paths) of the leaves that are model state, not
+        parameters: BatchNorm statistics (``batch_stats/.*``). The optimizer never updates them
+        and influence never covers them (they are constants of the Hessian, as in the paper);
+        ``train_loss`` updates them.
+      train_loss: (params, batch) → (per-example losses in training mode, the new state leaves as
+        a nested dict shaped like the state subtree). Required with ``state``; without it the train
+        job uses ``per_example_loss``.
+      trainable: a regex of the leaves the optimizer updates (empty: every leaf but the state);
+        the others stay at their initial values (a frozen pretrained body under adapters). The
+        L2 term of training covers the trainable leaves only.
+      augment: (columns, seeds) → columns: a train-time augmentation of host columns, example i
+        randomised by ``seeds[i]`` (drawn from the seed, the step and the example's position);
+        the train job only, never influence or evaluation.
+      param_rank: leaf path → a sortable rank in the forward pass (stem < blocks < head), for
+        ``params.last_fraction`` ("the last blocks"); None: the task offers no such order.
     """
 
     name: str
@@ -72,6 +89,11 @@ class Task:
     param_include: str = ""
     param_exclude: str = ""
     fingerprint: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    state: str = ""
+    train_loss: TrainLoss | None = None
+    trainable: str = ""
+    augment: Augment | None = None
+    param_rank: Callable[[str], Any] | None = None
 
     def model_inputs(self, columns: Columns) -> dict[str, np.ndarray]:
         """The columns a loss evaluation needs (what gets sharded onto devices)."""

@@ -73,11 +73,13 @@ def open_source(source: str) -> Source:
     return ArraySource(_standardize({"image": images, "label": labels}))
 
 
-def flip_labels(num_examples: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def flip_labels(
+    num_examples: int, fraction: float, seed: int, num_classes: int = NUM_CLASSES
+) -> tuple[np.ndarray, np.ndarray]:
     """Choose ``round(fraction · N)`` examples, by ``seed``, whose label becomes another class.
 
-    Returns (flipped_mask, offsets): a flipped example's label becomes (label + offset) mod 10 with
-    offset in [1, 9], so it always differs from the original. Only N is needed, so the corruption
+    Returns (flipped_mask, offsets): a flipped example's label becomes (label + offset) mod C with
+    offset in [1, C - 1], so it always differs from the original. Only N is needed, so the corruption
     is applied as examples are read, by position.
     """
     if not 0.0 <= fraction < 1.0:
@@ -85,7 +87,7 @@ def flip_labels(num_examples: int, fraction: float, seed: int) -> tuple[np.ndarr
     rng = np.random.default_rng(seed)
     flipped = np.zeros(num_examples, bool)
     flipped[rng.choice(num_examples, round(fraction * num_examples), replace=False)] = True
-    offsets = rng.integers(1, NUM_CLASSES, size=num_examples)
+    offsets = rng.integers(1, num_classes, size=num_examples)
     return flipped, offsets
 
 

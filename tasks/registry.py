@@ -9,7 +9,7 @@ from types import ModuleType
 
 from tasks.sources import DataError
 
-ALIASES = {"mnist": "tasks.mnist", "translation": "tasks.translation"}
+ALIASES = {"mnist": "tasks.mnist", "translation": "tasks.translation", "vision": "tasks.vision"}
 
 
 def task_module(name: str) -> ModuleType:

@@ -60,7 +60,12 @@ class TfdsSource:
     local or gs://); nothing is downloaded. Only the requested records are read and decoded.
     """
 
-    def __init__(self, builder_dir: epath.PathLike, split: str):
+    def __init__(
+        self,
+        builder_dir: epath.PathLike,
+        split: str,
+        record_fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+    ):
         import tensorflow_datasets as tfds  # imported lazily: it pulls in TensorFlow
 
         try:
@@ -82,6 +87,8 @@ class TfdsSource:
                 "file_format='array_record'"
             ) from e
         self._size = len(self._records)
+        self._record_fn = record_fn
+        self.info = builder.info
 
     @property
     def num_examples(self) -> int:
@@ -91,6 +98,8 @@ class TfdsSource:
         records = self._records.__getitems__([int(i) for i in positions])
         if not records:
             raise ValueError("take() needs at least one position")
+        if self._record_fn is not None:
+            records = [self._record_fn(r) for r in records]
         return {k: np.stack([np.asarray(r[k]) for r in records]) for k in records[0]}
 
 

@@ -298,3 +298,11 @@ def test_same_key_is_bitwise_deterministic(task: ClassificationTask, data: Batch
     assert not np.array_equal(
         np.asarray(first.state["hessenberg"]), np.asarray(other.state["hessenberg"])
     )
+
+
+def test_negative_mass_fraction_of_the_top_ritz_values() -> None:
+    """Of the top-3 by |λ| of (5, -3, 1, -0.5): |−3| / (5 + 3 + 1); none negative: 0."""
+    from pipeline.arnoldi import negative_mass_fraction
+
+    assert negative_mass_fraction(np.array([1.0, -0.5, 5.0, -3.0]), 3) == pytest.approx(1 / 3)
+    assert negative_mass_fraction(np.array([2.0, 1.0, -0.1]), 2) == 0.0

@@ -9,6 +9,7 @@ import pytest
 from checkpoints.fingerprint import digest
 from parallel.mesh import make_mesh
 from pipeline import data, validate
+from tests import vision_data
 from tests.pipeline_helpers import REPO, run_job
 
 CONFIG_MODULES = sorted(
@@ -34,22 +35,49 @@ def task_workdirs(tmp_path_factory: pytest.TempPathFactory):
     return lambda config: root / digest(config.data.to_dict())
 
 
+@pytest.fixture(scope="module")
+def vision_data_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Stand-ins for the data configs/vision.py names outside the repository, in the same formats
+    and at the sizes its presets read: Fashion-MNIST IDX files (60k/10k on a real machine, the
+    4,000/1,000 the presets draw here) and an ImageNet-format TFDS dataset whose training split
+    holds one full-batch HVP of the pod preset (b = 4,096)."""
+    root = tmp_path_factory.mktemp("vision_data")
+    fashion = vision_data.fashion_mnist_dir(root / "fashion", 4000, 1000)
+    imagenet = vision_data.imagenet_like(root / "tfds", {"train": 4096, "validation": 8})
+    return {"fashion_mnist": str(fashion), "imagenet": imagenet}
+
+
+def redirect_data(config, dirs: dict[str, str]) -> None:
+    """Point a vision preset at the test's stand-in of the data it names."""
+    if config.data.source == "fashion_mnist":
+        config.data.dir = dirs["fashion_mnist"]
+    else:
+        assert config.data.source == "tfds:imagenet2012", config.data.source
+        config.data.source = f"tfds:{dirs['imagenet']}"
+
+
 @pytest.mark.parametrize(
     ("module_name", "preset"),
     [pair for name in CONFIG_MODULES for pair in preset_variants(name)],
     ids=lambda x: x or "default",
 )
-def test_preset_is_valid_for_its_data(module_name: str, preset: str, task_workdirs) -> None:
+def test_preset_is_valid_for_its_data(
+    module_name: str, preset: str, task_workdirs, request: pytest.FixtureRequest
+) -> None:
     """The checks every stage runs before its work pass on the mesh the preset asks for (over
-    this test's 8 fake devices), and the data it names exists with enough examples."""
+    this test's 8 fake devices), and the data it names exists with enough examples (for
+    configs/vision.py: stand-ins of its data in the same formats, ``vision_data_dirs``)."""
     config = importlib.import_module(f"configs.{module_name}").get_config(preset)
+    if module_name == "vision":
+        redirect_data(config, request.getfixturevalue("vision_data_dirs"))
     m = config.mesh
     mesh = make_mesh(m.data, m.model, m.num_devices, m.num_slices)
     for check in (validate.check_train, validate.check_arnoldi, validate.check_score):
         check(config, mesh)
     task = data.load(config, task_workdirs(config))
     validate.check_sizes(config, task)
-    assert task.splits["train"].num_examples == config.data.num_train
+    want = config.data.num_train or task.splits["train"].num_examples  # 0: the whole split
+    assert task.splits["train"].num_examples == want >= config.arnoldi.hvp_batch_size
 
 
 @pytest.mark.parametrize(

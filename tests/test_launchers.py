@@ -292,3 +292,38 @@ def test_shell_scripts_pass_bash_n_and_shellcheck() -> None:
     shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
     done = subprocess.run([shellcheck, *map(str, scripts)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout
+
+
+def test_fashion_mnist_is_installed_or_named(tmp_path: Path) -> None:
+    """launch/fashion_mnist.sh (sourced by launch/local.sh for configs/vision.py): as root it
+    runs apt-get; a user who may not gets one line saying what to run, exit 2."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+
+    def stub(name: str, body: str) -> None:
+        (stubs / name).write_text(f"#!/bin/sh\n{body}\n")
+        (stubs / name).chmod(0o755)
+
+    env = {
+        **os.environ,
+        "PATH": f"{stubs}:{os.environ['PATH']}",
+        "FASHION_MNIST_DIR": str(tmp_path / "absent"),
+    }
+    run = lambda: subprocess.run(  # noqa: E731
+        ["bash", "-c", "source launch/fashion_mnist.sh"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    stub("id", "echo 1000")
+    stub("sudo", "exit 1")
+    stub("apt-get", f'echo "$@" >> {tmp_path}/apt.log')
+    denied = run()
+    assert denied.returncode == 2 and not (tmp_path / "apt.log").exists()
+    assert (
+        denied.stderr.count("\n") == 1 and "apt-get install dataset-fashion-mnist" in denied.stderr
+    )
+    stub("id", "echo 0")
+    assert run().returncode == 0
+    assert "install -y -q dataset-fashion-mnist" in (tmp_path / "apt.log").read_text()

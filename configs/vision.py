@@ -1,0 +1,113 @@
+r"""Image classification with 10% flipped training labels: find the flips by self-influence with
+ResNet and ViT (paper §5.3, Table 6, Figure 3).
+
+Real images offline: Fashion-MNIST (Debian's ``dataset-fashion-mnist``, IDX files under
+/usr/share/datasets/fashion-mnist; ``apt-get install dataset-fashion-mnist``), or ImageNet prepared
+with TFDS. Runs train → arnoldi → score → evaluate:
+
+  python -m jobs.pipeline --config=configs/vision.py --workdir=workdirs/vision
+
+Presets, comma-separated after a colon:
+  model=NAME     resnet50 | resnet18 | resnet_small | resnet_tiny | vit_l32 | vit_b32 | vit_ti16 |
+                 vit_small | vit_tiny (default resnet_small: 77,754 params + 672 BatchNorm
+                 statistics; ResNet50 is 25.6M params, ViT-B/32 88.2M, ViT-L/32 306.5M at 1,000
+                 classes; these ImageNet models read 224-pixel images, Fashion-MNIST upscaled)
+  top_k=N        p̃, eigenpairs kept (default 20)
+  runlocal       a run of about a minute and a half on 2 CPU cores (1,024 images, n = 12)
+  pod            ImageNet at 224 pixels: ResNet50 unless model= is given, b = 4,096, params,
+                 Krylov basis and eigenvectors sharded over a 'model' axis of all devices
+
+  # self-influence over the eigenvalues > 0 only (the paper's ViT-L/32, which ended at a
+  # saddle point), and over the last blocks holding 20% of the parameters (Table 6):
+  python -m jobs.pipeline --config=configs/vision.py --workdir=workdirs/vision_pos \
+      --config.distill.positive_only=true
+  python -m jobs.pipeline --config=configs/vision.py --workdir=workdirs/vision_top20 \
+      --config.params.last_fraction=0.2
+
+  # ImageNet: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in $MANUAL, then once
+  #   tfds build imagenet2012 --manual_dir=$MANUAL --data_dir=$DATA --file_format=array_record
+  TPU=my-v5p-64 ZONE=us-east5-a bash launch/tpu_pod.sh run jobs.pipeline \
+      --config=configs/vision.py:pod,model=vit_l32 --config.mesh.data=-1 --config.mesh.model=8 \
+      --config.data.source=tfds:$DATA/imagenet2012/5.1.0 --workdir=gs://my-bucket/vit_l32
+  sbatch --nodes=2 launch/gpu_slurm.sbatch jobs.pipeline --config=configs/vision.py:pod \
+      --config.data.source=tfds:/shared/data/imagenet2012/5.1.0 --workdir=/shared/resnet50
+
+Any field can be overridden with --config.<field>=<value>; unknown fields are rejected.
+"""
+
+import ml_collections
+
+from configs import common
+from tasks import resnet, vit
+
+MODELS = (*resnet.PRESETS, *vit.PRESETS)
+IMAGENET_MODELS = ("resnet50", "resnet18", "vit_l32", "vit_b32", "vit_ti16")  # 224-pixel inputs
+PRESETS = {"model": "resnet_small", "top_k": 20, "runlocal": False, "pod": False}
+CHOICES = {"model": MODELS}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    preset = common.parse_preset(arg, PRESETS)
+    if preset["pod"] and "model" not in preset.given:
+        preset["model"] = "resnet50"
+    common.check_choice(preset, "model", CHOICES["model"])
+    config = common.base_config()
+    config.task = "vision"
+    config.model = preset["model"]
+    config.seed = 0
+    config.l2 = 1e-4
+
+    config.data.source = "fashion_mnist"
+    config.data.dir = ""  # Fashion-MNIST's IDX files; "" = /usr/share/datasets/fashion-mnist
+    config.data.train_split = "train"
+    config.data.eval_split = "test"
+    config.data.num_train = 4000  # 0 = the whole split
+    config.data.num_eval = 1000
+    config.data.flip_fraction = 0.1
+    config.data.image_size = 28
+    config.data.augment = False  # random crop + flip, train job only
+    if config.model in IMAGENET_MODELS:  # their architectures assume 224 pixels (ViT: 7×7 patches)
+        config.data.image_size = 224
+
+    config.train.num_epochs = 10
+    config.train.batch_size = 128
+    config.train.learning_rate = 5e-3
+
+    config.arnoldi.num_iters = 100
+    config.arnoldi.hvp_batch_size = 512
+    config.distill.top_k = int(preset["top_k"])
+    config.score.batch_size = 256
+    config.score.examples_per_shard = 2048
+
+    if preset["runlocal"]:
+        config.data.num_train = 1024
+        config.data.num_eval = 128
+        config.train.num_epochs = 4
+        config.train.batch_size = 64
+        config.arnoldi.num_iters = 12
+        config.arnoldi.hvp_batch_size = 128
+        config.arnoldi.checkpoint_every = 4
+        config.distill.top_k = min(config.distill.top_k, 8)
+        config.score.batch_size = 128
+        config.score.examples_per_shard = 256
+        config.score.num_queries = 8
+    if preset["pod"]:
+        config.data.source = "tfds:imagenet2012"  # give the prepared builder directory
+        config.data.train_split = "train"
+        config.data.eval_split = "validation"
+        config.data.num_train = 0  # all 1,281,167
+        config.data.num_eval = 0  # all 50,000
+        config.data.flip_fraction = 0.1
+        config.data.image_size = 224
+        config.data.augment = True
+        config.train.num_epochs = 90
+        config.train.batch_size = 1024
+        config.train.learning_rate = 1e-3
+        config.arnoldi.num_iters = 200
+        config.arnoldi.hvp_batch_size = 4096
+        config.mesh.data = 1
+        config.mesh.model = -1
+        config.mesh.min_shard_size = 2**16
+        config.score.batch_size = 1024
+        config.score.examples_per_shard = 16384
+    return config
