@@ -63,10 +63,12 @@ class Selection:
     Attributes:
       paths: every leaf path of the params, in flattening order.
       selected: the selected paths, in the same order.
+      state: the paths of model state (BatchNorm statistics): never selected, not parameters.
     """
 
     paths: tuple[str, ...]
     selected: tuple[str, ...]
+    state: tuple[str, ...] = ()
 
     @classmethod
     def build(
@@ -107,7 +109,8 @@ class Selection:
             )
         if last_fraction:
             chosen = _last(chosen, params_like, paths, last_fraction, rank)
-        return cls(paths, chosen)
+        state_paths = tuple(p for p in paths if never is not None and never.fullmatch(p))
+        return cls(paths, chosen, state_paths)
 
     @property
     def everything(self) -> bool:
@@ -141,13 +144,20 @@ class Selection:
         return lambda selected, batch: per_example_loss(self.merge(params, selected), batch)
 
     def describe(self, params_like: Any) -> str:
-        """'S of N parameters (k of m leaves)' for logs."""
+        """'S of N parameters (k of m leaves)' for logs; state leaves are not parameters and
+        are counted apart."""
         sizes = dict(zip(self.paths, (x.size for x in jax.tree.leaves(params_like)), strict=True))
         chosen = sum(sizes[p] for p in self.selected)
-        return (
-            f"{chosen:,} of {sum(sizes.values()):,} parameters "
-            f"({len(self.selected)} of {len(self.paths)} leaves)"
+        state = set(self.state)
+        total = sum(n for p, n in sizes.items() if p not in state)
+        text = (
+            f"{chosen:,} of {total:,} parameters "
+            f"({len(self.selected)} of {len(self.paths) - len(state)} leaves)"
         )
+        if state:
+            held = sum(sizes[p] for p in state)
+            text += f"; {held:,} values of state held fixed ({len(state)} leaves)"
+        return text
 
 
 def _last(

@@ -43,3 +43,21 @@ def test_streaming_benchmark_prints_rss_and_busy_fraction() -> None:
     assert re.search(r"^peak RSS N=4,000 / N=2,000 = [0-9.]+", out, re.M)
     for threads in (2, 0):
         assert re.search(rf"^read_threads={threads}: .* busy fraction = [0-9.]+", out, re.M)
+
+
+def test_vision_benchmark_prints_memory_ratios_and_times() -> None:
+    """[memory] on a small preset (its ratios, and the allocated cross-check) and [time]."""
+    out = run(
+        "benchmarks.vision",
+        "--sections=memory,time",
+        "--memory_models=resnet_small",
+        "--memory_iters=20",
+        "--check_model=resnet_tiny",
+        "--time_models=vit_tiny",
+        "--batch_size=8",
+        "--time_iters=2",
+    )
+    assert re.search(r"^  resnet_small: [0-9,]+ params", out, re.M)
+    assert len(re.findall(r"k=8: .* ratio to 1 device [0-9.]+ .* k x ratio = [0-9.]+", out)) == 1
+    assert len(re.findall(r"^  check resnet_tiny, n=4, k=\d: allocated", out, re.M)) == 2
+    assert re.search(r"^  vit_tiny +[0-9,]+ params, 28px: +[0-9.]+ s/iteration", out, re.M)
