@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -108,12 +109,21 @@ def jit_projector(
     mesh: Mesh,
     tangent_chunk: int | None,
     selection: Selection | None = None,
+    checked: bool = False,
 ) -> scoring.Projector:
     """(params, eigvecs, batch) → (batch, p̃) projections, rows sharded over 'data'; the
-    eigenvectors span the ``selection``'s leaves, laid out by ``vector_sh``."""
+    eigenvectors span the ``selection``'s leaves, laid out by ``vector_sh``. ``checked``: also
+    return whether every projection of the global batch is finite (replicated, computed in the
+    same program, so reading it waits for this batch only)."""
     project = scoring.make_projector(per_example_loss, tangent_chunk, selection)
+    rows = NamedSharding(mesh, P(DATA_AXIS, None))
+    if checked:
+        fn = lambda *args: (g := project(*args), jnp.all(jnp.isfinite(g)))  # noqa: E731
+        out_shardings = (rows, replicated(mesh))
+    else:
+        fn, out_shardings = project, rows
     return jax.jit(
-        project,
+        fn,
         in_shardings=(param_sh, stacked_shardings(vector_sh), batch_sharding(mesh)),
-        out_shardings=NamedSharding(mesh, P(DATA_AXIS, None)),
+        out_shardings=out_shardings,
     )

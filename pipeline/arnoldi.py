@@ -17,7 +17,7 @@ from checkpoints.fingerprint import digest, meta_check
 from influence import arnoldi, distill
 from influence.hvp import make_hvp
 from parallel import sharding, steps
-from pipeline import artifacts, data, failpoints, outputs, preemption, validate
+from pipeline import artifacts, data, failpoints, finite, outputs, preemption, validate
 from pipeline import workdir as wd
 from pipeline.errors import InputError
 from pipeline.progress import Progress
@@ -96,7 +96,15 @@ def iterate(stage: Stage, params: Any, params_id: str) -> arnoldi.ArnoldiResult:
             )
             return data.global_batch(stage.task, train_split, positions, mesh)
 
+        guard = finite.Guard(
+            "arnoldi",
+            "the HVP norm",
+            "check the trained params and the data for non-finite values",
+        )
+
         def save(done: int, state: arnoldi.KrylovState, force: bool) -> None:
+            if force or done % a.checkpoint_every == 0:
+                guard.check(f"the last Krylov state is of iteration {saved['step']}")
             meta = {"fingerprint": fingerprint, "iteration": done}
             if ckpt.save(done, state, meta, force=force):
                 saved["step"] = done
@@ -104,6 +112,7 @@ def iterate(stage: Stage, params: Any, params_id: str) -> arnoldi.ArnoldiResult:
         with Progress(stage.workdir, "arnoldi", a.num_iters, config.log_every_secs) as progress:
 
             def on_iteration(done: int, state: arnoldi.KrylovState, info: arnoldi.StepInfo):
+                guard.update(done, info["hvp_norm"])
                 failpoints.maybe_fail("arnoldi_iteration", done)
                 stop = preemption.reached(done)
                 save(done, state, force=stop or done == a.num_iters)

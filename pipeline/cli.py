@@ -111,11 +111,44 @@ def _parse_flags(argv: list[str]) -> list[str]:
     except (AttributeError, KeyError) as e:
         _fail(f"unknown config field: {_last_line(e)}")
     except Exception as e:  # every parse failure is a user error
+        text = str(e).replace("\\n", "\n")
+        if "Failed loading config file" in text:  # an override read the unloadable config
+            _fail(
+                f"cannot load --config={_config_arg(argv)}: {text.strip().splitlines()[-1].strip()}"
+            )
         _fail(f"bad command line: {_last_line(e)}")
     for name in ("config", "workdir"):
         if flags.FLAGS[name].value is None:
             _fail(f"--{name} is required")
+    _config_load_failure()
     return rest
+
+
+def _config_load_failure() -> None:
+    """One line naming the file when --config could not be loaded (missing, or an error inside
+    it): config_flags keeps the failure as a stand-in value and raises only when it is read."""
+    config = flags.FLAGS["config"].value
+    if config is None or isinstance(config, ml_collections.ConfigDict):
+        return
+    try:
+        config.to_dict()
+    except Exception as e:
+        cause = e.__cause__ or e
+        last = [ln.strip() for ln in str(cause).splitlines() if ln.strip()][-1:]
+        _fail(
+            f"cannot load --config={flags.FLAGS['config'].config_filename}: "
+            f"{' '.join(last) or type(cause).__name__}"
+        )
+
+
+def _config_arg(argv: list[str]) -> str:
+    """The file part of ``--config=<file>[:presets]`` (or ``--config <file>``) in ``argv``."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.removeprefix("--config=").split(":")[0]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1].split(":")[0]
+    return "?"
 
 
 class _QuietLibraries(logging_std.Filter):

@@ -27,7 +27,17 @@ from jax.experimental import multihost_utils
 from checkpoints.fingerprint import check
 from influence import scoring
 from parallel import sharding, steps
-from pipeline import artifacts, data, failpoints, outputs, parts, preemption, prefetch, validate
+from pipeline import (
+    artifacts,
+    data,
+    failpoints,
+    finite,
+    outputs,
+    parts,
+    preemption,
+    prefetch,
+    validate,
+)
 from pipeline import workdir as wd
 from pipeline.progress import Progress
 from pipeline.stage import Stage
@@ -83,6 +93,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
         stage.mesh,
         s.tangent_chunk or None,
         stage.selection,
+        checked=True,
     )
 
     def read(step: int) -> tuple[data.LocalBatch, dict]:
@@ -90,16 +101,27 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
         batch = batches[step]
         return batch, stage.split(batch.part.split if batch.part else "train").take(batch.positions)
 
-    def score(batch: data.LocalBatch, read: dict) -> tuple[data.LocalBatch, dict, jax.Array]:
+    def score(
+        step: int, batch: data.LocalBatch, read: dict
+    ) -> tuple[int, data.LocalBatch, dict, jax.Array, jax.Array]:
         """Dispatch one batch to the devices (returns before they are done)."""
         local = stage.task.model_inputs(read)
-        g = project(
+        g, finite_g = project(
             params, eig_state["eigvecs"], sharding.to_global(local, stage.mesh, s.batch_size)
         )
-        return batch, read, g
+        return step, batch, read, g, finite_g
 
-    def collect(batch: data.LocalBatch, read: dict, g: jax.Array) -> None:
-        """Fetch a dispatched batch's projections (waits for it) and hand them to the writer."""
+    def collect(
+        step: int, batch: data.LocalBatch, read: dict, g: jax.Array, finite_g: jax.Array
+    ) -> None:
+        """Fetch a dispatched batch's projections (waits for it) and hand them to the writer,
+        after checking the whole global batch is finite (the same answer on every process)."""
+        if not bool(finite_g.addressable_data(0)):
+            raise finite.NonFiniteError(
+                f"score step {step}: a projection g = G∇ℓ(x) is NaN or infinite; it was not "
+                "saved (parts finished before it are kept): check the trained params, the "
+                "eigenpairs and the data for non-finite values"
+            )
         if batch.part is not None:
             columns = {k: read[k][batch.mask] for k in output_columns}
             writer.add(batch.part, columns, sharding.to_host_local(g)[batch.mask])
@@ -111,7 +133,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
     with Progress(stage.workdir, "score", len(batches), config.log_every_secs) as progress:
         reads = prefetch.ahead(read, 0, len(batches), s.read_threads, s.read_ahead)
         for step, (batch, rows) in enumerate(reads, start=1):
-            current = score(batch, rows)
+            current = score(step, batch, rows)
             if pending is not None:
                 collect(*pending)
             pending = current
@@ -122,7 +144,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
                 writer.save_partial()
                 raise preemption.Preempted(f"scoring preempted at step {step}; finished parts kept")
             if step == 1:
-                jax.block_until_ready(current[2])
+                jax.block_until_ready(current[3])
                 first_step_done = time.perf_counter()
         if pending is not None:
             collect(*pending)

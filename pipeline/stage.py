@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 from influence.selection import Selection, SelectionError
 from parallel import sharding
 from parallel.mesh import make_mesh
-from pipeline import data, validate
+from pipeline import data, finite, validate
 from pipeline import workdir as wd
 from pipeline.errors import InputError
 from tasks.base import Task
@@ -54,6 +54,7 @@ class Stage:
     def setup(
         cls, config: ml_collections.ConfigDict, workdir: epath.PathLike, check: Check
     ) -> "Stage":
+        finite.check_config(config)
         m = config.mesh
         mesh = make_mesh(m.data, m.model, m.num_devices, m.num_slices)
         check(config, mesh)

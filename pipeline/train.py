@@ -23,7 +23,7 @@ from checkpoints.fingerprint import meta_check
 from influence import pytree
 from influence.selection import Selection, SelectionError
 from parallel import sharding, steps
-from pipeline import data, failpoints, outputs, preemption, validate
+from pipeline import data, failpoints, finite, outputs, preemption, validate
 from pipeline import workdir as wd
 from pipeline.errors import InputError
 from pipeline.progress import Progress
@@ -145,6 +145,12 @@ def _train(stage: Stage, fingerprint: dict, fix: str) -> Any:
             start = 0
             state = jax.jit(init_state, out_shardings=state_sh)(jax.random.key(config.seed))
         order = None
+        guard = finite.Guard(
+            "train",
+            "the training loss",
+            "lower train.learning_rate, raise l2, or look for non-finite values in the data",
+        )
+        save_every = config.train.checkpoint_every or steps_per_epoch
         for step in range(start, total):
             epoch, i = divmod(step, steps_per_epoch)
             if order is None or i == 0:  # examples of epoch e in the order drawn from (seed, e)
@@ -157,10 +163,14 @@ def _train(stage: Stage, fingerprint: dict, fix: str) -> Any:
             batch = data.global_batch(task, train, positions, mesh, augment_seeds=seeds)
             state, loss = step_fn(state, batch)
             done = step + 1
+            guard.update(done, loss)
             failpoints.maybe_fail("train_step", done)
             stop = preemption.reached(done)
             meta = {"fingerprint": fingerprint, "step": done}
-            ckpt.save(done, state, meta, force=stop or done == total)
+            force = stop or done == total
+            if force or done % save_every == 0:
+                guard.check(f"the last checkpoint is of step {max(ckpt.all_steps(), default=0)}")
+            ckpt.save(done, state, meta, force=force)
             progress(done, loss=loss)
             if stop:
                 ckpt.wait_until_finished()

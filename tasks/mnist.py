@@ -112,11 +112,27 @@ def load_splits(
         )
     order = np.random.default_rng(seed).permutation(total)
     train_rows, eval_rows = order[:num_train], order[num_train : num_train + num_eval]
-    flipped, offsets = flip_labels(num_train, flip_fraction, seed + 1)
+    return noisy_label_splits(base, train_rows, base, eval_rows, flip_fraction, seed + 1)
+
+
+def noisy_label_splits(
+    train_base: Source,
+    train_rows: np.ndarray,
+    eval_base: Source,
+    eval_rows: np.ndarray,
+    flip_fraction: float,
+    seed: int,
+    num_classes: int = NUM_CLASSES,
+) -> tuple[Source, Source]:
+    """(train, eval) views of labelled sources: position i is row ``train_rows[i]`` /
+    ``eval_rows[i]``, whose id it takes; ``flip_fraction`` of the training labels flipped by
+    ``seed`` (``flip_labels``). Columns: the base's, 'label' (int32, the possibly flipped label
+    the model trains on), 'clean_label', 'flipped', 'id'."""
+    flipped, offsets = flip_labels(train_rows.size, flip_fraction, seed, num_classes)
 
     def corrupt(columns: Columns, positions: np.ndarray) -> Columns:
-        clean = columns["label"]
-        noisy = np.where(flipped[positions], (clean + offsets[positions]) % NUM_CLASSES, clean)
+        clean = columns["label"].astype(np.int32)
+        noisy = np.where(flipped[positions], (clean + offsets[positions]) % num_classes, clean)
         return {
             **columns,
             "id": train_rows[positions].astype(np.int64),
@@ -126,14 +142,18 @@ def load_splits(
         }
 
     def identify(columns: Columns, positions: np.ndarray) -> Columns:
+        labels = columns["label"].astype(np.int32)
         return {
             **columns,
             "id": eval_rows[positions].astype(np.int64),
-            "clean_label": columns["label"],
+            "label": labels,
+            "clean_label": labels,
             "flipped": np.zeros(positions.size, bool),
         }
 
-    return MappedSource(base, train_rows, corrupt), MappedSource(base, eval_rows, identify)
+    return MappedSource(train_base, train_rows, corrupt), MappedSource(
+        eval_base, eval_rows, identify
+    )
 
 
 def get_task(config: ml_collections.ConfigDict, workdir: epath.Path) -> Task:

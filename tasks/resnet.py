@@ -23,6 +23,15 @@ import jax.numpy as jnp
 ModuleDef = Any
 
 
+def _shortcut(block: nn.Module, residual: jax.Array, y: jax.Array) -> jax.Array:
+    """The block's input, projected (1×1 conv + BatchNorm) where its shape differs from the
+    output's; called inside the block's compact ``__call__``, so the layers are the block's."""
+    if residual.shape == y.shape:
+        return residual
+    residual = block.conv(y.shape[-1], (1, 1), block.strides, name="conv_proj")(residual)
+    return block.norm(name="norm_proj")(residual)
+
+
 class ResNetBlock(nn.Module):
     """Two 3×3 convolutions (ResNet18/34); the last BatchNorm scale starts at 0 (identity block)."""
 
@@ -39,10 +48,7 @@ class ResNetBlock(nn.Module):
         y = self.act(self.norm()(y))
         y = self.conv(self.filters, (3, 3))(y)
         y = self.norm(scale_init=nn.initializers.zeros_init())(y)
-        if residual.shape != y.shape:
-            residual = self.conv(self.filters, (1, 1), self.strides, name="conv_proj")(residual)
-            residual = self.norm(name="norm_proj")(residual)
-        return self.act(residual + y)
+        return self.act(_shortcut(self, residual, y) + y)
 
 
 class BottleneckResNetBlock(nn.Module):

@@ -244,40 +244,16 @@ def get_task(config: ml_collections.ConfigDict, workdir: epath.Path) -> Task:
         )
     train_rows = subset(train_base, d.num_train, config.seed, "num_train")
     eval_rows = subset(eval_base, d.num_eval, config.seed + 2, "num_eval")
-    flipped, offsets = mnist.flip_labels(
-        train_rows.size, d.flip_fraction, config.seed + 1, num_classes
+    train, evaluation = mnist.noisy_label_splits(
+        train_base, train_rows, eval_base, eval_rows, d.flip_fraction, config.seed + 1, num_classes
     )
-
-    def corrupt(columns: Columns, positions: np.ndarray) -> Columns:
-        clean = columns["label"].astype(np.int32)
-        noisy = np.where(flipped[positions], (clean + offsets[positions]) % num_classes, clean)
-        return {
-            **columns,
-            "id": train_rows[positions].astype(np.int64),
-            "label": noisy.astype(np.int32),
-            "clean_label": clean,
-            "flipped": flipped[positions],
-        }
-
-    def identify(columns: Columns, positions: np.ndarray) -> Columns:
-        return {
-            **columns,
-            "id": eval_rows[positions].astype(np.int64),
-            "label": columns["label"].astype(np.int32),
-            "clean_label": columns["label"].astype(np.int32),
-            "flipped": np.zeros(positions.size, bool),
-        }
-
     classifier = Classifier(model, (d.image_size, d.image_size, _channels(train_base)))
     stateful = classifier.has_state
     return Task(
         name=f"vision/{config.model}",
         init_params=classifier.init_params,
         per_example_loss=classifier.per_example_loss,
-        splits={
-            "train": MappedSource(train_base, train_rows, corrupt),
-            "eval": MappedSource(eval_base, eval_rows, identify),
-        },
+        splits={"train": train, "eval": evaluation},
         input_columns=("image", "label"),
         record_columns=("label",),
         corruption_column="flipped",
