@@ -122,6 +122,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.score.batch_size = 256  # global examples per JVP call
     config.score.examples_per_shard = 2048  # rows per output Parquet file (unit of resumption)
     config.score.tangent_chunk = 0  # >0: JVP tangents in chunks of this size (bounds memory)
+    # g = G∇ℓ(x) by JVPs along the p̃ eigenvectors ("forward": memory ∝ p̃ × batch activations)
+    # or by per-example gradients and one GEMM ("reverse": ~1 backward pass per example whatever
+    # p̃, memory batch × params); a compatible change on resume (the scores agree to 1e-4).
+    config.score.mode = "forward"
     config.score.read_threads = 2  # threads reading/decoding batches ahead; 0: read inline
     config.score.read_ahead = 4  # batches read ahead of the one on the devices
     config.score.num_queries = 16  # eval examples traced back to their top training examples

@@ -49,6 +49,43 @@ def make_projector(
     return project
 
 
+def make_reverse_projector(
+    per_example_loss: PerExampleLoss,
+    example_chunk: int | None = None,
+    selection: Selection | None = None,
+) -> Projector:
+    """The same ``project(params, eigvecs, batch) -> (batch_size, p̃)`` in reverse mode: the
+    per-example gradients ∇ℓ(x) (``vmap`` of ``grad`` over examples), then g = G ∇ℓ(x) for all
+    rows at once, one contraction per leaf (together: one GEMM with G flattened, P × p̃).
+
+    Cost: about one forward + backward pass per example plus the p̃ × P product, whatever p̃; it
+    holds batch (or ``example_chunk``) × P gradient values, so it is the mode for large p̃ on
+    models whose per-example gradients fit, and forward mode (``make_projector``) is the one for
+    models too large for that. ``example_chunk`` maps the examples through ``lax.map`` in chunks.
+    """
+
+    def project(params: Params, eigvecs: Params, batch: Batch) -> jax.Array:
+        loss, primal = restricted(per_example_loss, params, selection)
+
+        def row(example: Batch) -> jax.Array:
+            """(p̃,) g of one example; vmapped, the contraction is one (rows × P) · (P × p̃) GEMM."""
+            one = jax.tree.map(lambda x: x[None], example)  # a batch of one
+            grad = jax.grad(lambda p: loss(p, one)[0])(primal)
+            return sum(
+                jnp.tensordot(v, g, axes=(list(range(1, v.ndim)), list(range(g.ndim))))
+                for g, v in zip(jax.tree.leaves(grad), jax.tree.leaves(eigvecs), strict=True)
+            ).astype(jnp.float32)
+
+        if example_chunk is None:
+            return jax.vmap(row)(batch)
+        return jax.lax.map(row, batch, batch_size=example_chunk)
+
+    return project
+
+
+PROJECTORS = {"forward": make_projector, "reverse": make_reverse_projector}
+
+
 def self_influence(g: jax.Array, eigvals: jax.Array) -> jax.Array:
     """Σ_i g_i² / λ_i per row (Alg. 1, line 24). High values flag mislabeled or atypical examples."""
     return jnp.sum(jnp.square(g) / eigvals, axis=-1)

@@ -110,12 +110,15 @@ def jit_projector(
     tangent_chunk: int | None,
     selection: Selection | None = None,
     checked: bool = False,
+    mode: str = "forward",
 ) -> scoring.Projector:
     """(params, eigvecs, batch) → (batch, p̃) projections, rows sharded over 'data'; the
-    eigenvectors span the ``selection``'s leaves, laid out by ``vector_sh``. ``checked``: also
-    return whether every projection of the global batch is finite (replicated, computed in the
-    same program, so reading it waits for this batch only)."""
-    project = scoring.make_projector(per_example_loss, tangent_chunk, selection)
+    eigenvectors span the ``selection``'s leaves, laid out by ``vector_sh``. ``mode``: forward
+    (JVPs, ``tangent_chunk`` tangents at a time) or reverse (per-example gradients and one GEMM,
+    ``tangent_chunk`` then chunks the examples). ``checked``: also return whether every projection
+    of the global batch is finite (replicated, computed in the same program, so reading it waits
+    for this batch only)."""
+    project = scoring.PROJECTORS[mode](per_example_loss, tangent_chunk, selection)
     rows = NamedSharding(mesh, P(DATA_AXIS, None))
     if checked:
         fn = lambda *args: (g := project(*args), jnp.all(jnp.isfinite(g)))  # noqa: E731

@@ -94,6 +94,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
         s.tangent_chunk or None,
         stage.selection,
         checked=True,
+        mode=s.mode,
     )
 
     def read(step: int) -> tuple[data.LocalBatch, dict]:

@@ -43,6 +43,26 @@ def test_eight_devices_match_one(trained_workdir, tmp_path):
     )
 
 
+def test_reverse_mode_scores_match_and_resume_forward_parts(trained_workdir, tmp_path):
+    """``score.mode=reverse`` gives the forward mode's scores (rtol 1e-4), and is a compatible
+    change: a workdir whose first part was scored in forward mode is finished in reverse."""
+    config = tiny_config()
+    forward = _copy_params(trained_workdir, tmp_path / "forward")
+    arnoldi.run(config, forward)
+    score.run(config, forward)
+    want = pd.read_parquet(forward / "scores" / "train").sort_values("id")
+    mixed = tmp_path / "mixed"
+    shutil.copytree(forward, mixed)
+    parts = sorted((mixed / "scores" / "train").glob("part-*.parquet"))
+    assert len(parts) == 2
+    parts[1].unlink()
+    config.score.mode = "reverse"
+    score.run(config, mixed)
+    got = pd.read_parquet(mixed / "scores" / "train").sort_values("id")
+    np.testing.assert_array_equal(got["id"], want["id"])
+    np.testing.assert_allclose(got["self_influence"], want["self_influence"], rtol=1e-4, atol=1e-6)
+
+
 def test_relative_workdir(tmp_path, monkeypatch):
     """A workdir given relative to the current directory (as in the README's commands) works:
     Orbax itself only accepts absolute paths."""
