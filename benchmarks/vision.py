@@ -84,8 +84,7 @@ def params_shapes(model: str):
         vision.make_model(model, 1000), (config.data.image_size,) * 2 + (3,)
     )
     shapes = jax.eval_shape(classifier.init_params, jax.random.key(0))
-    state = vision.STATE if classifier.has_state else ""
-    return config, classifier, shapes, Selection.build(shapes, state=state)
+    return config, shapes, Selection.build(shapes, state=classifier.state)
 
 
 def krylov_bytes(vectors, mesh, min_shard_size: int, num_iters: int) -> list[tuple[int, bool]]:
@@ -104,7 +103,7 @@ def memory() -> dict:
     print(f"\n[memory] Krylov basis bytes per device, n = {_MEMORY_ITERS.value}, 'model' axis of k")
     results = {}
     for model in _MEMORY_MODELS.value:
-        config, _, shapes, selection = params_shapes(model)
+        config, shapes, selection = params_shapes(model)
         vectors = selection.select(shapes)
         num = sum(x.size for x in jax.tree.leaves(vectors))
         rows, one = [], None
@@ -137,7 +136,7 @@ def memory() -> dict:
             )
         results[model] = rows
     # Cross-check: allocate a basis through the pipeline and measure its shards.
-    config, _, shapes, selection = params_shapes(_CHECK_MODEL.value)
+    config, shapes, selection = params_shapes(_CHECK_MODEL.value)
     vectors = selection.select(shapes)
     for k in (1, 8):
         mesh = make_mesh(1, k, k, 1)
@@ -167,8 +166,7 @@ def time_models() -> list[dict]:
         size = config.data.image_size
         classifier = vision.Classifier(vision.make_model(model, 10), (size, size, 1))
         params = classifier.init_params(jax.random.key(0))
-        state_re = vision.STATE if classifier.has_state else ""
-        selection = Selection.build(params, state=state_re)
+        selection = Selection.build(params, state=classifier.state)
         vectors = selection.select(params)
         num = sum(x.size for x in jax.tree.leaves(vectors))
         rng = np.random.default_rng(0)

@@ -139,7 +139,7 @@ def open_split(source: str, directory: str, split: str, size: int) -> tuple[Sour
         base, num_classes = fashion_mnist(directory, split), 10
     elif (location := tfds_location(source)) is not None:
         builder_dir, _ = location
-        base = TfdsSource(builder_dir, split, record_fn=lambda r: _record(r, size, builder_dir))
+        base = TfdsSource(builder_dir, split, record_fn=lambda r: _record(r, size))
         num_classes = _check_features(base.info.features, builder_dir)
         return base, num_classes
     else:
@@ -179,7 +179,7 @@ def _check_features(features: Any, where: str) -> int:
     return int(label.num_classes)
 
 
-def _record(record: dict[str, np.ndarray], size: int, where: str) -> dict[str, np.ndarray]:
+def _record(record: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     return {
         "image": preprocess(np.asarray(record["image"]), size),
         "label": np.asarray(record["label"], np.int64),
@@ -248,7 +248,6 @@ def get_task(config: ml_collections.ConfigDict, workdir: epath.Path) -> Task:
         train_base, train_rows, eval_base, eval_rows, d.flip_fraction, config.seed + 1, num_classes
     )
     classifier = Classifier(model, (d.image_size, d.image_size, _channels(train_base)))
-    stateful = classifier.has_state
     return Task(
         name=f"vision/{config.model}",
         init_params=classifier.init_params,
@@ -259,8 +258,8 @@ def get_task(config: ml_collections.ConfigDict, workdir: epath.Path) -> Task:
         corruption_column="flipped",
         ground_truth_columns=("clean_label", "label"),
         metrics=classifier.accuracy,
-        state=STATE if stateful else "",
-        train_loss=classifier.train_loss if stateful else None,
+        state=classifier.state,
+        train_loss=classifier.train_loss if classifier.has_state else None,
         augment=augment if d.augment else None,
         param_rank=forward_rank,
     )
@@ -277,6 +276,11 @@ class Classifier:
     @property
     def has_state(self) -> bool:
         return isinstance(self.model, resnet.ResNet)
+
+    @property
+    def state(self) -> str:
+        """The ``Task.state`` pattern of this model: its BatchNorm statistics, or none."""
+        return STATE if self.has_state else ""
 
     def init_params(self, key: jax.Array) -> dict[str, Any]:
         dummy = jnp.zeros((1, *self.input_shape), jnp.float32)

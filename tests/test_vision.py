@@ -128,8 +128,7 @@ def test_hvp_is_the_hessian_of_params_with_statistics_fixed(model) -> None:
         "image": jnp.asarray(rng.normal(size=(6, 8, 8, 1)), jnp.float32),
         "label": jnp.asarray(rng.integers(0, 3, 6)),
     }
-    state = vision.STATE if classifier.has_state else ""
-    selection = Selection.build(variables, ".*", state=state)
+    selection = Selection.build(variables, ".*", state=classifier.state)
     assert all(p.startswith("params/") for p in selection.selected)
     v = jax.tree.map(lambda x: jax.random.normal(jax.random.key(2), x.shape), variables["params"])
     hvp = jax.jit(make_hvp(classifier.per_example_loss, 1e-3, selection))
