@@ -67,12 +67,26 @@ _HEARTBEAT = flags.DEFINE_integer(
 def _fail(message: str, code: int = 2, at_once: bool = False) -> None:
     """One line on stderr and exit ``code``. ``at_once`` skips interpreter shutdown, where a
     failed run's background work would print more (Orbax's orphaned write tasks) or wait (the
-    distributed shutdown barrier, for a process that is gone), so the line stays the last one."""
-    print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
-    if at_once:
-        logging.flush()
-        os._exit(code)
-    sys.exit(code)
+    distributed shutdown barrier, for a process that is gone), so the line stays the last one.
+
+    With ``at_once`` the line is also the last one against threads that are still running: when
+    a peer dies, Orbax's background commit thread can time out at its barrier while the main
+    thread's collective fails, and it logs a traceback. So stdout and stderr are pointed at
+    /dev/null first, and the line goes to a duplicate of the original stderr."""
+    line = f"error: {' '.join(message.split())}\n"
+    if not at_once:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        sys.exit(code)
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    original = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.write(original, line.encode())
+    os._exit(code)
 
 
 # What storage failures look like: an OSError, or tensorstore's ValueError carrying the OS message.

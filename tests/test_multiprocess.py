@@ -7,6 +7,8 @@ whose size is not a multiple of hosts × batch.
 
 import dataclasses
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -17,7 +19,14 @@ from parallel.mesh import make_mesh
 from pipeline import arnoldi, artifacts, failpoints, score, train, validate
 from pipeline.stage import Stage
 from tasks import mnist
-from tests.pipeline_helpers import eigvals, launch_job, run_multiprocess, scores, tiny_config
+from tests.pipeline_helpers import (
+    REPO,
+    eigvals,
+    launch_job,
+    run_multiprocess,
+    scores,
+    tiny_config,
+)
 
 # 250 training and 37 eval examples, parts of 60 rows, global batch 64: with 2 or 4 processes the
 # last parts are ragged, the row groups get unequal numbers of parts and must be padded with masked
@@ -145,6 +154,33 @@ def test_survivor_prints_the_line_and_exits_1(reference, tmp_path, dead, stall):
     assert "another process of the job died" in lines[-1]
     waited = outcome.ended_s[survivor] - outcome.ended_s[dead]
     assert waited <= HEARTBEAT_S + SURVIVOR_SLACK_S, waited
+
+
+# A background thread that writes to stderr without pause (as Orbax's commit thread logs its
+# barrier's traceback when the peer it waits for is gone) while the main thread ends with the line.
+_CHATTY_THREAD = """
+import os, sys, threading
+sys.path.insert(0, os.getcwd())
+from pipeline import cli
+started = threading.Event()
+def chatter():
+    started.set()
+    while True:
+        os.write(2, b"Traceback line of a background thread\\n")
+threading.Thread(target=chatter, daemon=True).start()
+started.wait()
+cli._fail("process 1 of 2: a collective failed", code=1, at_once=True)
+"""
+
+
+def test_lost_peer_line_stays_last_while_other_threads_write():
+    """The line a survivor exits with is its last, whatever other threads are still writing."""
+    for _ in range(5):
+        done = subprocess.run(
+            [sys.executable, "-c", _CHATTY_THREAD], capture_output=True, text=True, cwd=REPO
+        )
+        assert done.returncode == 1, done.stderr[-2000:]
+        assert done.stderr.splitlines()[-1] == "error: process 1 of 2: a collective failed"
 
 
 def test_krylov_bytes_per_device_shrink_with_model_axis():
