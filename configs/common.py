@@ -121,11 +121,15 @@ def base_config() -> ml_collections.ConfigDict:
     config.score = ml_collections.ConfigDict()
     config.score.batch_size = 256  # global examples per JVP call
     config.score.examples_per_shard = 2048  # rows per output Parquet file (unit of resumption)
-    config.score.tangent_chunk = 0  # >0: JVP tangents in chunks of this size (bounds memory)
-    # g = G∇ℓ(x) by JVPs along the p̃ eigenvectors ("forward": memory ∝ p̃ × batch activations)
-    # or by per-example gradients and one GEMM ("reverse": ~1 backward pass per example whatever
-    # p̃, memory batch × params); a compatible change on resume (the scores agree to 1e-4).
-    config.score.mode = "forward"
+    # g = G∇ℓ(x) by JVPs along the p̃ eigenvectors ("forward": memory ∝ tangent chunk × batch
+    # activations) or by per-example gradients and one GEMM ("reverse": ~1 backward pass per
+    # example whatever p̃, memory ∝ rows per call × params); "auto" times both on the first batch
+    # and keeps the faster. A compatible change on resume (the scores agree to 1e-4).
+    config.score.mode = "auto"
+    # Per-device working memory of one scoring call (XLA's count); forward mode chunks tangents
+    # and reverse mode splits batches into calls to stay under it. 0: half the free memory.
+    config.score.memory_budget_mb = 0.0
+    config.score.tangent_chunk = 0  # >0: forward mode's tangents per chunk, as given; 0: fitted
     config.score.read_threads = 2  # threads reading/decoding batches ahead; 0: read inline
     config.score.read_ahead = 4  # batches read ahead of the one on the devices
     config.score.num_queries = 16  # eval examples traced back to their top training examples

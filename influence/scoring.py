@@ -50,40 +50,38 @@ def make_projector(
 
 
 def make_reverse_projector(
-    per_example_loss: PerExampleLoss,
-    example_chunk: int | None = None,
-    selection: Selection | None = None,
+    per_example_loss: PerExampleLoss, selection: Selection | None = None
 ) -> Projector:
     """The same ``project(params, eigvecs, batch) -> (batch_size, p̃)`` in reverse mode: the
     per-example gradients ∇ℓ(x) (``vmap`` of ``grad`` over examples), then g = G ∇ℓ(x) for all
-    rows at once, one contraction per leaf (together: one GEMM with G flattened, P × p̃).
+    rows at once: one (rows × P) · (P × p̃) GEMM, summed over the leaves.
 
     Cost: about one forward + backward pass per example plus the p̃ × P product, whatever p̃; it
-    holds batch (or ``example_chunk``) × P gradient values, so it is the mode for large p̃ on
-    models whose per-example gradients fit, and forward mode (``make_projector``) is the one for
-    models too large for that. ``example_chunk`` maps the examples through ``lax.map`` in chunks.
+    holds rows × P gradient values, so it is the mode for large p̃ on models whose per-example
+    gradients fit, and forward mode (``make_projector``) is the one for models too large for that.
+    Memory is bounded by calling it on fewer rows (``parallel/projection.py`` splits a batch into
+    calls), not by ``lax.map`` inside: on the Flax CNN (2 CPU cores, p̃ = 100) a ``lax.map`` over
+    chunks of 64 ran 3.7× slower than separate calls of 64 rows, and contracting inside the
+    vmapped row function 1.5× slower than this materialise-then-GEMM form.
     """
 
     def project(params: Params, eigvecs: Params, batch: Batch) -> jax.Array:
         loss, primal = restricted(per_example_loss, params, selection)
 
-        def row(example: Batch) -> jax.Array:
-            """(p̃,) g of one example; vmapped, the contraction is one (rows × P) · (P × p̃) GEMM."""
+        def grad(example: Batch) -> Params:
             one = jax.tree.map(lambda x: x[None], example)  # a batch of one
-            grad = jax.grad(lambda p: loss(p, one)[0])(primal)
-            return sum(
-                jnp.tensordot(v, g, axes=(list(range(1, v.ndim)), list(range(g.ndim))))
-                for g, v in zip(jax.tree.leaves(grad), jax.tree.leaves(eigvecs), strict=True)
-            ).astype(jnp.float32)
+            return jax.grad(lambda p: loss(p, one)[0])(primal)
 
-        if example_chunk is None:
-            return jax.vmap(row)(batch)
-        return jax.lax.map(row, batch, batch_size=example_chunk)
+        grads = jax.vmap(grad)(batch)
+        return sum(
+            jnp.tensordot(g.reshape(g.shape[0], -1), v.reshape(v.shape[0], -1), axes=(1, 1))
+            for g, v in zip(jax.tree.leaves(grads), jax.tree.leaves(eigvecs), strict=True)
+        ).astype(jnp.float32)
 
     return project
 
 
-PROJECTORS = {"forward": make_projector, "reverse": make_reverse_projector}
+MODES = ("forward", "reverse")
 
 
 def self_influence(g: jax.Array, eigvals: jax.Array) -> jax.Array:

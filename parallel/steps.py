@@ -114,11 +114,33 @@ def jit_projector(
 ) -> scoring.Projector:
     """(params, eigvecs, batch) → (batch, p̃) projections, rows sharded over 'data'; the
     eigenvectors span the ``selection``'s leaves, laid out by ``vector_sh``. ``mode``: forward
-    (JVPs, ``tangent_chunk`` tangents at a time) or reverse (per-example gradients and one GEMM,
-    ``tangent_chunk`` then chunks the examples). ``checked``: also return whether every projection
-    of the global batch is finite (replicated, computed in the same program, so reading it waits
-    for this batch only)."""
-    project = scoring.PROJECTORS[mode](per_example_loss, tangent_chunk, selection)
+    (JVPs, ``tangent_chunk`` tangents at a time) or reverse (per-example gradients and one GEMM;
+    ``tangent_chunk`` must be None). ``checked``: also return whether every projection of the
+    global batch is finite (replicated, computed in the same program, so reading it waits for
+    this batch only). ``parallel/projection.py`` chooses the mode and chunking."""
+    if mode == "forward":
+        project = scoring.make_projector(per_example_loss, tangent_chunk, selection)
+    elif mode == "reverse" and tangent_chunk is None:
+        # Each device computes its own rows' per-example gradients (shard_map over 'data'): left
+        # to the SPMD partitioner, the vmapped conv weight gradients of a batch sharded over
+        # 'data' came out wrong on every device but the first (JAX 0.10.2, CPU; off by up to
+        # 100% on the small CNN, tests/test_projection.py). Params and eigenvectors enter whole;
+        # the params are cast to device-varying, else shard_map's autodiff sums the gradients
+        # of a replicated input over the devices.
+        reverse = scoring.make_reverse_projector(per_example_loss, selection)
+
+        def local_rows(params: Any, eigvecs: Any, batch: Any) -> jax.Array:
+            vary = lambda x: jax.lax.pcast(x, DATA_AXIS, to="varying")  # noqa: E731
+            return reverse(jax.tree.map(vary, params), eigvecs, batch)
+
+        project = jax.shard_map(
+            local_rows,
+            mesh=mesh,
+            in_specs=(P(), P(), P(DATA_AXIS)),
+            out_specs=P(DATA_AXIS),
+        )
+    else:
+        raise ValueError(f"mode={mode!r} with tangent_chunk={tangent_chunk}")
     rows = NamedSharding(mesh, P(DATA_AXIS, None))
     if checked:
         fn = lambda *args: (g := project(*args), jnp.all(jnp.isfinite(g)))  # noqa: E731

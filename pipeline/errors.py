@@ -7,6 +7,7 @@ project's code, a task's or a library's, is a bug and keeps its traceback (exit 
 from checkpoints.checkpointer import IncompatibleCheckpointError, UnreadableCheckpointError
 from parallel.distributed import DistributedError
 from parallel.mesh import MeshError
+from parallel.projection import MemoryBudgetError
 from tasks.sources import DataError
 
 
@@ -18,6 +19,7 @@ USER_ERRORS = (
     InputError,
     DataError,
     MeshError,
+    MemoryBudgetError,
     DistributedError,
     IncompatibleCheckpointError,
     UnreadableCheckpointError,

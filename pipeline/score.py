@@ -1,4 +1,5 @@
-"""The score job: forward-mode projections g = G∇ℓ(x) of every example (Alg. 1, lines 19–27).
+"""The score job: projections g = G∇ℓ(x) of every example (Alg. 1, lines 19–27), in forward or
+reverse mode as ``score.mode`` says (``parallel/projection.py`` sizes and, under auto, times them).
 
 Each split is scored in fixed parts of ``score.examples_per_shard`` rows (``pipeline/parts.py``:
 one Parquet file each, the unit of resumption). Parts are dealt to the processes' row groups
@@ -26,7 +27,7 @@ from jax.experimental import multihost_utils
 
 from checkpoints.fingerprint import check
 from influence import scoring
-from parallel import sharding, steps
+from parallel import projection, sharding
 from pipeline import (
     artifacts,
     data,
@@ -86,15 +87,16 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
         s.batch_size,
         num_groups,
     )
-    project = steps.jit_projector(
+    project = projection.Projector(
         stage.task.per_example_loss,
         stage.param_sh,
         stage.vector_sh,
         stage.mesh,
-        s.tangent_chunk or None,
         stage.selection,
-        checked=True,
+        batch_size=s.batch_size,
         mode=s.mode,
+        memory_budget_mb=s.memory_budget_mb,
+        tangent_chunk=s.tangent_chunk,
     )
 
     def read(step: int) -> tuple[data.LocalBatch, dict]:
@@ -104,20 +106,19 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
 
     def score(
         step: int, batch: data.LocalBatch, read: dict
-    ) -> tuple[int, data.LocalBatch, dict, jax.Array, jax.Array]:
+    ) -> tuple[int, data.LocalBatch, dict, projection.Projected]:
         """Dispatch one batch to the devices (returns before they are done)."""
-        local = stage.task.model_inputs(read)
-        g, finite_g = project(
-            params, eig_state["eigvecs"], sharding.to_global(local, stage.mesh, s.batch_size)
+        return (
+            step,
+            batch,
+            read,
+            project(params, eig_state["eigvecs"], stage.task.model_inputs(read)),
         )
-        return step, batch, read, g, finite_g
 
-    def collect(
-        step: int, batch: data.LocalBatch, read: dict, g: jax.Array, finite_g: jax.Array
-    ) -> None:
+    def collect(step: int, batch: data.LocalBatch, read: dict, g: projection.Projected) -> None:
         """Fetch a dispatched batch's projections (waits for it) and hand them to the writer,
         after checking the whole global batch is finite (the same answer on every process)."""
-        if not bool(finite_g.addressable_data(0)):
+        if not g.all_finite():
             raise finite.NonFiniteError(
                 f"score step {step}: a projection g = G∇ℓ(x) is NaN or infinite; it was not "
                 "saved (parts finished before it are kept): check the trained params, the "
@@ -125,7 +126,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
             )
         if batch.part is not None:
             columns = {k: read[k][batch.mask] for k in output_columns}
-            writer.add(batch.part, columns, sharding.to_host_local(g)[batch.mask])
+            writer.add(batch.part, columns, g.local()[batch.mask])
             if batch.last:
                 writer.finish()
 
@@ -145,7 +146,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
                 writer.save_partial()
                 raise preemption.Preempted(f"scoring preempted at step {step}; finished parts kept")
             if step == 1:
-                jax.block_until_ready(current[3])
+                current[3].wait()
                 first_step_done = time.perf_counter()
         if pending is not None:
             collect(*pending)

@@ -3,7 +3,8 @@
 import ml_collections
 from jax.sharding import Mesh
 
-from influence import arnoldi, scoring
+from influence import arnoldi
+from parallel import projection
 from parallel.mesh import DATA_AXIS
 from pipeline.errors import InputError
 from tasks.base import Task
@@ -70,7 +71,12 @@ def check_score(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         raise InputError("score.read_threads must be >= 0 and score.read_ahead >= 1")
     if s.tangent_chunk < 0:
         raise InputError(f"score.tangent_chunk={s.tangent_chunk} must be 0 (off) or positive")
-    if s.mode not in scoring.PROJECTORS:
-        raise InputError(f"score.mode={s.mode!r}; choose one of {sorted(scoring.PROJECTORS)}")
+    if s.mode not in projection.MODES:
+        raise InputError(f"score.mode={s.mode!r}; choose one of {', '.join(projection.MODES)}")
+    if s.memory_budget_mb < 0:
+        raise InputError(
+            f"score.memory_budget_mb={s.memory_budget_mb} must be 0 (half the free memory) or "
+            "positive"
+        )
     if s.num_queries < 0 or s.top_k < 1:
         raise InputError("score.num_queries must be >= 0 and score.top_k >= 1")

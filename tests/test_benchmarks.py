@@ -33,6 +33,18 @@ def test_scoring_throughput_benchmark_prints_its_ratio() -> None:
     assert re.search(r"throughput 2 processes / 1 process = [0-9.]+", out)
 
 
+def test_scoring_modes_benchmark_prints_auto_ratio() -> None:
+    out = run(
+        "benchmarks.scoring_modes",
+        "--model=small_cnn",
+        "--num_examples=128",
+        "--batch_size=32",
+        "--top_k=3,12",
+    )
+    for top_k in (3, 12):
+        assert re.search(rf"^p̃={top_k}: forward .* auto / (forward|reverse) = [0-9.]+$", out, re.M)
+
+
 def test_streaming_benchmark_prints_rss_and_busy_fraction() -> None:
     out = run(
         "benchmarks.streaming",

@@ -1,6 +1,8 @@
 """End-to-end runs of the stages on tiny real MNIST: mesh invariance, resumption after SIGKILL,
 relative workdirs (the outputs themselves: tests/test_outputs.py)."""
 
+import logging
+import re
 import shutil
 
 import numpy as np
@@ -43,10 +45,11 @@ def test_eight_devices_match_one(trained_workdir, tmp_path):
     )
 
 
-def test_reverse_mode_scores_match_and_resume_forward_parts(trained_workdir, tmp_path):
+def test_reverse_mode_scores_match_and_resume_forward_parts(trained_workdir, tmp_path, caplog):
     """``score.mode=reverse`` gives the forward mode's scores (rtol 1e-4), and is a compatible
-    change: a workdir whose first part was scored in forward mode is finished in reverse."""
-    config = tiny_config()
+    change: a workdir whose first part was scored in forward mode is finished in reverse, here
+    under a memory budget that splits each batch into several calls."""
+    config = tiny_config(score__mode="forward")
     forward = _copy_params(trained_workdir, tmp_path / "forward")
     arnoldi.run(config, forward)
     score.run(config, forward)
@@ -57,7 +60,13 @@ def test_reverse_mode_scores_match_and_resume_forward_parts(trained_workdir, tmp
     assert len(parts) == 2
     parts[1].unlink()
     config.score.mode = "reverse"
-    score.run(config, mixed)
+    config.score.memory_budget_mb = 1
+    with caplog.at_level(logging.INFO):
+        score.run(config, mixed)
+    calls, rows = map(
+        int, re.search(r"reverse \((\d+) calls of (\d+) examples", caplog.text).groups()
+    )
+    assert calls > 1 and calls * rows == config.score.batch_size
     got = pd.read_parquet(mixed / "scores" / "train").sort_values("id")
     np.testing.assert_array_equal(got["id"], want["id"])
     np.testing.assert_allclose(got["self_influence"], want["self_influence"], rtol=1e-4, atol=1e-6)

@@ -1,0 +1,280 @@
+"""How the score job computes g = G∇ℓ(x) for a batch (Alg. 1, lines 19–22): forward or reverse
+mode (``influence/scoring.py``), each sized to a memory budget, and with ``score.mode=auto`` the
+faster of the two, timed on the job's first batch.
+
+The two modes cost very different things (Flax CNN, 2 CPU cores, 4,000 examples, p̃ = 100: JVPs
+136 s, per-example gradients and one GEMM 20 s; issue 11), and which is faster depends on the
+model, p̃, the batch and the hardware, so the job measures instead of guessing:
+
+- **memory**: every candidate is compiled for the job's shapes first and XLA's own account of the
+  program (``memory_analysis``: temporaries + outputs, per device) is held against
+  ``score.memory_budget_mb``. Forward mode bounds it with ``lax.map`` over chunks of tangents,
+  halving the chunk until it fits; reverse mode splits each global batch into more device calls
+  of fewer rows (a ``lax.map`` over rows inside one program ran 3.7× slower on the CNN);
+- **time** (auto, both fit): reverse mode scores the first batch (its result is kept: it *is*
+  step 1) and forward mode runs one tangent chunk of it, its time scaled by the number of chunks
+  (``lax.map`` runs them one after another), so the probe costs a fraction of a forward step;
+- **agreement**: every process takes the smallest budget and the largest time of all processes,
+  so all of them compile and run the same programs.
+
+The choice is logged (both times, the working memory, the choice) and is not part of the scores'
+fingerprint: the modes agree to rtol 1e-4, so resuming with another mode is a compatible change.
+"""
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from influence.selection import Selection
+from parallel import sharding, steps
+from parallel.mesh import DATA_AXIS
+
+MODES = ("auto", "forward", "reverse")
+# Largest tangent chunk forward mode starts from: working sets past a few tangents fall out of
+# cache (Flax CNN, p̃ = 100, batch 256: chunks of 5 took 0.44× the time of all 100 at once).
+FORWARD_CHUNK_CAP = 8
+MIB = 2**20
+
+
+class MemoryBudgetError(Exception):
+    """No way to score the configured batches fits ``score.memory_budget_mb`` (a user error)."""
+
+
+def budget_bytes(memory_budget_mb: float) -> int:
+    """``score.memory_budget_mb`` in bytes; 0 means half the memory free on a local device now
+    (accelerators: their allocator's limit less what is in use; CPU: available RAM shared by the
+    local devices), agreed on by all processes (the smallest)."""
+    if memory_budget_mb > 0:
+        budget = int(memory_budget_mb * MIB)
+    else:
+        stats = jax.local_devices()[0].memory_stats() or {}
+        if "bytes_limit" in stats:
+            budget = (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) // 2
+        else:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            budget = free // (2 * jax.local_device_count())
+    if jax.process_count() > 1:
+        budget = int(np.min(multihost_utils.process_allgather(np.int64(budget))))
+    return int(budget)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """One way to project a global batch: ``calls`` device calls of ``rows`` examples each."""
+
+    mode: str
+    tangent_chunk: int | None  # forward: tangents per lax.map step; None: all p̃ at once
+    calls: int
+    rows: int
+    working_bytes: int  # XLA's temporaries + outputs per device, one call
+    executable: Callable = dataclasses.field(repr=False)
+
+    def describe(self, num_vectors: int) -> str:
+        how = (
+            f"{self.tangent_chunk or num_vectors} of {num_vectors} tangents at a time"
+            if self.mode == "forward"
+            else f"{self.calls} call{'s' if self.calls > 1 else ''} of {self.rows} examples"
+        )
+        return f"{self.mode} ({how}, {self.working_bytes / MIB:,.0f} MiB per device)"
+
+
+@dataclasses.dataclass
+class Projected:
+    """A dispatched batch's projections, one (g, all finite) pair per device call."""
+
+    pieces: list[tuple[jax.Array, jax.Array]]
+
+    def wait(self) -> None:
+        jax.block_until_ready(self.pieces)
+
+    def all_finite(self) -> bool:
+        """Whether every projection of the global batch is finite (the same on every process)."""
+        return all(bool(finite.addressable_data(0)) for _, finite in self.pieces)
+
+    def local(self) -> np.ndarray:
+        """This process' rows of the batch, in its local order."""
+        return np.concatenate([sharding.to_host_local(g) for g, _ in self.pieces])
+
+
+class Projector:
+    """``projector(params, eigvecs, local_batch) -> Projected`` for global batches of
+    ``batch_size`` rows; the plan (mode, chunking, calls) is made at the first call, from the
+    first batch's shapes (and, under auto, its timing)."""
+
+    def __init__(
+        self,
+        per_example_loss: Callable,
+        param_sh: Any,
+        vector_sh: Any,
+        mesh: Mesh,
+        selection: Selection | None,
+        *,
+        batch_size: int,
+        mode: str,
+        memory_budget_mb: float,
+        tangent_chunk: int = 0,
+    ) -> None:
+        self._loss, self._param_sh, self._vector_sh = per_example_loss, param_sh, vector_sh
+        self._mesh, self._selection, self._batch_size = mesh, selection, batch_size
+        self._mode, self._budget_mb, self._tangent_chunk = mode, memory_budget_mb, tangent_chunk
+        self.plan: Plan | None = None
+
+    def __call__(self, params: Any, eigvecs: Any, local: dict[str, np.ndarray]) -> Projected:
+        if self.plan is None:
+            self.plan, first = self._choose(params, eigvecs, local)
+            if first is not None:
+                return first
+        return self._run(self.plan, params, eigvecs, local)
+
+    def _run(self, plan: Plan, params: Any, eigvecs: Any, local: dict) -> Projected:
+        """Dispatch ``plan.calls`` calls, each on consecutive local rows (every process' i-th
+        slice together form the i-th global sub-batch; ``Projected.local`` undoes the split)."""
+        size = len(next(iter(local.values()))) // plan.calls
+        pieces = []
+        for i in range(plan.calls):
+            piece = {k: v[i * size : (i + 1) * size] for k, v in local.items()}
+            pieces.append(
+                plan.executable(params, eigvecs, sharding.to_global(piece, self._mesh, plan.rows))
+            )
+        return Projected(pieces)
+
+    def _compile(
+        self, mode: str, chunk: int | None, rows: int, eigvecs: Any, local: dict
+    ) -> tuple[Callable, int]:
+        """The projector of ``mode`` compiled for ``rows`` global rows, and XLA's per-device
+        working memory for it (nothing runs)."""
+        fn = steps.jit_projector(
+            self._loss,
+            self._param_sh,
+            self._vector_sh,
+            self._mesh,
+            chunk,
+            self._selection,
+            checked=True,
+            mode=mode,
+        )
+        batch_sh = sharding.batch_sharding(self._mesh)
+        batch = {
+            k: jax.ShapeDtypeStruct(
+                (rows, *np.shape(v)[1:]), np.asarray(v).dtype, sharding=batch_sh
+            )
+            for k, v in local.items()
+        }
+        params = sharding.abstract_like(self._params_like, self._param_sh)
+        vectors = jax.tree.map(
+            lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding), eigvecs
+        )
+        compiled = fn.lower(params, vectors, batch).compile()
+        stats = compiled.memory_analysis()
+        working = stats.temp_size_in_bytes + stats.output_size_in_bytes if stats else 0
+        return compiled, int(working)
+
+    def _fit_forward(self, num_vectors: int, eigvecs: Any, local: dict, budget: int) -> Plan:
+        """Forward mode with the largest tangent chunk (≤ ``FORWARD_CHUNK_CAP``) that fits, or
+        ``score.tangent_chunk`` as given; ``working_bytes`` over budget when nothing fits."""
+        if self._tangent_chunk:
+            chunk: int | None = self._tangent_chunk
+        else:
+            chunk = None if num_vectors <= FORWARD_CHUNK_CAP else FORWARD_CHUNK_CAP
+        while True:
+            exe, working = self._compile("forward", chunk, self._batch_size, eigvecs, local)
+            plan = Plan("forward", chunk, 1, self._batch_size, working, exe)
+            width = chunk or num_vectors
+            if working <= budget or self._tangent_chunk or width == 1:
+                return plan
+            chunk = max(1, min(width // 2, int(width * budget / working)))
+
+    def _fit_reverse(self, eigvecs: Any, local: dict, budget: int) -> Plan:
+        """Reverse mode in the fewest calls per batch that fit (each call's rows a multiple of
+        the 'data' axis); ``working_bytes`` over budget when even the smallest call does not."""
+        b, data = self._batch_size, self._mesh.shape[DATA_AXIS]
+        splits = [k for k in range(1, b + 1) if b % k == 0 and (b // k) % data == 0]
+        k = splits[0]
+        while True:
+            exe, working = self._compile("reverse", None, b // k, eigvecs, local)
+            plan = Plan("reverse", None, k, b // k, working, exe)
+            wanted = k * working / budget
+            larger = [s for s in splits if s > k]
+            if working <= budget or not larger:
+                return plan
+            k = next((s for s in larger if s >= wanted), larger[-1])
+
+    def _choose(self, params: Any, eigvecs: Any, local: dict) -> tuple[Plan, Projected | None]:
+        self._params_like = params
+        budget = budget_bytes(self._budget_mb)
+        num_vectors = jax.tree.leaves(eigvecs)[0].shape[0]
+        modes = ("forward", "reverse") if self._mode == "auto" else (self._mode,)
+        fitted = {
+            "forward": lambda: self._fit_forward(num_vectors, eigvecs, local, budget),
+            "reverse": lambda: self._fit_reverse(eigvecs, local, budget),
+        }
+        plans = {m: fitted[m]() for m in modes}
+        fitting = {m: p for m, p in plans.items() if p.working_bytes <= budget}
+        if not fitting:
+            needs = ", ".join(
+                f"{p.describe(num_vectors)} needs {p.working_bytes / MIB:,.0f} MiB"
+                for p in plans.values()
+            )
+            raise MemoryBudgetError(
+                f"score.mode={self._mode}: no way to score batches of {self._batch_size} fits "
+                f"the memory budget of {budget / MIB:,.0f} MiB per device ({needs}): lower "
+                "score.batch_size or raise score.memory_budget_mb"
+            )
+        if len(fitting) == 1:
+            (plan,) = fitting.values()
+            reason = "as configured" if self._mode != "auto" else "the only mode that fits"
+            logging.info("score.mode=%s: %s, %s", self._mode, plan.describe(num_vectors), reason)
+            return plan, None
+        reverse, forward = fitting["reverse"], fitting["forward"]
+        start = time.perf_counter()
+        first = self._run(reverse, params, eigvecs, local)
+        first.wait()
+        seconds = {"reverse": time.perf_counter() - start}
+        seconds["forward"], how = self._time_forward(forward, num_vectors, params, eigvecs, local)
+        if jax.process_count() > 1:
+            both = multihost_utils.process_allgather(
+                np.array([seconds["reverse"], seconds["forward"]])
+            )
+            seconds = dict(zip(("reverse", "forward"), np.max(both, axis=0).tolist(), strict=True))
+        plan = min(fitting.values(), key=lambda p: seconds[p.mode])
+        logging.info(
+            "score.mode=auto: reverse %s %.3f s per batch of %d; forward %s %.3f s (%s); chose %s",
+            reverse.describe(num_vectors),
+            seconds["reverse"],
+            self._batch_size,
+            forward.describe(num_vectors),
+            seconds["forward"],
+            how,
+            plan.mode,
+        )
+        return plan, first
+
+    def _time_forward(
+        self, plan: Plan, num_vectors: int, params: Any, eigvecs: Any, local: dict
+    ) -> tuple[float, str]:
+        """Seconds forward mode takes per batch: one tangent chunk timed, times the chunks."""
+        chunk = plan.tangent_chunk or num_vectors
+        chunks = math.ceil(num_vectors / chunk)
+        if chunks == 1:
+            start = time.perf_counter()
+            self._run(plan, params, eigvecs, local).wait()
+            return time.perf_counter() - start, "timed on the batch"
+        head = jax.jit(
+            lambda v: jax.tree.map(lambda x: x[:chunk], v),
+            out_shardings=sharding.stacked_shardings(self._vector_sh),
+        )(eigvecs)
+        exe, working = self._compile("forward", None, self._batch_size, head, local)
+        probe = Plan("forward", None, 1, self._batch_size, working, exe)
+        start = time.perf_counter()
+        self._run(probe, params, head, local).wait()
+        seconds = time.perf_counter() - start
+        return seconds * chunks, f"{seconds:.3f} s for one chunk of {chunk}, times {chunks}"
