@@ -179,12 +179,14 @@ class Projector:
         return compiled, int(working)
 
     def _fit_forward(self, num_vectors: int, eigvecs: Any, local: dict, budget: int) -> Plan:
-        """Forward mode with the largest tangent chunk (≤ ``FORWARD_CHUNK_CAP``) that fits, or
+        """Forward mode with the largest equal tangent chunks (≤ ``FORWARD_CHUNK_CAP``) that fit, or
         ``score.tangent_chunk`` as given; ``working_bytes`` over budget when nothing fits."""
         if self._tangent_chunk:
             chunk: int | None = self._tangent_chunk
-        else:
-            chunk = None if num_vectors <= FORWARD_CHUNK_CAP else FORWARD_CHUNK_CAP
+        elif num_vectors <= FORWARD_CHUNK_CAP:
+            chunk = None
+        else:  # equal chunks (10 tangents: 5 + 5, not 8 + 2)
+            chunk = -(-num_vectors // -(-num_vectors // FORWARD_CHUNK_CAP))
         while True:
             exe, working = self._compile("forward", chunk, self._batch_size, eigvecs, local)
             plan = Plan("forward", chunk, 1, self._batch_size, working, exe)
@@ -247,7 +249,7 @@ class Projector:
             seconds = dict(zip(("reverse", "forward"), np.max(both, axis=0).tolist(), strict=True))
         plan = min(fitting.values(), key=lambda p: seconds[p.mode])
         logging.info(
-            "score.mode=auto: reverse %s %.3f s per batch of %d; forward %s %.3f s (%s); chose %s",
+            "score.mode=auto: %s %.3f s per batch of %d; %s %.3f s (%s); chose %s",
             reverse.describe(num_vectors),
             seconds["reverse"],
             self._batch_size,

@@ -26,4 +26,10 @@ def ahead(
         return
     steps = grain.MapDataset.range(start, stop).map(read)
     options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(buffer, 1))
-    yield from steps.to_iter_dataset(options)
+    iterator = iter(steps.to_iter_dataset(options))
+    try:
+        yield from iterator
+    finally:  # end Grain's reader threads with the loop (done, preempted or failed), not at exit
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()

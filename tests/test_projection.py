@@ -68,8 +68,8 @@ def test_auto_times_both_modes_and_keeps_the_first_batch(caplog) -> None:
         assert_same(project(params, eigvecs, local), want)
     assert project.plan is not None
     line = next(r.getMessage() for r in caplog.records if "score.mode=auto" in r.getMessage())
-    assert "reverse (1 call of 64 examples" in line and "forward (8 of 12 tangents" in line
-    assert "one chunk of 8, times 2" in line and line.endswith(f"chose {project.plan.mode}")
+    assert "auto: reverse (1 call of 64 examples" in line and "; forward (6 of 12 tangents" in line
+    assert "one chunk of 6, times 2" in line and line.endswith(f"chose {project.plan.mode}")
     assert_same(project(params, eigvecs, local), want)
 
 
@@ -89,8 +89,8 @@ def test_budget_splits_reverse_into_calls_of_whole_device_rows() -> None:
 
 
 def test_budget_chunks_forward_tangents() -> None:
-    """Forward mode starts from chunks of 8 tangents and halves them to fit the budget; a
-    configured ``score.tangent_chunk`` is kept as given."""
+    """Forward mode starts from equal chunks of at most 8 tangents (16: 8 + 8) and halves them to
+    fit the budget; a configured ``score.tangent_chunk`` is kept as given."""
     task, mesh, param_sh, params, eigvecs, local = setup("small_cnn", 1, 16)
     want = reference(task, params, eigvecs, local)
     roomy = projector(task, mesh, param_sh, "forward", 4096)
