@@ -148,10 +148,11 @@ class Projector:
         return Projected(pieces)
 
     def _compile(
-        self, mode: str, chunk: int | None, rows: int, eigvecs: Any, local: dict
+        self, mode: str, chunk: int | None, rows: int, params: Any, eigvecs: Any, local: dict
     ) -> tuple[Callable, int]:
-        """The projector of ``mode`` compiled for ``rows`` global rows, and XLA's per-device
-        working memory for it (nothing runs)."""
+        """The projector of ``mode`` compiled for ``rows`` global rows (the shapes and layouts of
+        ``params``, ``eigvecs`` and ``local``'s columns), and XLA's per-device working memory
+        for it (nothing runs)."""
         fn = steps.jit_projector(
             self._loss,
             self._param_sh,
@@ -169,16 +170,14 @@ class Projector:
             )
             for k, v in local.items()
         }
-        params = sharding.abstract_like(self._params_like, self._param_sh)
-        vectors = jax.tree.map(
-            lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding), eigvecs
-        )
-        compiled = fn.lower(params, vectors, batch).compile()
+        compiled = fn.lower(params, eigvecs, batch).compile()
         stats = compiled.memory_analysis()
         working = stats.temp_size_in_bytes + stats.output_size_in_bytes if stats else 0
         return compiled, int(working)
 
-    def _fit_forward(self, num_vectors: int, eigvecs: Any, local: dict, budget: int) -> Plan:
+    def _fit_forward(
+        self, num_vectors: int, params: Any, eigvecs: Any, local: dict, budget: int
+    ) -> Plan:
         """Forward mode with the largest equal tangent chunks (≤ ``FORWARD_CHUNK_CAP``) that fit, or
         ``score.tangent_chunk`` as given; ``working_bytes`` over budget when nothing fits."""
         if self._tangent_chunk:
@@ -188,21 +187,21 @@ class Projector:
         else:  # equal chunks (10 tangents: 5 + 5, not 8 + 2)
             chunk = -(-num_vectors // -(-num_vectors // FORWARD_CHUNK_CAP))
         while True:
-            exe, working = self._compile("forward", chunk, self._batch_size, eigvecs, local)
+            exe, working = self._compile("forward", chunk, self._batch_size, params, eigvecs, local)
             plan = Plan("forward", chunk, 1, self._batch_size, working, exe)
             width = chunk or num_vectors
             if working <= budget or self._tangent_chunk or width == 1:
                 return plan
             chunk = max(1, min(width // 2, int(width * budget / working)))
 
-    def _fit_reverse(self, eigvecs: Any, local: dict, budget: int) -> Plan:
+    def _fit_reverse(self, params: Any, eigvecs: Any, local: dict, budget: int) -> Plan:
         """Reverse mode in the fewest calls per batch that fit (each call's rows a multiple of
         the 'data' axis); ``working_bytes`` over budget when even the smallest call does not."""
         b, data = self._batch_size, self._mesh.shape[DATA_AXIS]
         splits = [k for k in range(1, b + 1) if b % k == 0 and (b // k) % data == 0]
         k = splits[0]
         while True:
-            exe, working = self._compile("reverse", None, b // k, eigvecs, local)
+            exe, working = self._compile("reverse", None, b // k, params, eigvecs, local)
             plan = Plan("reverse", None, k, b // k, working, exe)
             wanted = k * working / budget
             larger = [s for s in splits if s > k]
@@ -211,15 +210,13 @@ class Projector:
             k = next((s for s in larger if s >= wanted), larger[-1])
 
     def _choose(self, params: Any, eigvecs: Any, local: dict) -> tuple[Plan, Projected | None]:
-        self._params_like = params
         budget = budget_bytes(self._budget_mb)
         num_vectors = jax.tree.leaves(eigvecs)[0].shape[0]
-        modes = ("forward", "reverse") if self._mode == "auto" else (self._mode,)
-        fitted = {
-            "forward": lambda: self._fit_forward(num_vectors, eigvecs, local, budget),
-            "reverse": lambda: self._fit_reverse(eigvecs, local, budget),
-        }
-        plans = {m: fitted[m]() for m in modes}
+        plans = {}
+        if self._mode in ("auto", "forward"):
+            plans["forward"] = self._fit_forward(num_vectors, params, eigvecs, local, budget)
+        if self._mode in ("auto", "reverse"):
+            plans["reverse"] = self._fit_reverse(params, eigvecs, local, budget)
         fitting = {m: p for m, p in plans.items() if p.working_bytes <= budget}
         if not fitting:
             needs = ", ".join(
@@ -274,7 +271,7 @@ class Projector:
             lambda v: jax.tree.map(lambda x: x[:chunk], v),
             out_shardings=sharding.stacked_shardings(self._vector_sh),
         )(eigvecs)
-        exe, working = self._compile("forward", None, self._batch_size, head, local)
+        exe, working = self._compile("forward", None, self._batch_size, params, head, local)
         probe = Plan("forward", None, 1, self._batch_size, working, exe)
         start = time.perf_counter()
         self._run(probe, params, head, local).wait()
