@@ -56,14 +56,18 @@ def budget_bytes(memory_budget_mb: float) -> int:
     if memory_budget_mb > 0:
         budget = int(memory_budget_mb * MIB)
     else:
-        stats = jax.local_devices()[0].memory_stats() or {}
-        if "bytes_limit" in stats:
-            budget = (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) // 2
-        else:
+        device = jax.local_devices()[0]
+        stats = (device.memory_stats() if device.platform != "cpu" else None) or {}
+        free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
+        if free > 0:
+            budget = free // 2
+        else:  # CPU: its figures are not an allocator's (a distributed CPU client's are past it)
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
             budget = free // (2 * jax.local_device_count())
     if jax.process_count() > 1:
-        budget = int(np.min(multihost_utils.process_allgather(np.int64(budget))))
+        # In MiB: without jax_enable_x64 the gathered array is 32-bit, and bytes overflow it.
+        mib = multihost_utils.process_allgather(np.float32(budget / MIB))
+        budget = int(float(np.min(mib)) * MIB)
     return int(budget)
 
 
