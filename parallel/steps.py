@@ -13,7 +13,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from influence import arnoldi, distill, scoring
+from influence import arnoldi, distill, factorised, scoring
 from influence.hvp import HVP
 from influence.selection import Selection
 from parallel.mesh import DATA_AXIS
@@ -114,8 +114,9 @@ def jit_projector(
 ) -> scoring.Projector:
     """(params, eigvecs, batch) → (batch, p̃) projections, rows sharded over 'data'; the
     eigenvectors span the ``selection``'s leaves, laid out by ``vector_sh``. ``mode``: forward
-    (JVPs, ``tangent_chunk`` tangents at a time) or reverse (per-example gradients and one GEMM;
-    ``tangent_chunk`` must be None). ``checked``: also return whether every projection of the
+    (JVPs, ``tangent_chunk`` tangents at a time) or reverse (per-example gradients and one GEMM,
+    dense and conv layers in the factorised form of ``influence/factorised.py``; ``tangent_chunk``
+    must be None). ``checked``: also return whether every projection of the
     global batch is finite (replicated, computed in the same program, so reading it waits for
     this batch only). ``parallel/projection.py`` chooses the mode and chunking."""
     if mode == "forward":
@@ -125,16 +126,11 @@ def jit_projector(
         # to the SPMD partitioner, the vmapped conv weight gradients of a batch sharded over
         # 'data' came out wrong on every device but the first (JAX 0.10.2, CPU; off by up to
         # 100% on the small CNN, tests/test_projection.py). Params and eigenvectors enter whole;
-        # the params are cast to device-varying, else shard_map's autodiff sums the gradients
-        # of a replicated input over the devices.
-        reverse = scoring.make_reverse_projector(per_example_loss, selection)
-
-        def local_rows(params: Any, eigvecs: Any, batch: Any) -> jax.Array:
-            vary = lambda x: jax.lax.pcast(x, DATA_AXIS, to="varying")  # noqa: E731
-            return reverse(jax.tree.map(vary, params), eigvecs, batch)
-
+        # the differentiated inputs are cast to device-varying, else shard_map's autodiff sums
+        # their gradients over the devices.
+        vary = lambda x: jax.lax.pcast(x, DATA_AXIS, to="varying")  # noqa: E731
         project = jax.shard_map(
-            local_rows,
+            factorised.make_factorised_projector(per_example_loss, selection, vary),
             mesh=mesh,
             in_specs=(P(), P(), P(DATA_AXIS)),
             out_specs=P(DATA_AXIS),
