@@ -117,6 +117,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.distill.top_k = 20  # p̃, eigenpairs kept
     config.distill.positive_only = False  # keep the p̃ largest positive λ instead of largest |λ|
     config.distill.symmetric = True  # eigh of the symmetrised Hessenberg block (else general eig)
+    # Added to every eigenvalue when scoring: influence through (H + damping·I)⁻¹.
+    config.distill.damping = 0.0
+    # The complement of the top-p̃ eigenspace as an isotropic 1/σ (influence/scoring.tail_sigma):
+    # "none"; "damping": σ = l2 + damping; "ritz": from the Ritz values beyond p̃. Adds the
+    # *_tail columns beside the plain scores (costs ‖∇ℓ(x)‖² and the query gradients' products).
+    config.distill.tail = "none"
 
     config.score = ml_collections.ConfigDict()
     config.score.batch_size = 256  # global examples per JVP call

@@ -124,8 +124,11 @@ def _patches(module: nn.Conv, x: jax.Array) -> jax.Array:
     )
 
 
-def _project_call(call: _Call, x: jax.Array, delta: jax.Array, v_kernel: jax.Array) -> jax.Array:
-    """(B, p̃) ⟨∇_W ℓ, V_k⟩ of one call from its inputs x and output cotangents δ (batch first)."""
+def _project_call(
+    call: _Call, x: jax.Array, delta: jax.Array, v_kernel: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(B, p̃) ⟨∇_W ℓ, V_k⟩ of one call from its inputs x and output cotangents δ (batch first),
+    and (B,) ‖∇_W ℓ‖²: ‖x‖²‖δ‖² for one position, else of the per-example matrix formed anyway."""
     b = x.shape[0]
     if isinstance(call.module, nn.Conv):
         patches = _patches(call.module, x.reshape(b * x.shape[1], *x.shape[2:]))
@@ -134,21 +137,32 @@ def _project_call(call: _Call, x: jax.Array, delta: jax.Array, v_kernel: jax.Arr
             "btf,bto->bfo", patches.reshape(b, -1, patches.shape[-1]), delta.reshape(b, -1, cout)
         )
         per_example = per_example.reshape(b, cin, kh, kw, cout).transpose(0, 2, 3, 1, 4)
-        return jnp.einsum("bhwio,khwio->bk", per_example, v_kernel)
+        return jnp.einsum("bhwio,khwio->bk", per_example, v_kernel), _sqnorm(per_example)
     cin, cout = v_kernel.shape[1:]
     x, delta = x.reshape(b, -1, cin), delta.reshape(b, -1, cout)
     if x.shape[1] == 1:  # (x V_k)·δ: no in × out matrix per example
-        return jnp.einsum("bko,bo->bk", jnp.einsum("bi,kio->bko", x[:, 0], v_kernel), delta[:, 0])
-    return jnp.einsum("bio,kio->bk", jnp.einsum("bti,bto->bio", x, delta), v_kernel)
+        g = jnp.einsum("bko,bo->bk", jnp.einsum("bi,kio->bko", x[:, 0], v_kernel), delta[:, 0])
+        return g, _sqnorm(x) * _sqnorm(delta)
+    per_example = jnp.einsum("bti,bto->bio", x, delta)
+    return jnp.einsum("bio,kio->bk", per_example, v_kernel), _sqnorm(per_example)
+
+
+def _sqnorm(rows: jax.Array) -> jax.Array:
+    """(B,) squared norms of batch-first rows."""
+    return jnp.sum(jnp.square(rows.reshape(rows.shape[0], -1)), axis=1)
 
 
 def make_factorised_projector(
     per_example_loss: PerExampleLoss,
     selection: Selection | None = None,
     vary: Callable[[jax.Array], jax.Array] | None = None,
+    sqnorm: bool = False,
 ) -> Projector:
     """``project(params, eigvecs, batch) -> (batch_size, p̃)``: reverse mode's projections, the
     dense and conv layers' in the factorised form above (the same numbers to float32 round-off).
+
+    ``sqnorm``: one more column, ‖∇ℓ(x)‖² over the selected leaves (what the tail term of
+    ``influence.scoring`` needs), from the same pass; ``eigvecs`` may then have no rows.
 
     ``vary``, inside ``shard_map``: marks the differentiated inputs (the params and the zero
     perturbations) as varying over the devices, else shard_map's autodiff would sum their
@@ -192,17 +206,20 @@ def make_factorised_projector(
         eps = [vary(jnp.zeros(s.shape, s.dtype)) for s in outputs]
         grad = jax.grad(example_loss, argnums=(0, 1), has_aux=True)
         (deltas, rest_grads), inputs = jax.vmap(grad, in_axes=(None, None, 0))(eps, rest, batch)
-        g = sum(
-            jnp.tensordot(
-                gr.reshape(gr.shape[0], -1), flat_v[p].reshape(flat_v[p].shape[0], -1), (1, 1)
-            )
-            for p, gr in rest_grads.items()
-        )
+        rows, num_vectors = jax.tree.leaves(batch)[0].shape[0], jax.tree.leaves(eigvecs)[0].shape[0]
+        g, norms = jnp.zeros((rows, num_vectors)), jnp.zeros((rows,))
+        for p, gr in rest_grads.items():
+            flat_g = gr.reshape(gr.shape[0], -1)
+            g = g + jnp.tensordot(flat_g, flat_v[p].reshape(num_vectors, -1), (1, 1))
+            norms = norms + _sqnorm(flat_g)
         for call, x, delta in zip(calls, inputs, deltas, strict=True):
-            g = g + _project_call(call, x, delta, flat_v[call.kernel])
+            projected, sq = _project_call(call, x, delta, flat_v[call.kernel])
+            g, norms = g + projected, norms + sq
             if call.bias:
                 sums = delta.reshape(delta.shape[0], -1, delta.shape[-1]).sum(1)
-                g = g + sums @ flat_v[call.bias].T
+                g, norms = g + sums @ flat_v[call.bias].T, norms + _sqnorm(sums)
+        if sqnorm:
+            g = jnp.concatenate([g, norms[:, None]], axis=1)
         return jnp.asarray(g, jnp.float32)
 
     return project

@@ -112,7 +112,8 @@ class Projected:
 class Projector:
     """``projector(params, eigvecs, local_batch) -> Projected`` for global batches of
     ``batch_size`` rows; the plan (mode, chunking, calls) is made at the first call, from the
-    first batch's shapes (and, under auto, its timing)."""
+    first batch's shapes (and, under auto, its timing). ``sqnorm``: each row has one more
+    column, ‖∇ℓ(x)‖² (``steps.jit_projector``)."""
 
     def __init__(
         self,
@@ -126,10 +127,12 @@ class Projector:
         mode: str,
         memory_budget_mb: float,
         tangent_chunk: int = 0,
+        sqnorm: bool = False,
     ) -> None:
         self._loss, self._param_sh, self._vector_sh = per_example_loss, param_sh, vector_sh
         self._mesh, self._selection, self._batch_size = mesh, selection, batch_size
         self._mode, self._budget_mb, self._tangent_chunk = mode, memory_budget_mb, tangent_chunk
+        self._sqnorm = sqnorm
         self.plan: Plan | None = None
 
     def __call__(self, params: Any, eigvecs: Any, local: dict[str, np.ndarray]) -> Projected:
@@ -166,6 +169,7 @@ class Projector:
             self._selection,
             checked=True,
             mode=mode,
+            sqnorm=self._sqnorm,
         )
         batch_sh = sharding.batch_sharding(self._mesh)
         batch = {

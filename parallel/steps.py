@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from influence import arnoldi, distill, factorised, scoring
 from influence.hvp import HVP
-from influence.selection import Selection
+from influence.selection import Selection, restricted
 from parallel.mesh import DATA_AXIS
 from parallel.sharding import batch_sharding, replicated, stacked_shardings
 
@@ -111,6 +111,7 @@ def jit_projector(
     selection: Selection | None = None,
     checked: bool = False,
     mode: str = "forward",
+    sqnorm: bool = False,
 ) -> scoring.Projector:
     """(params, eigvecs, batch) → (batch, p̃) projections, rows sharded over 'data'; the
     eigenvectors span the ``selection``'s leaves, laid out by ``vector_sh``. ``mode``: forward
@@ -118,23 +119,33 @@ def jit_projector(
     dense and conv layers in the factorised form of ``influence/factorised.py``; ``tangent_chunk``
     must be None). ``checked``: also return whether every projection of the
     global batch is finite (replicated, computed in the same program, so reading it waits for
-    this batch only). ``parallel/projection.py`` chooses the mode and chunking."""
+    this batch only). ``sqnorm``: one more column, ‖∇ℓ(x)‖² (the tail term's), in forward mode
+    from a reverse pass in the same program (its memory counted with the rest).
+    ``parallel/projection.py`` chooses the mode and chunking."""
+    # Each device computes its own rows' per-example gradients (shard_map over 'data'): left to
+    # the SPMD partitioner, the vmapped conv weight gradients of a batch sharded over 'data' came
+    # out wrong on every device but the first (JAX 0.10.2, CPU; off by up to 100% on the small
+    # CNN, tests/test_projection.py). Params and eigenvectors enter whole; the differentiated
+    # inputs are cast to device-varying, else shard_map's autodiff sums their gradients over the
+    # devices.
+    vary = lambda x: jax.lax.pcast(x, DATA_AXIS, to="varying")  # noqa: E731
+    reverse = jax.shard_map(
+        factorised.make_factorised_projector(per_example_loss, selection, vary, sqnorm),
+        mesh=mesh,
+        in_specs=(P(), P(), P(DATA_AXIS)),
+        out_specs=P(DATA_AXIS),
+    )
     if mode == "forward":
-        project = scoring.make_projector(per_example_loss, tangent_chunk, selection)
+        forward = scoring.make_projector(per_example_loss, tangent_chunk, selection)
+        if sqnorm:
+            none = lambda v: jax.tree.map(lambda x: x[:0], v)  # noqa: E731
+            project = lambda p, v, b: jnp.concatenate(  # noqa: E731
+                [forward(p, v, b), reverse(p, none(v), b)], axis=1
+            )
+        else:
+            project = forward
     elif mode == "reverse" and tangent_chunk is None:
-        # Each device computes its own rows' per-example gradients (shard_map over 'data'): left
-        # to the SPMD partitioner, the vmapped conv weight gradients of a batch sharded over
-        # 'data' came out wrong on every device but the first (JAX 0.10.2, CPU; off by up to
-        # 100% on the small CNN, tests/test_projection.py). Params and eigenvectors enter whole;
-        # the differentiated inputs are cast to device-varying, else shard_map's autodiff sums
-        # their gradients over the devices.
-        vary = lambda x: jax.lax.pcast(x, DATA_AXIS, to="varying")  # noqa: E731
-        project = jax.shard_map(
-            factorised.make_factorised_projector(per_example_loss, selection, vary),
-            mesh=mesh,
-            in_specs=(P(), P(), P(DATA_AXIS)),
-            out_specs=P(DATA_AXIS),
-        )
+        project = reverse
     else:
         raise ValueError(f"mode={mode!r} with tangent_chunk={tangent_chunk}")
     rows = NamedSharding(mesh, P(DATA_AXIS, None))
@@ -147,4 +158,31 @@ def jit_projector(
         fn,
         in_shardings=(param_sh, stacked_shardings(vector_sh), batch_sharding(mesh)),
         out_shardings=out_shardings,
+    )
+
+
+def jit_example_grads(
+    per_example_loss: Callable,
+    param_sh: Any,
+    vector_sh: Any,
+    mesh: Mesh,
+    selection: Selection | None = None,
+) -> Callable[[Any, dict], Any]:
+    """(params, batch) → the q per-example gradients ∇ℓ(z) of a small replicated batch as a
+    stacked (q, …) pytree over the selected leaves, laid out like the eigenvectors: the query
+    gradients that the tail term of train → test influence projects every example onto."""
+
+    def grads(params: Any, batch: dict) -> Any:
+        loss, primal = restricted(per_example_loss, params, selection)
+
+        def one(example: dict) -> Any:
+            single = jax.tree.map(lambda x: x[None], example)
+            return jax.grad(lambda p: loss(p, single)[0])(primal)
+
+        return jax.vmap(one)(batch)
+
+    return jax.jit(
+        grads,
+        in_shardings=(param_sh, replicated(mesh)),
+        out_shardings=stacked_shardings(vector_sh),
     )

@@ -23,9 +23,12 @@ from pipeline.errors import InputError
 from pipeline.progress import Progress
 from pipeline.stage import Stage
 
+# The input checks of this stage; a job of several stages runs them all before the first.
+CHECK = validate.check_arnoldi
+
 
 def run(config, workdir) -> None:
-    stage = Stage.setup(config, workdir, validate.check_arnoldi)
+    stage = Stage.setup(config, workdir, CHECK)
     params, params_id = artifacts.restore_params(stage)
     with Checkpointer(stage.path(wd.EIGENPAIRS), async_save=False) as eig_ckpt:
         if _eigenpairs_done(eig_ckpt, stage, params_id):

@@ -112,6 +112,15 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str,
         "num_iters": eig["num_iters_completed"],
         "model": config.model,
     }
+    if "self_influence_tail" in table.column_names:  # distill.tail: both rankings, side by side
+        tail = retrieval_metrics(flipped, table.column("self_influence_tail").to_numpy())
+        result.update({f"{k}_tail": v for k, v in tail.items() if k != "random_ap"})
+        logging.info(
+            "with the tail (distill.tail=%s): AUC %.4f, AP %.4f",
+            config.distill.tail,
+            tail["auc"],
+            tail["ap"],
+        )
     if jax.process_index() == 0:
         outputs.write_json(wd.path(workdir, wd.METRICS_JSON), result)
         _plot_retrieval(epath.Path(workdir) / "roc_pr.png", flipped, self_influence, m)

@@ -2,7 +2,9 @@
 
 ``scores/<split>/part-XXXXX-of-YYYYY.parquet`` holds rows [start, stop) of the split: the example
 id, the task's record columns and corruption flag (MNIST: label, flipped), self-influence and the
-p̃ projections g(x). A part file is written
+p̃ projections g(x); with ``distill.tail`` also ‖∇ℓ(x)‖² (``grad_sqnorm``), the tail-corrected
+self-influence (``self_influence_tail``) and, when queries are traced, ⟨∇ℓ(x), ∇ℓ(z_j)⟩ for each
+query z_j (``query_dots``). A part file is written
 atomically by the process that scored it (the leader of its row group), so a restarted job skips
 finished parts and reading the directory gives every example exactly once. The rows of a part cut
 short by a preemption go to ``_partial.<part>.parquet`` (a leading '_' hides it from readers);
@@ -22,23 +24,49 @@ from pipeline import outputs
 from pipeline.data import Part
 
 
-def table(columns: dict[str, np.ndarray], g: np.ndarray, eigvals: np.ndarray) -> pa.Table:
-    """A part's rows: the host ``columns`` (``Task.output_columns``), self-influence (Alg. 1,
-    line 24) and the projections."""
-    return pa.table(
-        {
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """What the projector's rows hold: p̃ projections, then (with the tail) ``num_dots`` inner
+    products with the query gradients and ‖∇ℓ(x)‖² last; ``sigma`` the tail's σ or None."""
+
+    num_vectors: int
+    num_dots: int = 0
+    sigma: float | None = None
+
+    def table(
+        self, columns: dict[str, np.ndarray], rows: np.ndarray, eigvals: np.ndarray
+    ) -> pa.Table:
+        """A part's rows: the host ``columns`` (``Task.output_columns``), self-influence (Alg. 1,
+        line 24) and the projections, and the tail's columns."""
+        g = rows[:, : self.num_vectors]
+        out = {
             **columns,
             "self_influence": np.asarray(scoring.self_influence(g, eigvals), np.float32),
-            "projections": pa.FixedSizeListArray.from_arrays(
-                pa.array(g.reshape(-1), pa.float32()), g.shape[1]
-            ),
+            "projections": _matrix(g),
         }
+        if self.sigma is not None:
+            sqnorm = rows[:, -1]
+            out["grad_sqnorm"] = np.asarray(sqnorm, np.float32)
+            out["self_influence_tail"] = np.asarray(
+                scoring.self_influence(g, eigvals, sqnorm, self.sigma), np.float32
+            )
+            if self.num_dots:
+                out["query_dots"] = _matrix(
+                    rows[:, self.num_vectors : self.num_vectors + self.num_dots]
+                )
+        return pa.table(out)
+
+
+def _matrix(values: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(
+        pa.array(np.ascontiguousarray(values, np.float32).reshape(-1), pa.float32()),
+        values.shape[1],
     )
 
 
-def projections(part: pa.Table) -> np.ndarray:
-    """The (rows, p̃) float32 projections of a part table."""
-    column = part.column("projections").combine_chunks()
+def projections(part: pa.Table, name: str = "projections") -> np.ndarray:
+    """The (rows, p̃) float32 projections of a part table (or another matrix column)."""
+    column = part.column(name).combine_chunks()
     return column.flatten().to_numpy().reshape(len(column), -1).astype(np.float32)
 
 
@@ -84,8 +112,9 @@ class PartWriter:
     the same rows as the leader, which alone writes them.
     """
 
-    def __init__(self, scores_dir: epath.Path, eigvals: np.ndarray, enabled: bool):
+    def __init__(self, scores_dir: epath.Path, eigvals: np.ndarray, layout: Layout, enabled: bool):
         self._dir, self._eigvals, self._enabled = scores_dir, eigvals, enabled
+        self._layout = layout
         self._part: Part | None = None
         self._columns: list[dict[str, np.ndarray]] = []
         self._projections: list[np.ndarray] = []
@@ -98,7 +127,7 @@ class PartWriter:
 
     def _merged(self) -> pa.Table:
         merged = {k: np.concatenate([c[k] for c in self._columns]) for k in self._columns[0]}
-        rows = table(merged, np.concatenate(self._projections), self._eigvals)
+        rows = self._layout.table(merged, np.concatenate(self._projections), self._eigvals)
         if self._part.done:  # rows scored before a preemption come first
             saved = outputs.read_parquet(partial_path(self._dir, self._part))
             rows = pa.concat_tables([saved, rows.cast(saved.schema)])

@@ -8,19 +8,23 @@ busy: Grain threads read and decode the next ``score.read_ahead`` batches (``pip
 and batch i + 1 is dispatched before the projections of batch i are fetched to the host and
 written.
 
+With ``distill.tail`` each row also gets ‖∇ℓ(x)‖² (one more column of the projector) and, for
+train → test, its products with the query gradients ∇ℓ(z), computed once here and appended to G
+as extra tangents (forward) or GEMM columns (reverse); ``pipeline/parts.py`` derives the tail
+columns from them.
+
 On SIGTERM every process stops at the same step and saves the rows its unfinished part has so far;
 the next run scores only the rest of that part. Then each of ``score.num_queries`` eval examples
 is traced back to its ``score.top_k`` strongest training proponents and opponents, streaming over
-the train parts.
+the train parts (``pipeline/queries.py``).
 """
 
 import time
-from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import pyarrow as pa
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
@@ -37,22 +41,45 @@ from pipeline import (
     parts,
     preemption,
     prefetch,
+    queries,
     validate,
 )
 from pipeline import workdir as wd
+from pipeline.errors import InputError
 from pipeline.progress import Progress
 from pipeline.stage import Stage
 
 SPLITS = ("train", "eval")
-TOPK_FILE = "influence_topk.parquet"
+TOPK_FILE = queries.TOPK_FILE
+
+
+# The input checks of this stage; a job of several stages runs them all before the first.
+CHECK = validate.check_score
 
 
 def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
-    stage = Stage.setup(config, workdir, validate.check_score)
-    s = config.score
+    stage = Stage.setup(config, workdir, CHECK)
+    s, d = config.score, config.distill
     params, params_id = artifacts.restore_params(stage)
     eig_state, eig_meta = artifacts.restore_eigenpairs(stage, params_id)
-    eigvals = sharding.replicated_to_host(eig_state["eigvals"])
+    eigvals = sharding.replicated_to_host(eig_state["eigvals"]) + np.float32(d.damping)
+    try:
+        sigma = scoring.tail_sigma(
+            d.tail,
+            l2=config.l2,
+            damping=d.damping,
+            ritz_values=eig_meta["all_ritz_values"],
+            top_k=d.top_k,
+        )
+    except ValueError as e:
+        raise InputError(str(e)) from e
+    tangents, layout = eig_state["eigvecs"], parts.Layout(d.top_k)
+    if sigma is not None and s.num_queries:
+        query_grads = queries.query_gradients(stage, params, s.num_queries)
+        tangents = jax.tree.map(lambda v, q: jnp.concatenate([v, q]), tangents, query_grads)
+        layout = parts.Layout(d.top_k, jax.tree.leaves(query_grads)[0].shape[0], sigma)
+    elif sigma is not None:
+        layout = parts.Layout(d.top_k, 0, sigma)
 
     scores_dir = stage.path(wd.SCORES)
     fingerprint = wd.scores_fingerprint(config, eig_meta["eigenpairs_id"])
@@ -63,6 +90,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
         meta = {
             "fingerprint": fingerprint,
             "eigvals": eigvals.tolist(),
+            "tail_sigma": sigma,
             "task": stage.task.name,
             "corruption_column": stage.task.corruption_column,
         }
@@ -76,7 +104,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
     remaining = parts.remaining(scores_dir, plan)
     rows = sharding.local_rows(stage.mesh, s.batch_size)
     num_groups, group, leader = sharding.row_groups(stage.mesh, s.batch_size)
-    writer = parts.PartWriter(scores_dir, eigvals, enabled=leader)
+    writer = parts.PartWriter(scores_dir, eigvals, layout, enabled=leader)
     batches = data.scoring_plan(remaining, num_groups, group, rows.size)
     logging.info(
         "scoring %d of %d parts (%d resumed) in %d steps of %d examples (%d row groups)",
@@ -97,6 +125,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
         mode=s.mode,
         memory_budget_mb=s.memory_budget_mb,
         tangent_chunk=s.tangent_chunk,
+        sqnorm=sigma is not None,
     )
 
     def read(step: int) -> tuple[data.LocalBatch, dict]:
@@ -112,7 +141,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
             step,
             batch,
             read,
-            project(params, eig_state["eigvecs"], stage.task.model_inputs(read)),
+            project(params, tangents, stage.task.model_inputs(read)),
         )
 
     def collect(step: int, batch: data.LocalBatch, read: dict, g: projection.Projected) -> None:
@@ -161,39 +190,4 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("scores written")
     if s.num_queries and jax.process_index() == 0 and not (scores_dir / TOPK_FILE).exists():
-        trace_queries(scores_dir, eigvals, s.num_queries, s.top_k)
-
-
-def trace_queries(
-    scores_dir: epath.Path, eigvals: np.ndarray, num_queries: int, top_k: int
-) -> None:
-    """The ``top_k`` strongest training proponents and opponents of the first ``num_queries`` eval
-    examples (Alg. 1, line 26), merged part by part so the train projections never need to fit in
-    memory at once."""
-    queries = outputs.read_parquet_dir(scores_dir / "eval")
-    queries = queries.slice(0, min(num_queries, queries.num_rows))
-    g_query, query_ids = parts.projections(queries), queries.column("id").to_numpy()
-    records: dict[str, list[Any]] = {
-        k: [] for k in ("query_id", "kind", "rank", "train_id", "influence")
-    }
-    for kind, sign in (("proponent", 1.0), ("opponent", -1.0)):
-        best = np.empty((0, len(query_ids)), np.float32)
-        best_ids = np.empty((0, len(query_ids)), np.int64)
-        for file in sorted((scores_dir / "train").glob("part-*.parquet")):
-            part = outputs.read_parquet(file)
-            values = sign * np.asarray(scoring.influence(parts.projections(part), g_query, eigvals))
-            ids = np.broadcast_to(part.column("id").to_numpy()[:, None], values.shape)
-            candidates = np.concatenate([best, values])
-            candidate_ids = np.concatenate([best_ids, ids])
-            keep, _ = scoring.top_influential(candidates, min(top_k, len(candidates)))
-            best = np.take_along_axis(candidates, np.asarray(keep).T, axis=0)
-            best_ids = np.take_along_axis(candidate_ids, np.asarray(keep).T, axis=0)
-        for q, query_id in enumerate(query_ids):
-            for rank in range(best.shape[0]):
-                records["query_id"].append(query_id)
-                records["kind"].append(kind)
-                records["rank"].append(rank)
-                records["train_id"].append(best_ids[rank, q])
-                records["influence"].append(sign * best[rank, q])
-    outputs.write_parquet(scores_dir / TOPK_FILE, pa.table(records))
-    logging.info("traced %d queries to their top-%d training examples", len(query_ids), top_k)
+        queries.trace(scores_dir, eigvals, s.num_queries, s.top_k, sigma)

@@ -57,8 +57,12 @@ def evaluate(
     return {k: v / source.num_examples for k, v in result.items()}
 
 
+# The input checks of this stage; a job of several stages runs them all before the first.
+CHECK = validate.check_train
+
+
 def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
-    stage = Stage.setup(config, workdir, validate.check_train)
+    stage = Stage.setup(config, workdir, CHECK)
     fingerprint = stage.train_fingerprint
     fix = "use a new --workdir or restore the original config"
     with Checkpointer(stage.path(wd.PARAMS), async_save=False) as params_ckpt:

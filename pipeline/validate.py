@@ -3,7 +3,7 @@
 import ml_collections
 from jax.sharding import Mesh
 
-from influence import arnoldi
+from influence import arnoldi, scoring
 from parallel import projection
 from parallel.mesh import DATA_AXIS
 from pipeline.errors import InputError
@@ -80,3 +80,13 @@ def check_score(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         )
     if s.num_queries < 0 or s.top_k < 1:
         raise InputError("score.num_queries must be >= 0 and score.top_k >= 1")
+    d = config.distill
+    if d.tail not in scoring.TAILS:
+        raise InputError(f"distill.tail={d.tail!r}; choose one of {', '.join(scoring.TAILS)}")
+    if not d.damping >= 0:
+        raise InputError(f"distill.damping={d.damping} must be >= 0")
+    if d.tail == "damping":
+        try:
+            scoring.tail_sigma(d.tail, l2=config.l2, damping=d.damping, ritz_values=[], top_k=0)
+        except ValueError as e:
+            raise InputError(str(e)) from e

@@ -134,6 +134,9 @@ def eigenpairs_fingerprint(
 
 
 def scores_fingerprint(config: ml_collections.ConfigDict, eigenpairs_id: str) -> dict[str, Any]:
+    """The damping and the tail count only when set, so scores saved before they existed keep
+    their fingerprint."""
+    d = config.distill
     return {
         "eigenpairs_id": eigenpairs_id,
         **flat(config.data, "data."),
@@ -141,4 +144,6 @@ def scores_fingerprint(config: ml_collections.ConfigDict, eigenpairs_id: str) ->
         "score.examples_per_shard": config.score.examples_per_shard,
         "score.num_queries": config.score.num_queries,
         "score.top_k": config.score.top_k,
+        **({"distill.damping": d.damping} if d.damping else {}),
+        **({"distill.tail": d.tail} if d.tail != "none" else {}),
     }

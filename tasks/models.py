@@ -5,6 +5,9 @@
   enough that the exact Hessian (2,410²) fits in memory and validates Arnoldi.
 - ``FlaxMnistCNN``: the CNN of the Flax MNIST example (two 3×3 conv layers, 32 and 64 channels,
   average pooling, a 256-unit dense layer); 824,458 parameters.
+- ``SoftmaxRegression``: multinomial logistic regression on the pixels (7,850 parameters). With
+  L2 its loss is strictly convex, so a leave-one-out retrain has one answer to compare influence
+  against (``benchmarks/loo.py``).
 """
 
 import flax.linen as nn
@@ -38,4 +41,23 @@ class FlaxMnistCNN(nn.Module):
         return nn.Dense(self.num_classes)(x)
 
 
-MODELS: dict[str, type[nn.Module]] = {"small_cnn": KohLiangCNN, "flax_cnn": FlaxMnistCNN}
+class SoftmaxRegression(nn.Module):
+    """Dense(10) on the flattened image, logits = x W + b; ``pool`` > 1 first averages
+    pool × pool pixel blocks (14 × 14 inputs, 1,970 params at pool=2: the leave-one-out test's
+    size)."""
+
+    num_classes: int = 10
+    pool: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.pool > 1:
+            x = nn.avg_pool(x, (self.pool, self.pool), strides=(self.pool, self.pool))
+        return nn.Dense(self.num_classes)(x.reshape((x.shape[0], -1)))
+
+
+MODELS: dict[str, type[nn.Module]] = {
+    "small_cnn": KohLiangCNN,
+    "flax_cnn": FlaxMnistCNN,
+    "softmax": SoftmaxRegression,
+}

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
@@ -22,8 +23,15 @@ from tasks.sources import read_all
 from tests.pipeline_helpers import eigvals, scores, tiny_config
 from tests.pipeline_helpers import steps as saved_steps
 
-# Parts of 48 rows in batches of 16 (256 train rows: 6 parts, the last ragged).
-CONFIG = {"score__batch_size": 16, "score__examples_per_shard": 48}
+# Parts of 48 rows in batches of 16 (256 train rows: 6 parts, the last ragged), with the tail
+# (σ = l2 + damping): its columns are checked beside the plain ones.
+CONFIG = {
+    "score__batch_size": 16,
+    "score__examples_per_shard": 48,
+    "distill__tail": "damping",
+    "distill__damping": 0.01,
+}
+SIGMA = 1e-3 + 0.01  # the runlocal preset's l2 + the damping
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +57,16 @@ def test_outputs_hold_every_example_once(finished: Path) -> None:
     assert (flips["clean_label"] != flips["label"]).all()
     g = np.stack(train_scores["projections"].to_numpy())
     assert g.shape == (config.data.num_train, config.distill.top_k)
+    λ = eigvals(finished) + config.distill.damping
+    np.testing.assert_allclose(train_scores["self_influence"], (g**2 / λ).sum(1), rtol=1e-5)
+    sqnorm = train_scores["grad_sqnorm"].to_numpy()
     np.testing.assert_allclose(
-        train_scores["self_influence"], (g**2 / eigvals(finished)).sum(1), rtol=1e-5
+        train_scores["self_influence_tail"],
+        (g**2 / λ).sum(1) + (sqnorm - (g**2).sum(1)) / SIGMA,
+        rtol=1e-5,
+    )
+    assert json.loads((finished / "scores" / "meta.json").read_text())["tail_sigma"] == (
+        pytest.approx(SIGMA)
     )
     assert len(pd.read_parquet(finished / "scores" / "eval")) == config.data.num_eval
     topk = pd.read_parquet(finished / "scores" / score.TOPK_FILE)
@@ -65,14 +81,30 @@ def test_outputs_hold_every_example_once(finished: Path) -> None:
 
 
 def test_stored_projections_are_the_projector_on_that_example(finished: Path) -> None:
-    """For 20 random training ids and 10 eval ids, the stored row (projections, label, flipped)
-    equals the projector run directly, unsharded and unjitted, on the example with that id read
+    """For 20 random training ids and 10 eval ids, the stored row (projections, label, flipped,
+    and the tail's ‖∇ℓ(x)‖² and ⟨∇ℓ(x), ∇ℓ(z_j)⟩ for the queries z_j) equals the projector and
+    explicit gradients run directly, unsharded and unjitted, on the example with that id read
     from the source; a row/id misalignment anywhere in scoring or writing fails here."""
     config = tiny_config(**CONFIG)
     stage = Stage.setup(config, finished, validate.check_score)
     params, params_id = artifacts.restore_params(stage)
     eig_state, _ = artifacts.restore_eigenpairs(stage, params_id)
     project = scoring.make_projector(stage.task.per_example_loss)
+    loss = stage.task.per_example_loss
+
+    def flat_grads(batch: dict) -> np.ndarray:
+        def one(image, label):
+            tree = jax.grad(lambda p: loss(p, {"image": image[None], "label": label[None]})[0])
+            return jax.flatten_util.ravel_pytree(tree(params))[0]
+
+        return np.asarray(jax.vmap(one)(batch["image"], batch["label"]), np.float64)
+
+    eval_source = read_all(stage.split("eval"))
+    queries = {
+        k: jnp.asarray(v[: config.score.num_queries])
+        for k, v in stage.task.model_inputs(eval_source).items()
+    }
+    query_grads = flat_grads(queries)
     rng = np.random.default_rng(20261201)
     for split, count in (("train", 20), ("eval", 10)):
         stored = scores(finished, split).set_index("id")
@@ -90,20 +122,28 @@ def test_stored_projections_are_the_projector_on_that_example(finished: Path) ->
             want = np.asarray(project(params, eig_state["eigvecs"], batch))
         got = np.stack(stored.loc[ids, "projections"].to_numpy())
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+        grads = flat_grads(batch)
+        np.testing.assert_allclose(stored.loc[ids, "grad_sqnorm"], (grads**2).sum(1), rtol=1e-4)
+        dots = np.stack(stored.loc[ids, "query_dots"].to_numpy())
+        want_dots = grads @ query_grads.T
+        np.testing.assert_allclose(dots, want_dots, rtol=1e-4, atol=1e-5 * np.abs(want_dots).max())
         np.testing.assert_array_equal(stored.loc[ids, "label"], source["label"][positions])
         np.testing.assert_array_equal(stored.loc[ids, "flipped"], source["flipped"][positions])
 
 
 def test_query_tracing_is_a_direct_top_k(finished: Path) -> None:
     """influence_topk.parquet, merged part by part while streaming, equals the top-k of the full
-    (train x query) influence matrix computed at once from every stored row."""
+    (train x query) tail-corrected influence matrix computed at once from every stored row (the
+    plain influence of the same pairs beside it)."""
     config = tiny_config(**CONFIG)
-    λ = eigvals(finished)
+    λ = eigvals(finished) + config.distill.damping
     train_rows = pd.read_parquet(finished / "scores" / "train")
     queries = pd.read_parquet(finished / "scores" / "eval").iloc[: config.score.num_queries]
     g_train = np.stack(train_rows["projections"].to_numpy()).astype(np.float64)
     g_query = np.stack(queries["projections"].to_numpy()).astype(np.float64)
-    influence = (g_train / λ) @ g_query.T  # (train, query): Alg. 1, line 26
+    plain = (g_train / λ) @ g_query.T  # (train, query): Alg. 1, line 26
+    dots = np.stack(train_rows["query_dots"].to_numpy()).astype(np.float64)
+    influence = plain + (dots - g_train @ g_query.T) / SIGMA
     topk = pd.read_parquet(finished / "scores" / score.TOPK_FILE)
     k = config.score.top_k
     assert len(topk) == 2 * len(queries) * k
@@ -116,7 +156,8 @@ def test_query_tracing_is_a_direct_top_k(finished: Path) -> None:
             np.testing.assert_array_equal(
                 traced["train_id"], train_rows["id"].to_numpy()[order[:k]]
             )
-            np.testing.assert_allclose(traced["influence"], influence[order[:k], q], rtol=1e-4)
+            np.testing.assert_allclose(traced["influence_tail"], influence[order[:k], q], rtol=1e-4)
+            np.testing.assert_allclose(traced["influence"], plain[order[:k], q], rtol=1e-4)
 
 
 def test_metrics_are_scikit_learns(finished: Path) -> None:
@@ -134,6 +175,9 @@ def test_metrics_are_scikit_learns(finished: Path) -> None:
         top = ranked[: round(pct / 100 * len(ranked))]
         assert saved[f"recall_at_{pct}pct"] == pytest.approx(top.sum() / flipped.sum())
     assert saved["num_flipped"] == flipped.sum() == round(0.2 * len(rows))
+    tail = rows["self_influence_tail"].to_numpy()
+    assert saved["auc_tail"] == pytest.approx(sk.roc_auc_score(flipped, tail), abs=1e-12)
+    assert saved["ap_tail"] == pytest.approx(sk.average_precision_score(flipped, tail), abs=1e-12)
 
 
 def test_resumed_arnoldi_runs_only_the_missing_iterations(

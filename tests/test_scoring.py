@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from influence import arnoldi, distill, scoring
+from influence import arnoldi, distill, factorised, scoring
 from influence.distill import Eigenpairs
 from influence.hvp import make_hvp
 from influence.types import Batch, Params
+from parallel import sharding, steps
+from parallel.mesh import make_mesh
 from tasks import mnist
 from tasks.base import ClassificationTask
 from tasks.sources import read_all
@@ -200,3 +202,65 @@ def test_top_influential_matches_argsort(k: int) -> None:
 
     opponents, _ = scoring.top_influential(-jnp.asarray(scores), k)
     np.testing.assert_array_equal(np.asarray(opponents), np.argsort(scores.T, axis=1)[:, :k])
+
+
+def test_tail_corrected_scores_match_the_explicit_inverse_with_an_isotropic_complement(
+    task: ClassificationTask,
+    params: Params,
+    splits: tuple[Batch, Batch, Batch],
+    eigenpairs: Eigenpairs,
+) -> None:
+    """With the tail, self-influence and train → test influence are the quadratic forms of
+    Gᵀ diag(1/λ) G + (I − GᵀG)/σ over explicit per-example gradients, fed with what the score job
+    computes: ‖∇ℓ(x)‖² from the factorised reverse pass (``sqnorm``) and ⟨∇ℓ(x), ∇ℓ(z)⟩ as the
+    projections onto the query gradients (``jit_example_grads``' layout, stacked like G)."""
+    _, train, test = splits
+    sigma = 0.37
+    eigvals = jnp.asarray(eigenpairs.eigvals, jnp.float32)
+    project = jax.jit(scoring.make_projector(task.per_example_loss))
+    g_train = project(params, eigenpairs.eigvecs, train)
+    g_test = project(params, eigenpairs.eigvecs, test)
+    with_norm = jax.jit(factorised.make_factorised_projector(task.per_example_loss, sqnorm=True))
+    sqnorm = with_norm(params, eigenpairs.eigvecs, train)[:, -1]
+    mesh = make_mesh(1, 1, 1)
+    param_sh = jax.tree.map(lambda _: sharding.replicated(mesh), params)
+    query_grads = steps.jit_example_grads(task.per_example_loss, param_sh, param_sh, mesh)(
+        params, test
+    )
+    dots = project(params, query_grads, train)
+
+    g = eigvec_matrix(eigenpairs)
+    grads_train = per_example_gradients(task, params, train)
+    grads_test = per_example_gradients(task, params, test)
+    inverse = g.T @ np.diag(1.0 / eigenpairs.eigvals) @ g + (np.eye(g.shape[1]) - g.T @ g) / sigma
+    want_self = np.einsum("ip,pq,iq->i", grads_train, inverse, grads_train)
+    want_cross = grads_train @ inverse @ grads_test.T
+
+    np.testing.assert_allclose(np.asarray(sqnorm), (grads_train**2).sum(1), rtol=1e-5)
+    got_self = np.asarray(scoring.self_influence(g_train, eigvals, sqnorm, sigma))
+    got_cross = np.asarray(scoring.influence(g_train, g_test, eigvals, dots, sigma))
+    np.testing.assert_allclose(got_self, want_self, rtol=1e-4, atol=scale_atol(want_self))
+    np.testing.assert_allclose(got_cross, want_cross, rtol=1e-4, atol=scale_atol(want_cross))
+    # Without the tail the same call is the plain score.
+    np.testing.assert_array_equal(
+        np.asarray(scoring.self_influence(g_train, eigvals, sqnorm, None)),
+        np.asarray(scoring.self_influence(g_train, eigvals)),
+    )
+
+
+def test_tail_sigma_rules() -> None:
+    """damping: l2 + damping; ritz: the harmonic mean of the positive Ritz values outside the
+    top p̃ by |λ|, + damping; a σ that is not positive is a one-line error naming the fix."""
+    ritz = np.array([10.0, -8.0, 4.0, 2.0, -0.5, 1.0])
+    assert scoring.tail_sigma("none", l2=1e-3, damping=0.0, ritz_values=ritz, top_k=2) is None
+    assert scoring.tail_sigma("damping", l2=1e-3, damping=0.01, ritz_values=[], top_k=2) == (
+        pytest.approx(0.011)
+    )
+    # Beyond the top 2 by |λ| (10, -8): 4, 2, -0.5, 1 → positive 4, 2, 1 → 3 / (1/4 + 1/2 + 1).
+    assert scoring.tail_sigma("ritz", l2=0.0, damping=0.5, ritz_values=ritz, top_k=2) == (
+        pytest.approx(3 / 1.75 + 0.5)
+    )
+    with pytest.raises(ValueError, match=r"distill\.damping"):
+        scoring.tail_sigma("damping", l2=0.0, damping=0.0, ritz_values=ritz, top_k=2)
+    with pytest.raises(ValueError, match=r"raise arnoldi\.num_iters"):
+        scoring.tail_sigma("ritz", l2=0.0, damping=0.0, ritz_values=ritz[:2], top_k=2)
