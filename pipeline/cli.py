@@ -11,6 +11,7 @@ import importlib
 import logging as logging_std
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -64,6 +65,11 @@ _HEARTBEAT = flags.DEFINE_integer(
 )
 
 
+# How long an at-once exit waits, with stdout/stderr already on /dev/null, for writes that other
+# threads began before to finish, so the error line lands after them.
+_DRAIN_SECS = 0.2
+
+
 def _fail(message: str, code: int = 2, at_once: bool = False) -> None:
     """One line on stderr and exit ``code``. ``at_once`` skips interpreter shutdown, where a
     failed run's background work would print more (Orbax's orphaned write tasks) or wait (the
@@ -72,7 +78,9 @@ def _fail(message: str, code: int = 2, at_once: bool = False) -> None:
     With ``at_once`` the line is also the last one against threads that are still running: when
     a peer dies, Orbax's background commit thread can time out at its barrier while the main
     thread's collective fails, and it logs a traceback. So stdout and stderr are pointed at
-    /dev/null first, and the line goes to a duplicate of the original stderr."""
+    /dev/null first, and the line goes to a duplicate of the original stderr after a pause: a
+    write another thread had already begun on the old stderr still lands there, and the pause
+    lets it finish before the line (a CI run saw one land after it without the pause)."""
     line = f"error: {' '.join(message.split())}\n"
     if not at_once:
         sys.stderr.write(line)
@@ -85,6 +93,7 @@ def _fail(message: str, code: int = 2, at_once: bool = False) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
+    time.sleep(_DRAIN_SECS)
     os.write(original, line.encode())
     os._exit(code)
 
@@ -172,8 +181,14 @@ class _QuietLibraries(logging_std.Filter):
         return record.levelno > logging_std.INFO or "/orbax/" not in record.pathname
 
 
-def run_stages(stages: Sequence[Stage], config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Run ``stages`` in order; user errors exit 2 with one line. Process 0 alone logs at INFO."""
+def run_stages(
+    stages: Sequence[Stage],
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    checks: Sequence[Callable[[ml_collections.ConfigDict, Any], None]] = (),
+) -> None:
+    """Run ``stages`` in order after ``checks`` (``stage.check_all``); user errors exit 2 with
+    one line. Process 0 alone logs at INFO."""
     logging.get_absl_handler().addFilter(_QuietLibraries())
     if jax.process_index() > 0:
         logging.set_verbosity(logging.WARNING)
@@ -183,6 +198,10 @@ def run_stages(stages: Sequence[Stage], config: ml_collections.ConfigDict, workd
     logging.info("config:\n%s", config)
     preemption.install_handler()
     try:
+        if checks:
+            from pipeline import stage as stage_lib  # heavy: not in the supervisor's imports
+
+            stage_lib.check_all(config, checks)
         wd.ensure_writable(workdir)
         for stage in stages:
             stage(config, workdir)
@@ -253,7 +272,8 @@ def main(stage_modules: Sequence[str]) -> None:
             runtime.initialize()
         except distributed.DistributedError as e:
             _fail(str(e))
-        stages = [importlib.import_module(name).run for name in stage_modules]
-        run_stages(stages, _CONFIG.value, _WORKDIR.value)
+        modules = [importlib.import_module(name) for name in stage_modules]
+        checks = [m.CHECK for m in modules if hasattr(m, "CHECK")] if len(modules) > 1 else []
+        run_stages([m.run for m in modules], _CONFIG.value, _WORKDIR.value, checks)
 
     app.run(_main, flags_parser=_parse_flags)

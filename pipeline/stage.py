@@ -9,7 +9,7 @@ comes next and takes the Stage.
 """
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -27,6 +27,16 @@ from tasks.base import Task
 from tasks.sources import Source
 
 Check = Callable[[ml_collections.ConfigDict, Mesh], None]
+
+
+def check_all(config: ml_collections.ConfigDict, checks: Sequence[Check]) -> None:
+    """Every stage's input checks at once, before the first stage of a job that runs several
+    (jobs.pipeline): a bad score field stops the job before training, not after it."""
+    finite.check_config(config)
+    m = config.mesh
+    mesh = make_mesh(m.data, m.model, m.num_devices, m.num_slices)
+    for check in checks:
+        check(config, mesh)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Bad input ends in one clear line before any expensive work, and nothing saved is touched."""
 
+import re
 import shutil
 
 import pytest
@@ -27,6 +28,25 @@ def test_unknown_config_key_is_one_line(tmp_path):
 def test_unknown_preset_is_one_line(tmp_path):
     result = run_job("train", tmp_path, "--config=configs/mnist.py:runlocl")
     assert "unknown config preset 'runlocl'" in _one_line_error(result)
+
+
+def test_bad_score_field_stops_the_pipeline_before_training(tmp_path):
+    result = run_job("pipeline", tmp_path, "--config.distill.tail=bogus")
+    assert "distill.tail='bogus'; choose one of none, damping, ritz" in _one_line_error(result)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        ({"distill__tail": "damping", "l2": 0.0}, "l2 + distill.damping > 0"),
+        ({"distill__damping": -1.0}, "distill.damping=-1.0 must be >= 0"),
+    ],
+)
+def test_tail_without_a_floor(tmp_path, overrides, named):
+    with pytest.raises(InputError, match=re.escape(named)):
+        score.run(tiny_config(**overrides), tmp_path)
+    assert not any(tmp_path.iterdir())
 
 
 def test_missing_params_checkpoint(tmp_path):
