@@ -330,7 +330,7 @@ _L2 = flags.DEFINE_float("l2", 1e-2, "L2 coefficient of the objective (the tail'
 _TOP_K = flags.DEFINE_list("top_k", ["10", "50", "100"], "p̃ values.")
 _NUM_ITERS = flags.DEFINE_integer("num_iters", 200, "Arnoldi iterations n.")
 _NUM_TEST = flags.DEFINE_integer("num_test", 3, "Highest-loss eval examples.")
-_PER_TEST = flags.DEFINE_integer("per_test", 40, "Training points retrained without, per test.")
+_PER_TEST = flags.DEFINE_integer("per_test", 30, "Training points retrained without, per test.")
 
 
 def main(argv: list[str]) -> None:

@@ -140,6 +140,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.score.read_ahead = 4  # batches read ahead of the one on the devices
     config.score.num_queries = 16  # eval examples traced back to their top training examples
     config.score.top_k = 10  # proponents and opponents kept per query
+    # Queries scored against one training part at once: memory is (part rows × query_block) floats
+    # plus (num_queries × top_k) candidates, whatever the number of queries and examples.
+    config.score.query_block = 1024
 
     config.log_every_secs = 10.0  # progress lines and TensorBoard scalars
     return config

@@ -22,6 +22,8 @@ from pipeline import outputs, parts
 from pipeline.stage import Stage
 
 TOPK_FILE = "influence_topk.parquet"
+# Queries scored against a training part at once: the block is (part rows × QUERY_BLOCK) floats.
+QUERY_BLOCK = 1024
 
 
 def query_gradients(stage: Stage, params: Any, num_queries: int) -> Any:
@@ -46,43 +48,77 @@ def trace(
     num_queries: int,
     top_k: int,
     sigma: float | None = None,
+    query_block: int = QUERY_BLOCK,
 ) -> None:
     """Write ``TOPK_FILE``: per query, kind (proponent/opponent), rank, train id and influence
-    (and ``influence_tail``, the ranking, with the tail's ``sigma``)."""
+    (and ``influence_tail``, the ranking, with the tail's ``sigma``).
+
+    Memory is bounded whatever the number of queries and training examples: the training parts
+    are read one at a time, each scored against ``query_block`` queries at once (a (rows ×
+    query_block) block of influences), and merged into a running top-k per query and kind, so
+    what is held is one part, one block and (num_queries × top_k) candidates.
+    """
     queries = outputs.read_parquet_dir(scores_dir / "eval")
     queries = queries.slice(0, min(num_queries, queries.num_rows))
     g_query, query_ids = parts.projections(queries), queries.column("id").to_numpy()
     names = ("influence", "influence_tail") if sigma is not None else ("influence",)
-    records: dict[str, list[Any]] = {
-        k: [] for k in ("query_id", "kind", "rank", "train_id", *names)
-    }
-    for kind, sign in (("proponent", 1.0), ("opponent", -1.0)):
-        best = np.empty((0, len(query_ids), len(names)), np.float32)
-        best_ids = np.empty((0, len(query_ids)), np.int64)
-        for file in sorted((scores_dir / "train").glob("part-*.parquet")):
-            part = outputs.read_parquet(file)
-            g = parts.projections(part)
-            values = [np.asarray(scoring.influence(g, g_query, eigvals))]
+    best = {kind: _TopK(top_k, len(query_ids), len(names)) for kind in KINDS}
+    for file in sorted((scores_dir / "train").glob("part-*.parquet")):
+        part = outputs.read_parquet(file)
+        g, ids = parts.projections(part), part.column("id").to_numpy()
+        dots = parts.projections(part, "query_dots") if sigma is not None else None
+        for start in range(0, len(query_ids), query_block):
+            block = slice(start, min(start + query_block, len(query_ids)))
+            values = [np.asarray(scoring.influence(g, g_query[block], eigvals))]
             if sigma is not None:
-                dots = parts.projections(part, "query_dots")[:, : len(query_ids)]
-                values.append(np.asarray(scoring.influence(g, g_query, eigvals, dots, sigma)))
-            values = np.stack(values, axis=-1)  # (rows, queries, names)
-            ids = np.broadcast_to(part.column("id").to_numpy()[:, None], values.shape[:2])
-            candidates = np.concatenate([best, values])
-            candidate_ids = np.concatenate([best_ids, ids])
-            keep, _ = scoring.top_influential(
-                sign * candidates[..., -1], min(top_k, len(candidates))
-            )
-            keep = np.asarray(keep).T  # (k, queries)
-            best = np.take_along_axis(candidates, keep[..., None], axis=0)
-            best_ids = np.take_along_axis(candidate_ids, keep, axis=0)
-        for q, query_id in enumerate(query_ids):
-            for rank in range(best.shape[0]):
-                records["query_id"].append(query_id)
-                records["kind"].append(kind)
-                records["rank"].append(rank)
-                records["train_id"].append(best_ids[rank, q])
-                for i, name in enumerate(names):
-                    records[name].append(best[rank, q, i])
-    outputs.write_parquet(scores_dir / TOPK_FILE, pa.table(records))
+                values.append(
+                    np.asarray(scoring.influence(g, g_query[block], eigvals, dots[:, block], sigma))
+                )
+            values = np.stack(values, axis=-1)  # (rows, queries in the block, names)
+            for kind, sign in KINDS.items():
+                best[kind].merge(block, sign * values[..., -1], values, ids)
+    tables = [best[kind].table(kind, query_ids, names) for kind in KINDS]
+    outputs.write_parquet(scores_dir / TOPK_FILE, pa.concat_tables(tables))
     logging.info("traced %d queries to their top-%d training examples", len(query_ids), top_k)
+
+
+# Proponents rank by decreasing influence, opponents by increasing.
+KINDS = {"proponent": 1.0, "opponent": -1.0}
+
+
+class _TopK:
+    """A running top-k over training rows for every query: keys (k, queries), the values kept
+    beside them (k, queries, names) and the rows' ids; −inf keys are empty slots."""
+
+    def __init__(self, k: int, num_queries: int, width: int) -> None:
+        self.keys = np.full((k, num_queries), -np.inf, np.float32)
+        self.values = np.zeros((k, num_queries, width), np.float32)
+        self.ids = np.full((k, num_queries), -1, np.int64)
+
+    def merge(self, block: slice, keys: np.ndarray, values: np.ndarray, ids: np.ndarray) -> None:
+        """Fold in ``keys`` (rows, queries in ``block``) of the training rows ``ids``; ties keep
+        the row seen first."""
+        k = self.keys.shape[0]
+        keys = np.concatenate([self.keys[:, block], keys])
+        values = np.concatenate([self.values[:, block], values])
+        rows = np.broadcast_to(ids[:, None], (len(ids), keys.shape[1]))
+        ids = np.concatenate([self.ids[:, block], rows])
+        # XLA's TopK: O(n log k) per query, and of equal keys the lower index (the earlier row).
+        order = np.asarray(jax.lax.top_k(keys.T, k)[1]).T
+        self.keys[:, block] = np.take_along_axis(keys, order, axis=0)
+        self.values[:, block] = np.take_along_axis(values, order[..., None], axis=0)
+        self.ids[:, block] = np.take_along_axis(ids, order, axis=0)
+
+    def table(self, kind: str, query_ids: np.ndarray, names: tuple[str, ...]) -> pa.Table:
+        """One row per (query, rank) filled, query-major, ranks in order."""
+        k, num_queries = self.keys.shape
+        filled = np.isfinite(self.keys.T).ravel()
+        columns = {
+            "query_id": np.repeat(query_ids, k)[filled],
+            "kind": np.full(filled.sum(), kind),
+            "rank": np.tile(np.arange(k), num_queries)[filled],
+            "train_id": self.ids.T.ravel()[filled],
+        }
+        for i, name in enumerate(names):
+            columns[name] = self.values[..., i].T.ravel()[filled]
+        return pa.table(columns)

@@ -190,4 +190,4 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("scores written")
     if s.num_queries and jax.process_index() == 0 and not (scores_dir / TOPK_FILE).exists():
-        queries.trace(scores_dir, eigvals, s.num_queries, s.top_k, sigma)
+        queries.trace(scores_dir, eigvals, s.num_queries, s.top_k, sigma, s.query_block)

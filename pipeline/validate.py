@@ -62,6 +62,10 @@ def check_sizes(config: ml_collections.ConfigDict, task: Task) -> None:
             )
 
 
+# Queries the tail's train → test takes (each one more tangent per example and one more stored float).
+MAX_TAIL_QUERIES = 256
+
+
 def check_score(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     s = config.score
     _divisible(s.batch_size, mesh.shape[DATA_AXIS], "score.batch_size")
@@ -78,13 +82,22 @@ def check_score(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
             f"score.memory_budget_mb={s.memory_budget_mb} must be 0 (half the free memory) or "
             "positive"
         )
-    if s.num_queries < 0 or s.top_k < 1:
-        raise InputError("score.num_queries must be >= 0 and score.top_k >= 1")
+    if s.num_queries < 0 or s.top_k < 1 or s.query_block < 1:
+        raise InputError(
+            "score.num_queries must be >= 0, score.top_k >= 1 and score.query_block >= 1"
+        )
     d = config.distill
     if d.tail not in scoring.TAILS:
         raise InputError(f"distill.tail={d.tail!r}; choose one of {', '.join(scoring.TAILS)}")
     if not d.damping >= 0:
         raise InputError(f"distill.damping={d.damping} must be >= 0")
+    if d.tail != "none" and s.num_queries > MAX_TAIL_QUERIES:
+        raise InputError(
+            f"distill.tail={d.tail} with score.num_queries={s.num_queries}: the tail's train → "
+            "test needs every query's gradient as an extra tangent (or GEMM column) and stores "
+            f"num_queries products per training example, so it takes at most {MAX_TAIL_QUERIES} "
+            "queries; lower score.num_queries, or set distill.tail=none to trace any number"
+        )
     if d.tail == "damping":
         try:
             scoring.tail_sigma(d.tail, l2=config.l2, damping=d.damping, ritz_values=[], top_k=0)

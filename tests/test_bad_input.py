@@ -41,9 +41,11 @@ def test_bad_score_field_stops_the_pipeline_before_training(tmp_path):
     [
         ({"distill__tail": "damping", "l2": 0.0}, "l2 + distill.damping > 0"),
         ({"distill__damping": -1.0}, "distill.damping=-1.0 must be >= 0"),
+        ({"distill__tail": "ritz", "score__num_queries": 257}, "takes at most 256 queries"),
+        ({"score__query_block": 0}, "score.query_block >= 1"),
     ],
 )
-def test_tail_without_a_floor(tmp_path, overrides, named):
+def test_bad_tail_and_query_fields(tmp_path, overrides, named):
     with pytest.raises(InputError, match=re.escape(named)):
         score.run(tiny_config(**overrides), tmp_path)
     assert not any(tmp_path.iterdir())
