@@ -52,6 +52,23 @@ def make_projector(
     return project
 
 
+def example_grads(
+    per_example_loss: PerExampleLoss,
+    params: Params,
+    batch: Batch,
+    selection: Selection | None = None,
+) -> Params:
+    """∇ℓ(x) of every example of ``batch`` over the ``selection``'s leaves, stacked: a pytree of
+    (rows, *leaf.shape) arrays (``vmap`` of ``grad``, each example a batch of one)."""
+    loss, primal = restricted(per_example_loss, params, selection)
+
+    def grad(example: Batch) -> Params:
+        one = jax.tree.map(lambda x: x[None], example)
+        return jax.grad(lambda p: loss(p, one)[0])(primal)
+
+    return jax.vmap(grad)(batch)
+
+
 def make_reverse_projector(
     per_example_loss: PerExampleLoss, selection: Selection | None = None
 ) -> Projector:
@@ -69,13 +86,7 @@ def make_reverse_projector(
     """
 
     def project(params: Params, eigvecs: Params, batch: Batch) -> jax.Array:
-        loss, primal = restricted(per_example_loss, params, selection)
-
-        def grad(example: Batch) -> Params:
-            one = jax.tree.map(lambda x: x[None], example)  # a batch of one
-            return jax.grad(lambda p: loss(p, one)[0])(primal)
-
-        grads = jax.vmap(grad)(batch)
+        grads = example_grads(per_example_loss, params, batch, selection)
         return sum(
             jnp.tensordot(g.reshape(g.shape[0], -1), v.reshape(v.shape[0], -1), axes=(1, 1))
             for g, v in zip(jax.tree.leaves(grads), jax.tree.leaves(eigvecs), strict=True)

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from influence import arnoldi, distill, factorised, scoring
 from influence.hvp import HVP
-from influence.selection import Selection, restricted
+from influence.selection import Selection
 from parallel.mesh import DATA_AXIS
 from parallel.sharding import batch_sharding, replicated, stacked_shardings
 
@@ -172,17 +172,8 @@ def jit_example_grads(
     stacked (q, …) pytree over the selected leaves, laid out like the eigenvectors: the query
     gradients that the tail term of train → test influence projects every example onto."""
 
-    def grads(params: Any, batch: dict) -> Any:
-        loss, primal = restricted(per_example_loss, params, selection)
-
-        def one(example: dict) -> Any:
-            single = jax.tree.map(lambda x: x[None], example)
-            return jax.grad(lambda p: loss(p, single)[0])(primal)
-
-        return jax.vmap(one)(batch)
-
     return jax.jit(
-        grads,
+        functools.partial(scoring.example_grads, per_example_loss, selection=selection),
         in_shardings=(param_sh, replicated(mesh)),
         out_shardings=stacked_shardings(vector_sh),
     )

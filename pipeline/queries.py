@@ -104,7 +104,7 @@ class _TopK:
         rows = np.broadcast_to(ids[:, None], (len(ids), keys.shape[1]))
         ids = np.concatenate([self.ids[:, block], rows])
         # XLA's TopK: O(n log k) per query, and of equal keys the lower index (the earlier row).
-        order = np.asarray(jax.lax.top_k(keys.T, k)[1]).T
+        order = np.asarray(scoring.top_influential(keys, k)[0]).T
         self.keys[:, block] = np.take_along_axis(keys, order, axis=0)
         self.values[:, block] = np.take_along_axis(values, order[..., None], axis=0)
         self.ids[:, block] = np.take_along_axis(ids, order, axis=0)

@@ -73,13 +73,12 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
         )
     except ValueError as e:
         raise InputError(str(e)) from e
-    tangents, layout = eig_state["eigvecs"], parts.Layout(d.top_k)
+    tangents, num_dots = eig_state["eigvecs"], 0
     if sigma is not None and s.num_queries:
         query_grads = queries.query_gradients(stage, params, s.num_queries)
         tangents = jax.tree.map(lambda v, q: jnp.concatenate([v, q]), tangents, query_grads)
-        layout = parts.Layout(d.top_k, jax.tree.leaves(query_grads)[0].shape[0], sigma)
-    elif sigma is not None:
-        layout = parts.Layout(d.top_k, 0, sigma)
+        num_dots = jax.tree.leaves(query_grads)[0].shape[0]
+    layout = parts.Layout(d.top_k, num_dots, sigma)
 
     scores_dir = stage.path(wd.SCORES)
     fingerprint = wd.scores_fingerprint(config, eig_meta["eigenpairs_id"])
