@@ -20,6 +20,7 @@ def test_speed_benchmark_prints_its_ratios() -> None:
     for name in (
         "hvp/grad",
         "arnoldi/(n*hvp)",
+        "arnoldi/(n*hvp), direct",
         "max|QᵀQ - I|",
         "score/forward per example",
         "arnoldi lookahead/synchronous",
