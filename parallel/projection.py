@@ -13,7 +13,9 @@ model, p̃, the batch and the hardware, so the job measures instead of guessing:
   of fewer rows (a ``lax.map`` over rows inside one program ran 3.7× slower on the CNN);
 - **time** (auto, both fit): reverse mode scores the first batch (its result is kept: it *is*
   step 1) and forward mode runs one tangent chunk of it, its time scaled by the number of chunks
-  (``lax.map`` runs them one after another), so the probe costs a fraction of a forward step;
+  (``lax.map`` runs them one after another), so the probe costs a fraction of a forward step.
+  Auto compiles forward mode for that one chunk only, in a thread while reverse mode compiles,
+  and compiles the chunked program only if it chooses forward mode;
 - **agreement**: every process takes the smallest budget and the largest time of all processes,
   so all of them compile and run the same programs.
 
@@ -21,6 +23,7 @@ The choice is logged (both times, the working memory, the choice) and is not par
 fingerprint: the modes agree to rtol 1e-4, so resuming with another mode is a compatible change.
 """
 
+import concurrent.futures
 import dataclasses
 import math
 import os
@@ -183,23 +186,62 @@ class Projector:
         working = stats.temp_size_in_bytes + stats.output_size_in_bytes if stats else 0
         return compiled, int(working)
 
-    def _fit_forward(
-        self, num_vectors: int, params: Any, eigvecs: Any, local: dict, budget: int
-    ) -> Plan:
-        """Forward mode with the largest equal tangent chunks (≤ ``FORWARD_CHUNK_CAP``) that fit, or
-        ``score.tangent_chunk`` as given; ``working_bytes`` over budget when nothing fits."""
+    def _first_chunk(self, num_vectors: int) -> int | None:
+        """Forward mode's starting tangent chunk: ``score.tangent_chunk`` as given, else all p̃
+        at once up to ``FORWARD_CHUNK_CAP``, else equal chunks of at most that many (10 tangents:
+        5 + 5, not 8 + 2)."""
         if self._tangent_chunk:
-            chunk: int | None = self._tangent_chunk
-        elif num_vectors <= FORWARD_CHUNK_CAP:
-            chunk = None
-        else:  # equal chunks (10 tangents: 5 + 5, not 8 + 2)
-            chunk = -(-num_vectors // -(-num_vectors // FORWARD_CHUNK_CAP))
+            return self._tangent_chunk
+        if num_vectors <= FORWARD_CHUNK_CAP:
+            return None
+        return -(-num_vectors // -(-num_vectors // FORWARD_CHUNK_CAP))
+
+    def _fit_forward(
+        self,
+        num_vectors: int,
+        params: Any,
+        eigvecs: Any,
+        local: dict,
+        budget: int,
+        chunk: int | None = None,
+    ) -> Plan:
+        """Forward mode with the largest equal tangent chunks (from ``chunk``, else
+        ``_first_chunk``) that fit, or ``score.tangent_chunk`` as given; ``working_bytes`` over
+        budget when nothing fits."""
+        chunk = chunk or self._first_chunk(num_vectors)
         while True:
             exe, working = self._compile("forward", chunk, self._batch_size, params, eigvecs, local)
             plan = Plan("forward", chunk, 1, self._batch_size, working, exe)
             width = chunk or num_vectors
             if working <= budget or self._tangent_chunk or width == 1:
                 return plan
+            chunk = max(1, min(width // 2, int(width * budget / working)))
+
+    def _fit_probe(
+        self, num_vectors: int, params: Any, eigvecs: Any, local: dict, budget: int
+    ) -> tuple[Plan, Any]:
+        """Under auto: forward mode's program for *one* tangent chunk, the largest that fits, and
+        the eigenvectors it runs on (the first chunk of them). ``lax.map`` runs the chunks one
+        after another, so this program's time × chunks is forward mode's time per batch, and its
+        working memory plus the other chunks' outputs is the chunked program's: the chunked
+        program itself is compiled only if forward mode is chosen. With one chunk the probe is
+        the plan."""
+        chunk = self._first_chunk(num_vectors)
+        while True:
+            width = chunk or num_vectors
+            if width >= num_vectors:
+                return self._fit_forward(
+                    num_vectors, params, eigvecs, local, budget, chunk
+                ), eigvecs
+            head = jax.jit(
+                lambda v, width=width: jax.tree.map(lambda x: x[:width], v),
+                out_shardings=sharding.stacked_shardings(self._vector_sh),
+            )(eigvecs)
+            exe, working = self._compile("forward", None, self._batch_size, params, head, local)
+            working += self._batch_size * (num_vectors - width) * 4 // self._mesh.shape[DATA_AXIS]
+            plan = Plan("forward", chunk, 1, self._batch_size, working, exe)
+            if working <= budget or self._tangent_chunk or width == 1:
+                return plan, head
             chunk = max(1, min(width // 2, int(width * budget / working)))
 
     def _fit_reverse(self, params: Any, eigvecs: Any, local: dict, budget: int) -> Plan:
@@ -220,10 +262,18 @@ class Projector:
     def _choose(self, params: Any, eigvecs: Any, local: dict) -> tuple[Plan, Projected | None]:
         budget = budget_bytes(self._budget_mb)
         num_vectors = jax.tree.leaves(eigvecs)[0].shape[0]
-        plans = {}
-        if self._mode in ("auto", "forward"):
+        plans, head = {}, eigvecs
+        if self._mode == "auto":
+            # The two compilations overlap (XLA compiles with the GIL released; each trace is
+            # thread-local, Flax's interceptors included): on an accelerator the host's compile
+            # time is most of what auto costs over the faster mode.
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                probe = pool.submit(self._fit_probe, num_vectors, params, eigvecs, local, budget)
+                plans["reverse"] = self._fit_reverse(params, eigvecs, local, budget)
+                plans["forward"], head = probe.result()
+        elif self._mode == "forward":
             plans["forward"] = self._fit_forward(num_vectors, params, eigvecs, local, budget)
-        if self._mode in ("auto", "reverse"):
+        else:
             plans["reverse"] = self._fit_reverse(params, eigvecs, local, budget)
         fitting = {m: p for m, p in plans.items() if p.working_bytes <= budget}
         if not fitting:
@@ -239,6 +289,7 @@ class Projector:
         if len(fitting) == 1:
             (plan,) = fitting.values()
             reason = "as configured" if self._mode != "auto" else "the only mode that fits"
+            plan = self._full(plan, head, num_vectors, params, eigvecs, local, budget)
             logging.info("score.mode=%s: %s, %s", self._mode, plan.describe(num_vectors), reason)
             return plan, None
         reverse, forward = fitting["reverse"], fitting["forward"]
@@ -246,13 +297,23 @@ class Projector:
         first = self._run(reverse, params, eigvecs, local)
         first.wait()
         seconds = {"reverse": time.perf_counter() - start}
-        seconds["forward"], how = self._time_forward(forward, num_vectors, params, eigvecs, local)
+        start = time.perf_counter()
+        self._run(forward, params, head, local).wait()
+        probe_seconds = time.perf_counter() - start
+        # The probe ran one chunk of a chunked plan, or the whole plan (one chunk, or a plan
+        # that had to be halved below the first chunk).
+        chunks = 1 if head is eigvecs else math.ceil(num_vectors / forward.tangent_chunk)
+        seconds["forward"] = probe_seconds * chunks
         if jax.process_count() > 1:
             both = multihost_utils.process_allgather(
                 np.array([seconds["reverse"], seconds["forward"]])
             )
             seconds = dict(zip(("reverse", "forward"), np.max(both, axis=0).tolist(), strict=True))
-        plan = min(fitting.values(), key=lambda p: seconds[p.mode])
+        how = (
+            "timed on the batch"
+            if chunks == 1
+            else f"{probe_seconds:.3f} s for one chunk of {forward.tangent_chunk}, times {chunks}"
+        )
         logging.info(
             "score.mode=auto: %s %.3f s per batch of %d; %s %.3f s (%s); chose %s",
             reverse.describe(num_vectors),
@@ -261,27 +322,25 @@ class Projector:
             forward.describe(num_vectors),
             seconds["forward"],
             how,
-            plan.mode,
+            "reverse" if seconds["reverse"] <= seconds["forward"] else "forward",
         )
-        return plan, first
+        if seconds["reverse"] <= seconds["forward"]:
+            return reverse, first
+        return self._full(forward, head, num_vectors, params, eigvecs, local, budget), first
 
-    def _time_forward(
-        self, plan: Plan, num_vectors: int, params: Any, eigvecs: Any, local: dict
-    ) -> tuple[float, str]:
-        """Seconds forward mode takes per batch: one tangent chunk timed, times the chunks."""
-        chunk = plan.tangent_chunk or num_vectors
-        chunks = math.ceil(num_vectors / chunk)
-        if chunks == 1:
-            start = time.perf_counter()
-            self._run(plan, params, eigvecs, local).wait()
-            return time.perf_counter() - start, "timed on the batch"
-        head = jax.jit(
-            lambda v: jax.tree.map(lambda x: x[:chunk], v),
-            out_shardings=sharding.stacked_shardings(self._vector_sh),
-        )(eigvecs)
-        exe, working = self._compile("forward", None, self._batch_size, params, head, local)
-        probe = Plan("forward", None, 1, self._batch_size, working, exe)
-        start = time.perf_counter()
-        self._run(probe, params, head, local).wait()
-        seconds = time.perf_counter() - start
-        return seconds * chunks, f"{seconds:.3f} s for one chunk of {chunk}, times {chunks}"
+    def _full(
+        self,
+        plan: Plan,
+        head: Any,
+        num_vectors: int,
+        params: Any,
+        eigvecs: Any,
+        local: dict,
+        budget: int,
+    ) -> Plan:
+        """The plan that scores every batch: ``plan`` itself, unless it is auto's one-chunk
+        forward probe (run on ``head``, the first chunk of the eigenvectors), whose chunked
+        program is compiled now, from the probe's chunk."""
+        if plan.mode != "forward" or head is eigvecs:
+            return plan
+        return self._fit_forward(num_vectors, params, eigvecs, local, budget, plan.tangent_chunk)

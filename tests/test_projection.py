@@ -2,6 +2,7 @@
 chunks, reverse mode split into calls, auto's choice) gives the plain forward-mode projections,
 under a memory budget, on a mesh of fake CPU devices; and a budget nothing fits is one error."""
 
+import dataclasses
 import logging
 
 import jax
@@ -58,11 +59,26 @@ def assert_same(got: projection.Projected, want: np.ndarray) -> None:
     np.testing.assert_allclose(got.local(), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
-def test_auto_times_both_modes_and_keeps_the_first_batch(caplog) -> None:
+def record_compiles(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int | None]]:
+    """The (mode, tangent chunk) of every program the projectors compile from now on."""
+    compiled: list[tuple[str, int | None]] = []
+    compile_ = projection.Projector._compile
+
+    def recording(self, mode, chunk, *args):
+        compiled.append((mode, chunk))
+        return compile_(self, mode, chunk, *args)
+
+    monkeypatch.setattr(projection.Projector, "_compile", recording)
+    return compiled
+
+
+def test_auto_times_both_modes_and_keeps_the_first_batch(caplog, monkeypatch) -> None:
     """Under auto the first call times both modes and returns the first batch's projections;
-    later calls run the chosen plan; the log names both times and the choice."""
+    later calls run the chosen plan; the log names both times and the choice. Forward mode is
+    timed on a one-chunk program; its chunked program is compiled only if it was chosen."""
     task, mesh, param_sh, params, eigvecs, local = setup("small_cnn", 8, 12)
     want = reference(task, params, eigvecs, local)
+    compiled = record_compiles(monkeypatch)
     project = projector(task, mesh, param_sh, "auto", 4096)
     with caplog.at_level(logging.INFO):
         assert_same(project(params, eigvecs, local), want)
@@ -70,6 +86,31 @@ def test_auto_times_both_modes_and_keeps_the_first_batch(caplog) -> None:
     line = next(r.getMessage() for r in caplog.records if "score.mode=auto" in r.getMessage())
     assert "auto: reverse (1 call of 64 examples" in line and "; forward (6 of 12 tangents" in line
     assert "one chunk of 6, times 2" in line and line.endswith(f"chose {project.plan.mode}")
+    assert sorted(compiled[:2]) == [("forward", None), ("reverse", None)]
+    assert compiled[2:] == ([("forward", 6)] if project.plan.mode == "forward" else [])
+    assert_same(project(params, eigvecs, local), want)
+
+
+def test_auto_compiles_the_chunked_forward_program_when_forward_scores(caplog, monkeypatch) -> None:
+    """When forward mode is what auto runs (here: the only mode that fits, reverse made to need
+    a terabyte), the chunked program is compiled from the probe's chunk and scores every batch,
+    the first one included."""
+    task, mesh, param_sh, params, eigvecs, local = setup("small_cnn", 4, 12)
+    want = reference(task, params, eigvecs, local)
+    fit_reverse = projection.Projector._fit_reverse
+    monkeypatch.setattr(
+        projection.Projector,
+        "_fit_reverse",
+        lambda self, *args: dataclasses.replace(fit_reverse(self, *args), working_bytes=2**40),
+    )
+    compiled = record_compiles(monkeypatch)
+    project = projector(task, mesh, param_sh, "auto", 4096)
+    with caplog.at_level(logging.INFO):
+        assert_same(project(params, eigvecs, local), want)
+    assert project.plan.mode == "forward" and project.plan.tangent_chunk == 6
+    assert sorted(compiled[:2]) == [("forward", None), ("reverse", None)]
+    assert compiled[2:] == [("forward", 6)]
+    assert any("the only mode that fits" in r.getMessage() for r in caplog.records)
     assert_same(project(params, eigvecs, local), want)
 
 
