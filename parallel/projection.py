@@ -204,44 +204,37 @@ class Projector:
         local: dict,
         budget: int,
         chunk: int | None = None,
-    ) -> Plan:
-        """Forward mode with the largest equal tangent chunks (from ``chunk``, else
-        ``_first_chunk``) that fit, or ``score.tangent_chunk`` as given; ``working_bytes`` over
-        budget when nothing fits."""
+        probe: bool = False,
+    ) -> tuple[Plan, Any]:
+        """(plan, the eigenvectors it runs on): forward mode with the largest equal tangent chunks
+        (from ``chunk``, else ``_first_chunk``) that fit, or ``score.tangent_chunk`` as given;
+        ``working_bytes`` over budget when nothing fits.
+
+        ``probe`` (auto): a chunked plan is compiled for *one* chunk, on the first chunk of the
+        eigenvectors. ``lax.map`` runs the chunks one after another, so its time × chunks is
+        forward mode's time per batch, and its working memory plus the other chunks' outputs
+        the chunked program's, which is compiled only if forward mode is chosen (``_full``)."""
         chunk = chunk or self._first_chunk(num_vectors)
         while True:
-            exe, working = self._compile("forward", chunk, self._batch_size, params, eigvecs, local)
-            plan = Plan("forward", chunk, 1, self._batch_size, working, exe)
             width = chunk or num_vectors
-            if working <= budget or self._tangent_chunk or width == 1:
-                return plan
-            chunk = max(1, min(width // 2, int(width * budget / working)))
-
-    def _fit_probe(
-        self, num_vectors: int, params: Any, eigvecs: Any, local: dict, budget: int
-    ) -> tuple[Plan, Any]:
-        """Under auto: forward mode's program for *one* tangent chunk, the largest that fits, and
-        the eigenvectors it runs on (the first chunk of them). ``lax.map`` runs the chunks one
-        after another, so this program's time × chunks is forward mode's time per batch, and its
-        working memory plus the other chunks' outputs is the chunked program's: the chunked
-        program itself is compiled only if forward mode is chosen. With one chunk the probe is
-        the plan."""
-        chunk = self._first_chunk(num_vectors)
-        while True:
-            width = chunk or num_vectors
-            if width >= num_vectors:
-                return self._fit_forward(
-                    num_vectors, params, eigvecs, local, budget, chunk
-                ), eigvecs
-            head = jax.jit(
-                lambda v, width=width: jax.tree.map(lambda x: x[:width], v),
-                out_shardings=sharding.stacked_shardings(self._vector_sh),
-            )(eigvecs)
-            exe, working = self._compile("forward", None, self._batch_size, params, head, local)
-            working += self._batch_size * (num_vectors - width) * 4 // self._mesh.shape[DATA_AXIS]
+            if probe and width < num_vectors:
+                vectors = jax.jit(
+                    lambda v, width=width: jax.tree.map(lambda x: x[:width], v),
+                    out_shardings=sharding.stacked_shardings(self._vector_sh),
+                )(eigvecs)
+                exe, working = self._compile(
+                    "forward", None, self._batch_size, params, vectors, local
+                )
+                rest = self._batch_size * (num_vectors - width) // self._mesh.shape[DATA_AXIS]
+                working += 4 * rest
+            else:
+                vectors = eigvecs
+                exe, working = self._compile(
+                    "forward", chunk, self._batch_size, params, eigvecs, local
+                )
             plan = Plan("forward", chunk, 1, self._batch_size, working, exe)
             if working <= budget or self._tangent_chunk or width == 1:
-                return plan, head
+                return plan, vectors
             chunk = max(1, min(width // 2, int(width * budget / working)))
 
     def _fit_reverse(self, params: Any, eigvecs: Any, local: dict, budget: int) -> Plan:
@@ -268,11 +261,13 @@ class Projector:
             # thread-local, Flax's interceptors included): on an accelerator the host's compile
             # time is most of what auto costs over the faster mode.
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                probe = pool.submit(self._fit_probe, num_vectors, params, eigvecs, local, budget)
+                probe = pool.submit(
+                    self._fit_forward, num_vectors, params, eigvecs, local, budget, probe=True
+                )
                 plans["reverse"] = self._fit_reverse(params, eigvecs, local, budget)
                 plans["forward"], head = probe.result()
         elif self._mode == "forward":
-            plans["forward"] = self._fit_forward(num_vectors, params, eigvecs, local, budget)
+            plans["forward"], _ = self._fit_forward(num_vectors, params, eigvecs, local, budget)
         else:
             plans["reverse"] = self._fit_reverse(params, eigvecs, local, budget)
         fitting = {m: p for m, p in plans.items() if p.working_bytes <= budget}
@@ -343,4 +338,5 @@ class Projector:
         program is compiled now, from the probe's chunk."""
         if plan.mode != "forward" or head is eigvecs:
             return plan
-        return self._fit_forward(num_vectors, params, eigvecs, local, budget, plan.tangent_chunk)
+        chunk = plan.tangent_chunk
+        return self._fit_forward(num_vectors, params, eigvecs, local, budget, chunk)[0]
