@@ -61,7 +61,7 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_integer("tangent_chunk", 0, "make_projector tangent_chunk; 0 = None (one vmap).")
 flags.DEFINE_enum(
-    "orthogonalization", "dgks", sorted(arnoldi.ORTHOGONALIZATION), "Arnoldi Gram–Schmidt variant."
+    "orthogonalization", "mgs2", sorted(arnoldi.ORTHOGONALIZATION), "Arnoldi Gram–Schmidt variant."
 )
 flags.DEFINE_integer("score_batches", 16, "Scoring batches in the lookahead comparison [4].")
 flags.DEFINE_bool(
@@ -237,9 +237,8 @@ def main(argv: list[str]) -> None:
     # 2. Arnoldi vs n HVPs; the non-HVP part once more by replaying the run with its own H q_k,
     # which isolates Gram-Schmidt + basis update + loop.
     get_batch = lambda k: batch  # noqa: E731
-    if (
-        FLAGS.fresh_batches
-    ):  # each HVP on its own draw, as the pipeline's default (fixed_batch=False)
+    # --fresh_batches: each HVP on its own draw, as the pipeline's default (fixed_batch=False).
+    if FLAGS.fresh_batches:
         pool = task.model_inputs(read_all(mnist.load_splits(5000, 0, 0.0, seed=2)[0]))
         draws = [
             np.sort(np.random.default_rng([FLAGS.seed, k]).choice(5000, b, False)) for k in range(n)

@@ -110,8 +110,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.arnoldi.fixed_batch = False  # True: every HVP on the same batch (exact Krylov space)
     config.arnoldi.seed = 0  # start vector and HVP batch draws
     config.arnoldi.breakdown_tol = 1e-4  # ‖w‖/‖Hq‖ below this: invariant subspace, stop early
-    # Gram–Schmidt: "dgks" (MGS, second pass when needed), "mgs2" or "cgs2" (twice); see README
-    config.arnoldi.orthogonalization = "dgks"
+    # Gram–Schmidt: "mgs2" or "cgs2" (twice), "dgks" (MGS, second pass when needed); see README
+    config.arnoldi.orthogonalization = "mgs2"
     config.arnoldi.checkpoint_every = 10  # save the Krylov state every k iterations
 
     config.distill = ml_collections.ConfigDict()

@@ -12,14 +12,14 @@ Design choices, each measured or required by scale:
   can be sharded exactly like the parameters; a 300M-parameter model with n = 200 needs 240 GB.
 - Orthogonalisation is Gram–Schmidt run twice ("twice is enough", Giraud et al. 2005): one pass
   loses orthogonality once the Ritz values converge, which corrupts the Hessenberg matrix; the
-  reference implementation had only one pass. Modified GS twice (MGS2) and classical GS twice
-  (CGS2) give the same orthogonality. MGS2 makes k + 1 dependent dot/axpy pairs per pass (k + 1
+  reference implementation had only one pass. Modified GS twice (MGS2, the default) and classical
+  GS twice (CGS2) give the same orthogonality. MGS2 makes k + 1 dependent dot/axpy pairs per pass (k + 1
   all-reduces on a sharded basis); CGS2 two matrix–vector products over the whole masked basis
   (one all-reduce). On 2 CPU cores they cost the same (benchmarks/speed.py); on a sharded basis
-  CGS2 trades reading the unused rows for far fewer collectives. The default, DGKS, is MGS whose
-  second pass runs only when the first cancelled more than 1 − 1/√2 of ‖H q_k‖ (Daniel et al.
-  1976): same orthogonality, and on the Flax CNN the second pass ran in 61% of iterations on a
-  fixed batch and 17% on the pipeline's fresh batches. The passes are bound by reading the basis.
+  CGS2 trades reading the unused rows for far fewer collectives. DGKS is MGS whose second pass
+  runs only when the first cancelled more than 1 − 1/√2 of ‖H q_k‖ (Daniel et al. 1976): the
+  same orthogonality, on the Flax CNN the second pass in 61% of iterations on a fixed batch and
+  31% on fresh ones, 16% less overhead (opt-in: a small gain on 2 CPU cores).
 - Each step is one function of a *traced* iteration index, so it compiles once; the loop over
   iterations is Python (``run_arnoldi``) because a conv HVP inside ``lax.fori_loop`` is ~15x slower
   on CPU. The Gram–Schmidt inner loop has no HVP in it and stays a ``fori_loop``.
@@ -145,7 +145,7 @@ def arnoldi_step(
     batch: Batch,
     k: jax.Array,
     breakdown_tol: float = DEFAULT_BREAKDOWN_TOL,
-    orthogonalization: str = "dgks",
+    orthogonalization: str = "mgs2",
 ) -> tuple[KrylovState, StepInfo]:
     """Iteration k (0-based) of Algorithm 1, lines 3–9: fills column k and q_{k+1}.
 

@@ -196,12 +196,14 @@ def subset(base: Source, count: int, seed: int, what: str) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(total, count, replace=False))
 
 
+def check_model(name: str) -> None:
+    if name not in resnet.PRESETS and name not in vit.PRESETS:
+        raise DataError(f"unknown model {name!r} for the vision task; choose one of {MODELS}")
+
+
 def make_model(name: str, num_classes: int) -> nn.Module:
-    if name in resnet.PRESETS:
-        return resnet.make(name, num_classes)
-    if name in vit.PRESETS:
-        return vit.make(name, num_classes)
-    raise DataError(f"unknown model {name!r} for the vision task; choose one of {MODELS}")
+    check_model(name)
+    return (resnet.make if name in resnet.PRESETS else vit.make)(name, num_classes)
 
 
 def forward_rank(path: str) -> tuple[int, ...]:
@@ -234,6 +236,7 @@ def get_task(config: ml_collections.ConfigDict, workdir: epath.Path) -> Task:
     """The task contract (``tasks/base.py``) for ``config.model`` on ``config.data``."""
     del workdir
     d = config.data
+    check_model(config.model)  # an unknown model fails before any data is opened
     train_base, num_classes = open_split(d.source, d.dir, d.train_split, d.image_size)
     eval_base, _ = open_split(d.source, d.dir, d.eval_split, d.image_size)
     model = make_model(config.model, num_classes)

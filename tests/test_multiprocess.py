@@ -57,8 +57,11 @@ def reference(tmp_path_factory: pytest.TempPathFactory):
 # Layouts over P processes x D devices: 'data' across hosts (2 hosts as 2 slices of a hybrid mesh,
 # or 4 hosts), and the pod layout, 'model' across both hosts (data=1 x model=8: both processes
 # hold the same rows of every batch, one row group, and only process 0 writes).
+# The two-slice layout scores under score.mode=auto (the modes agree to the tolerance below): every
+# process times both modes and takes the largest times, so all choose one mode (process 0 logs
+# it), with auto's compile thread running beside the distributed runtime.
 LAYOUTS = {
-    "2x2-two-slices": (2, 2, {"mesh__num_slices": 2}),
+    "2x2-two-slices": (2, 2, {"mesh__num_slices": 2, "score__mode": "auto"}),
     "4x2": (4, 2, {}),
     "2x4-model-across-hosts": (
         2,
@@ -85,6 +88,9 @@ def test_processes_match_single_process(reference, tmp_path, layout):
     assert f"{num_processes} processes" in output
     groups = 1 if "model" in layout else num_processes
     assert f"({groups} row groups)" in output
+    if mesh.get("score__mode") == "auto":
+        chosen = [line.rsplit("chose ", 1)[1] for line in output.splitlines() if "; chose " in line]
+        assert len(chosen) == 1 and chosen[0] in ("forward", "reverse"), output[-3000:]
 
     np.testing.assert_allclose(eigvals(workdir), eigvals(reference), rtol=1e-5)
     for split, size in (("train", 250), ("eval", 37)):

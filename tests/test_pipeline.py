@@ -29,7 +29,10 @@ def _copy_params(source, tmp_path):
 
 def test_eight_devices_match_one(trained_workdir, tmp_path):
     """The same arnoldi + score on a 4 (data) x 2 (model) mesh of 8 fake devices, with params,
-    Krylov basis and eigenvectors sharded over 'model', reproduces the 1-device run (rtol 1e-5)."""
+    Krylov basis and eigenvectors sharded over 'model', reproduces the 1-device run: eigenvalues
+    to rtol 1e-5, self-influence to the cross-layout tolerance of test_multiprocess.py (on an AMD
+    EPYC host 4 of 256 self-influences differed by up to 2e-4 relative: Σ gᵢ²/λᵢ amplifies the
+    meshes' different float32 reduction orders through its smallest λ)."""
     results = {}
     for devices, data, model in ((1, -1, 1), (8, 4, 2)):
         config = tiny_config(mesh__num_devices=devices, mesh__data=data, mesh__model=model)
@@ -41,7 +44,7 @@ def test_eight_devices_match_one(trained_workdir, tmp_path):
     np.testing.assert_allclose(results[8][0], results[1][0], rtol=1e-5)
     np.testing.assert_array_equal(results[8][1]["id"], results[1][1]["id"])
     np.testing.assert_allclose(
-        results[8][1]["self_influence"], results[1][1]["self_influence"], rtol=1e-5, atol=1e-6
+        results[8][1]["self_influence"], results[1][1]["self_influence"], rtol=1e-4, atol=1e-6
     )
 
 
