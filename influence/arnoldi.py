@@ -13,9 +13,9 @@ Design choices, each measured or required by scale:
 - Orthogonalisation is Gram–Schmidt run twice ("twice is enough", Giraud et al. 2005): one pass
   loses orthogonality once the Ritz values converge, which corrupts the Hessenberg matrix; the
   reference implementation had only one pass. Modified GS twice (MGS2, the default) and classical
-  GS twice (CGS2) give the same orthogonality. MGS2 makes k + 1 dependent dot/axpy pairs per pass (k + 1
-  all-reduces on a sharded basis); CGS2 two matrix–vector products over the whole masked basis
-  (one all-reduce). On 2 CPU cores they cost the same (benchmarks/speed.py); on a sharded basis
+  GS twice (CGS2) give the same orthogonality. MGS2 makes k + 1 dependent dot/axpy pairs per pass
+  (k + 1 all-reduces on a sharded basis); CGS2 two matrix–vector products over the whole masked
+  basis (one all-reduce). On 2 CPU cores they cost the same (benchmarks/speed.py); on a sharded basis
   CGS2 trades reading the unused rows for far fewer collectives. DGKS is MGS whose second pass
   runs only when the first cancelled more than 1 − 1/√2 of ‖H q_k‖ (Daniel et al. 1976): the
   same orthogonality, on the Flax CNN the second pass in 61% of iterations on a fixed batch and
