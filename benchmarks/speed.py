@@ -264,13 +264,20 @@ def main(argv: list[str]) -> None:
         f"second Gram-Schmidt pass in {second:.0%} of iterations ({second_replay:.0%} replayed)"
     )
     print(f"    max|QᵀQ - I| over the {m + 1} basis vectors = {orthogonality:.2e}")
+    fresh = "fresh batches" if FLAGS.fresh_batches else "fixed batch"
+    header = f"{FLAGS.model}, batch {b} ({fresh}), n={m}"
+    summary = "\n".join(
+        [
+            f"hvp/grad = {t_hvp / t_grad:.2f} (target <= 2)",
+            f"arnoldi/(n*hvp) = {t_arn / (m * t_hvp):.3f} "
+            f"(target <= 1.05; overhead {overhead_ms:.1f} ms/iter)",
+            f"max|QᵀQ - I| = {orthogonality:.2e} (target <= 1e-5)",
+            f"arnoldi/(n*hvp), direct = {1 + t_replay / (m * t_hvp):.3f} "
+            "(1 + replayed step / hvp; less load-sensitive)",
+        ]
+    )
     if FLAGS.arnoldi_only:
-        fresh = "fresh batches" if FLAGS.fresh_batches else "fixed batch"
-        print(f"\n--- {FLAGS.model}, batch {b} ({fresh}), n={m}, {FLAGS.orthogonalization} ---")
-        print(f"hvp/grad = {t_hvp / t_grad:.2f} (target <= 2)")
-        print(f"arnoldi/(n*hvp) = {t_arn / (m * t_hvp):.3f} (target <= 1.05)")
-        print(f"arnoldi/(n*hvp), direct = {1 + t_replay / (m * t_hvp):.3f} (1 + replay / hvp)")
-        print(f"max|QᵀQ - I| = {orthogonality:.2e} (target <= 1e-5)")
+        print(f"\n--- {header}, {FLAGS.orthogonalization} ---\n{summary}")
         print(f"(benchmark wall time {time.perf_counter() - t_start:.0f} s)")
         return
 
@@ -299,18 +306,12 @@ def main(argv: list[str]) -> None:
         pairs.eigvecs,
     )
 
-    arn_ratio = t_arn / (m * t_hvp)
     score_ratio = t_score / t_fwd
     opts = (
         f"{FLAGS.orthogonalization}, donate={FLAGS.donate}, "
         f"tangent_chunk={FLAGS.tangent_chunk or None}"
     )
-    print(f"\n--- {FLAGS.model}, batch {b}, n={m}, p̃={p}, {os.cpu_count()} CPU cores, {opts} ---")
-    print(f"hvp/grad = {t_hvp / t_grad:.2f} (target <= 2)")
-    print(f"arnoldi/(n*hvp) = {arn_ratio:.3f} (target <= 1.05; overhead {overhead_ms:.1f} ms/iter)")
-    print(f"max|QᵀQ - I| = {orthogonality:.2e} (target <= 1e-5)")
-    direct = 1 + t_replay / (m * t_hvp)
-    print(f"arnoldi/(n*hvp), direct = {direct:.3f} (1 + replayed step / hvp; less load-sensitive)")
+    print(f"\n--- {header}, p̃={p}, {os.cpu_count()} CPU cores, {opts} ---\n{summary}")
     print(f"score/forward per example = {score_ratio:.1f} (p̃ = {p})")
     print(f"score/forward per example per eigenvector = {score_ratio / p:.2f}")
     print(f"arnoldi lookahead/synchronous = {lookahead:.3f} (one-step-late breakdown check)")
