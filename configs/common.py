@@ -104,6 +104,15 @@ def base_config() -> ml_collections.ConfigDict:
     config.mesh.num_slices = 1  # TPU slices (or hosts on a slower network): 'data' spans them
     config.mesh.min_shard_size = 2**18  # leaves smaller than this stay replicated
 
+    # How H⁻¹ is approximated (methods/registry.py): "arnoldi" (the paper's), the baselines
+    # "randproj", "randselect", "exact", "graddot", or module:ATTRIBUTE of a method of your own.
+    # Results of a method other than arnoldi go to <workdir>/methods/<name>/.
+    config.method = ml_collections.ConfigDict()
+    config.method.name = "arnoldi"
+    config.method.seed = 0  # randproj's Gaussian G, randselect's coordinates, their HVP batches
+    config.method.max_params = 20_000  # exact: the largest p whose p × p Hessian it builds
+    config.method.chunk = 64  # exact: Hessian columns per vmapped HVP call
+
     config.arnoldi = ml_collections.ConfigDict()
     config.arnoldi.num_iters = 100  # n, Arnoldi iterations (Alg. 1)
     config.arnoldi.hvp_batch_size = 512  # b, examples per HVP (global)
@@ -144,6 +153,12 @@ def base_config() -> ml_collections.ConfigDict:
     # Queries scored against one training part at once: memory is (part rows × query_block) floats
     # plus (num_queries × top_k) candidates, whatever the number of queries and examples.
     config.score.query_block = 1024
+
+    # The report job (pipeline/report.py): these methods, the first three at every p̃ of top_ks.
+    config.report = ml_collections.ConfigDict()
+    config.report.methods = ("arnoldi", "randproj", "randselect", "exact", "graddot")
+    config.report.top_ks = (5, 10, 20, 50, 100)
+    config.report.converged_tol = 1e-2  # relative Ritz residual of a converged pair
 
     config.log_every_secs = 10.0  # progress lines and TensorBoard scalars
     return config

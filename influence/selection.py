@@ -143,6 +143,10 @@ class Selection:
             return per_example_loss
         return lambda selected, batch: per_example_loss(self.merge(params, selected), batch)
 
+    def num_params(self, params_like: Any) -> int:
+        """How many parameters the selected leaves hold (the dimension p influence is over)."""
+        return sum(int(x.size) for x in jax.tree.leaves(self.select(params_like)))
+
     def describe(self, params_like: Any) -> str:
         """'S of N parameters (k of m leaves)' for logs; state leaves are not parameters and
         are counted apart."""

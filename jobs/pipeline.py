@@ -1,4 +1,4 @@
-r"""The whole analysis in one process: train → arnoldi → score → evaluate.
+r"""The whole analysis in one process: train → fit (the method: Arnoldi by default) → score → evaluate.
 
   python -m jobs.pipeline --config=configs/mnist.py --workdir=workdirs/mnist
 
@@ -9,4 +9,4 @@ so re-running after a crash or a preemption continues where it stopped.
 from pipeline import cli
 
 if __name__ == "__main__":
-    cli.main(["pipeline.train", "pipeline.arnoldi", "pipeline.score", "pipeline.evaluate"])
+    cli.main(["pipeline.train", "pipeline.fit", "pipeline.score", "pipeline.evaluate"])

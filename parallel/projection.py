@@ -256,6 +256,8 @@ class Projector:
         budget = budget_bytes(self._budget_mb)
         num_vectors = jax.tree.leaves(eigvecs)[0].shape[0]
         plans, head = {}, eigvecs
+        if num_vectors == 0:  # no tangents (graddot without queries): ‖∇ℓ‖² alone, reverse
+            self._mode = "reverse"
         if self._mode == "auto":
             # The two compilations overlap (XLA compiles with the GIL released; each trace is
             # thread-local, Flax's interceptors included): on an accelerator the host's compile

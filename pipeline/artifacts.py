@@ -46,9 +46,9 @@ def restore_params(stage: Stage) -> tuple[Any, str]:
 
 
 def eigenpairs_target(stage: Stage) -> dict[str, Any]:
-    """Restore target of the eigenpairs: G (p̃, …) sharded like the (selected) params, λ
-    replicated."""
-    top_k = stage.config.distill.top_k
+    """Restore target of the eigenpairs: G (k, …) sharded like the (selected) params, λ
+    replicated; k as the method says (p̃; every param for exact)."""
+    top_k = stage.method.num_vectors(stage.config, stage.selection.num_params(stage.params_like))
     repl = sharding.replicated(stage.mesh)
     return {
         "eigvecs": jax.tree.map(
@@ -69,7 +69,7 @@ def find_eigenpairs(
     found = ckpt.restore_latest(
         eigenpairs_target(stage),
         meta_check(
-            wd.eigenpairs_fingerprint(stage.config, params_id, stage.selection),
+            wd.fit_fingerprint(stage.config, params_id, stage.selection, stage.method),
             f"the eigenpairs in {ckpt.directory}",
             FIX,
         ),
@@ -79,7 +79,21 @@ def find_eigenpairs(
 
 def restore_eigenpairs(stage: Stage, params_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The cached eigenpairs (G sharded like the params) and their meta, after checking they come
-    from this config; a clear error if they are absent or unreadable."""
+    from this config; a clear error if they are absent or unreadable. A method with nothing to
+    fit (graddot) has none: k = 0 eigenvectors."""
+    if stage.method.fit is None and stage.method.stage is None:
+        empty = {
+            "eigvecs": jax.tree.map(
+                lambda x, s: jax.device_put(np.zeros((0, *x.shape), x.dtype), s),
+                stage.vectors_like,
+                sharding.stacked_shardings(stage.vector_sh),
+            ),
+            "eigvals": jax.device_put(np.zeros(0, np.float32), sharding.replicated(stage.mesh)),
+            "ritz_residuals": np.zeros(0, np.float32),
+        }
+        meta = {"eigenpairs_id": stage.method.name, "all_ritz_values": [], "eigvals": []}
+        return empty, meta
+    job = "jobs.arnoldi" if stage.method.name == "arnoldi" else "jobs.fit"
     directory = stage.path(wd.EIGENPAIRS)
     found = None
     if directory.exists():
@@ -88,12 +102,16 @@ def restore_eigenpairs(stage: Stage, params_id: str) -> tuple[dict[str, Any], di
                 found = find_eigenpairs(ckpt, stage, params_id)
             except UnreadableCheckpointError as e:
                 raise UnreadableCheckpointError(
-                    f"{e}; `python -m jobs.arnoldi` with the same --config and --workdir distills "
-                    "them again from the Krylov state"
+                    f"{e}; `python -m {job}` with the same --config and --workdir "
+                    + (
+                        "distills them again from the Krylov state"
+                        if job == "jobs.arnoldi"
+                        else "fits them again"
+                    )
                 ) from e
     if found is None:
         raise InputError(
-            f"no eigenpairs in {directory}; run `python -m jobs.arnoldi` with the same --config "
+            f"no eigenpairs in {directory}; run `python -m {job}` with the same --config "
             "and --workdir first"
         )
     return found

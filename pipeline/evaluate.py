@@ -71,7 +71,8 @@ def _plot_spectrum(path: epath.Path, eig: dict) -> None:
     ax.set(
         xlabel="rank by |λ|",
         ylabel="|λ|",
-        title=f"Hessian spectrum (n={eig['num_iters_completed']})",
+        title=f"Hessian spectrum ({eig.get('method', 'arnoldi')}, "
+        f"{eig.get('num_iters_completed', eig.get('num_hvps'))} HVPs)",
     )
     ax.legend()
     fig.tight_layout()
@@ -81,14 +82,17 @@ def _plot_spectrum(path: epath.Path, eig: dict) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, float]:
-    scores_dir = wd.path(workdir, wd.SCORES) / "train"
-    eig_path = wd.path(workdir, wd.EIGENVALUES_JSON)
-    if not eig_path.exists() or not list(scores_dir.glob("part-*.parquet")):
+    path = lambda name: wd.result_path(config, workdir, name)  # noqa: E731
+    scores_dir = path(wd.SCORES) / "train"
+    eig_path = path(wd.EIGENVALUES_JSON)
+    if not path(wd.SCORES_META).exists() or not list(scores_dir.glob("part-*.parquet")):
+        fit = "jobs.arnoldi" if wd.method_name(config) == "arnoldi" else "jobs.fit"
         raise InputError(
-            f"no scores in {scores_dir}; run `python -m jobs.arnoldi` and `python -m jobs.score` "
+            f"no scores in {scores_dir}; run `python -m {fit}` and `python -m jobs.score` "
             "with the same --config and --workdir first"
         )
-    corruption = outputs.read_json(wd.path(workdir, wd.SCORES_META)).get("corruption_column")
+    scores_meta = outputs.read_json(path(wd.SCORES_META))
+    corruption = scores_meta.get("corruption_column")
     if not corruption:
         raise InputError(
             f"task {config.task!r} marks no corrupted training examples, so there is nothing to "
@@ -102,16 +106,18 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str,
             f"no corrupted examples ({corruption!r}) in the training split: raise the task's "
             "corruption fraction (MNIST: data.flip_fraction > 0)"
         )
-    eig = outputs.read_json(eig_path)
+    eig = outputs.read_json(eig_path) if eig_path.exists() else None  # graddot fits nothing
     m = retrieval_metrics(flipped, self_influence)
     result = {
         **m,
         "num_train": int(flipped.size),
         "num_flipped": int(flipped.sum()),
-        "top_k": len(eig["eigvals"]),
-        "num_iters": eig["num_iters_completed"],
+        "method": scores_meta.get("method", "arnoldi"),
+        "top_k": len(scores_meta["eigvals"]),
         "model": config.model,
     }
+    if eig is not None and "num_iters_completed" in eig:
+        result["num_iters"] = eig["num_iters_completed"]
     if "self_influence_tail" in table.column_names:  # distill.tail: both rankings, side by side
         tail = retrieval_metrics(flipped, table.column("self_influence_tail").to_numpy())
         result.update({f"{k}_tail": v for k, v in tail.items() if k != "random_ap"})
@@ -122,10 +128,12 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str,
             tail["ap"],
         )
     if jax.process_index() == 0:
-        outputs.write_json(wd.path(workdir, wd.METRICS_JSON), result)
-        _plot_retrieval(epath.Path(workdir) / "roc_pr.png", flipped, self_influence, m)
-        _plot_spectrum(epath.Path(workdir) / "spectrum.png", eig)
-        writer = ScalarWriter(epath.Path(workdir) / "tensorboard" / "evaluate")
+        outputs.write_json(path(wd.METRICS_JSON), result)
+        _plot_retrieval(path(wd.ROC_PR_PNG), flipped, self_influence, m)
+        if eig is not None:
+            _plot_spectrum(path(wd.SPECTRUM_PNG), eig)
+        board = "evaluate" if result["method"] == "arnoldi" else f"evaluate_{result['method']}"
+        writer = ScalarWriter(epath.Path(workdir) / "tensorboard" / board)
         writer.write_scalars(0, {f"evaluate/{k}": v for k, v in m.items()})
         writer.close()
     logging.info(

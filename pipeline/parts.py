@@ -32,6 +32,7 @@ class Layout:
     num_vectors: int
     num_dots: int = 0
     sigma: float | None = None
+    intrinsic: bool = False  # σ is the method's own (graddot): it makes the plain scores
 
     def table(
         self, columns: dict[str, np.ndarray], rows: np.ndarray, eigvals: np.ndarray
@@ -39,17 +40,20 @@ class Layout:
         """A part's rows: the host ``columns`` (``Task.output_columns``), self-influence (Alg. 1,
         line 24) and the projections, and the tail's columns."""
         g = rows[:, : self.num_vectors]
+        sqnorm = rows[:, -1] if self.sigma is not None else None
+        plain = (sqnorm, self.sigma) if self.intrinsic else (None, None)
         out = {
             **columns,
-            "self_influence": np.asarray(scoring.self_influence(g, eigvals), np.float32),
-            "projections": _matrix(g),
+            "self_influence": np.asarray(scoring.self_influence(g, eigvals, *plain), np.float32),
         }
+        if self.num_vectors:  # none for graddot (Arrow has no lists of length 0)
+            out["projections"] = _matrix(g)
         if self.sigma is not None:
-            sqnorm = rows[:, -1]
             out["grad_sqnorm"] = np.asarray(sqnorm, np.float32)
-            out["self_influence_tail"] = np.asarray(
-                scoring.self_influence(g, eigvals, sqnorm, self.sigma), np.float32
-            )
+            if not self.intrinsic:
+                out["self_influence_tail"] = np.asarray(
+                    scoring.self_influence(g, eigvals, sqnorm, self.sigma), np.float32
+                )
             if self.num_dots:
                 out["query_dots"] = _matrix(
                     rows[:, self.num_vectors : self.num_vectors + self.num_dots]
@@ -65,9 +69,13 @@ def _matrix(values: np.ndarray) -> pa.FixedSizeListArray:
 
 
 def projections(part: pa.Table, name: str = "projections") -> np.ndarray:
-    """The (rows, p̃) float32 projections of a part table (or another matrix column)."""
+    """The (rows, p̃) float32 projections of a part table (or another matrix column); a method
+    without eigenvectors (graddot) wrote none: (rows, 0)."""
+    if name == "projections" and name not in part.column_names:
+        return np.zeros((part.num_rows, 0), np.float32)
     column = part.column(name).combine_chunks()
-    return column.flatten().to_numpy().reshape(len(column), -1).astype(np.float32)
+    values = column.flatten().to_numpy()
+    return values.reshape(len(column), values.size // max(len(column), 1)).astype(np.float32)
 
 
 def part_path(scores_dir: epath.Path, part: Part) -> epath.Path:

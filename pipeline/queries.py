@@ -49,9 +49,11 @@ def trace(
     top_k: int,
     sigma: float | None = None,
     query_block: int = QUERY_BLOCK,
+    intrinsic: bool = False,
 ) -> None:
     """Write ``TOPK_FILE``: per query, kind (proponent/opponent), rank, train id and influence
-    (and ``influence_tail``, the ranking, with the tail's ``sigma``).
+    (and ``influence_tail``, the ranking, with the tail's ``sigma``; a method's own ``sigma``,
+    ``intrinsic``, is in ``influence`` itself).
 
     Memory is bounded whatever the number of queries and training examples: the training parts
     are read one at a time, each scored against ``query_block`` queries at once (a (rows ×
@@ -62,6 +64,8 @@ def trace(
     queries = queries.slice(0, min(num_queries, queries.num_rows))
     g_query, query_ids = parts.projections(queries), queries.column("id").to_numpy()
     names = ("influence", "influence_tail") if sigma is not None else ("influence",)
+    if intrinsic:
+        names = ("influence",)
     best = {kind: _TopK(top_k, len(query_ids), len(names)) for kind in KINDS}
     for file in sorted((scores_dir / "train").glob("part-*.parquet")):
         part = outputs.read_parquet(file)
@@ -69,7 +73,9 @@ def trace(
         dots = parts.projections(part, "query_dots") if sigma is not None else None
         for start in range(0, len(query_ids), query_block):
             block = slice(start, min(start + query_block, len(query_ids)))
-            values = [np.asarray(scoring.influence(g, g_query[block], eigvals))]
+            values = (
+                [] if intrinsic else [np.asarray(scoring.influence(g, g_query[block], eigvals))]
+            )
             if sigma is not None:
                 values.append(
                     np.asarray(scoring.influence(g, g_query[block], eigvals, dots[:, block], sigma))

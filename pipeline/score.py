@@ -63,13 +63,20 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
     params, params_id = artifacts.restore_params(stage)
     eig_state, eig_meta = artifacts.restore_eigenpairs(stage, params_id)
     eigvals = sharding.replicated_to_host(eig_state["eigvals"]) + np.float32(d.damping)
+    # σ of the method itself (graddot: H = I) makes the plain scores; else distill.tail's σ
+    # adds the *_tail columns beside them.
+    intrinsic = stage.method.sigma is not None
     try:
-        sigma = scoring.tail_sigma(
-            d.tail,
-            l2=config.l2,
-            damping=d.damping,
-            ritz_values=eig_meta["all_ritz_values"],
-            top_k=d.top_k,
+        sigma = (
+            stage.method.sigma
+            if intrinsic
+            else scoring.tail_sigma(
+                d.tail,
+                l2=config.l2,
+                damping=d.damping,
+                ritz_values=eig_meta["all_ritz_values"],
+                top_k=eigvals.size,
+            )
         )
     except ValueError as e:
         raise InputError(str(e)) from e
@@ -78,7 +85,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
         query_grads = queries.query_gradients(stage, params, s.num_queries)
         tangents = jax.tree.map(lambda v, q: jnp.concatenate([v, q]), tangents, query_grads)
         num_dots = jax.tree.leaves(query_grads)[0].shape[0]
-    layout = parts.Layout(d.top_k, num_dots, sigma)
+    layout = parts.Layout(eigvals.size, num_dots, sigma, intrinsic)
 
     scores_dir = stage.path(wd.SCORES)
     fingerprint = wd.scores_fingerprint(config, eig_meta["eigenpairs_id"])
@@ -89,7 +96,9 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
         meta = {
             "fingerprint": fingerprint,
             "eigvals": eigvals.tolist(),
+            "method": stage.method.name,
             "tail_sigma": sigma,
+            "intrinsic_sigma": intrinsic,
             "task": stage.task.name,
             "corruption_column": stage.task.corruption_column,
         }
@@ -189,4 +198,4 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("scores written")
     if s.num_queries and jax.process_index() == 0 and not (scores_dir / TOPK_FILE).exists():
-        queries.trace(scores_dir, eigvals, s.num_queries, s.top_k, sigma, s.query_block)
+        queries.trace(scores_dir, eigvals, s.num_queries, s.top_k, sigma, s.query_block, intrinsic)

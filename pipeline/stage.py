@@ -18,6 +18,8 @@ from etils import epath
 from jax.sharding import Mesh
 
 from influence.selection import Selection, SelectionError
+from methods import registry
+from methods.base import Method
 from parallel import sharding
 from parallel.mesh import make_mesh
 from pipeline import data, finite, validate
@@ -59,6 +61,7 @@ class Stage:
     params_like: Any
     param_sh: Any
     selection: Selection
+    method: Method
 
     @classmethod
     def setup(
@@ -83,7 +86,12 @@ class Stage:
             )
         except SelectionError as e:
             raise InputError(str(e)) from e
-        return cls(config, epath.Path(workdir), mesh, task, params_like, param_sh, selection)
+        method = registry.of(config)
+        if method.check_size is not None:  # before any params are restored or fitted
+            method.check_size(config, selection.num_params(params_like))
+        return cls(
+            config, epath.Path(workdir), mesh, task, params_like, param_sh, selection, method
+        )
 
     @property
     def vectors_like(self) -> Any:
@@ -102,5 +110,6 @@ class Stage:
         return self.task.splits[name]
 
     def path(self, name: str) -> epath.Path:
-        """A result's location inside the workdir (names in ``pipeline/workdir.py``)."""
-        return self.workdir / name
+        """A result's location inside the workdir (names in ``pipeline/workdir.py``; a method's
+        own results under ``methods/<name>/`` unless it is Arnoldi)."""
+        return self.workdir / wd.result(self.config, name)

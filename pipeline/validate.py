@@ -38,7 +38,7 @@ def check_arnoldi(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
             f"distill.top_k={d.top_k} must be between 1 and arnoldi.num_iters={a.num_iters} "
             "(p̃ ≤ n: Arnoldi yields at most n eigenpairs); lower top_k or raise num_iters"
         )
-    _divisible(a.hvp_batch_size, mesh.shape[DATA_AXIS], "arnoldi.hvp_batch_size")
+    check_hvp_batch(config, mesh)
     if a.orthogonalization not in arnoldi.ORTHOGONALIZATION:
         raise InputError(
             f"arnoldi.orthogonalization={a.orthogonalization!r}; choose one of "
@@ -46,6 +46,11 @@ def check_arnoldi(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         )
     if a.checkpoint_every < 1:
         raise InputError(f"arnoldi.checkpoint_every={a.checkpoint_every} must be at least 1")
+
+
+def check_hvp_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """HVP batches (every method that takes HVPs draws them like Arnoldi) split over 'data'."""
+    _divisible(config.arnoldi.hvp_batch_size, mesh.shape[DATA_AXIS], "arnoldi.hvp_batch_size")
 
 
 def check_sizes(config: ml_collections.ConfigDict, task: Task) -> None:

@@ -9,6 +9,8 @@
       eigenvalues.json
       scores/<split>/part-XXXXX-of-YYYYY.parquet, scores/meta.json, scores/influence_topk.parquet
       metrics.json, roc_pr.png, spectrum.png, tensorboard/
+      methods/<name>/     the same results of another method (config.method.name): eigenpairs/,
+                          eigenvalues.json, scores/, metrics.json, roc_pr.png, spectrum.png
 
 A stage's fingerprint lists the config fields that change its result; a saved result is reused only
 if its fingerprint matches (``checkpoints.fingerprint.check``).
@@ -33,6 +35,30 @@ SCORES_META = "scores/meta.json"
 EIGENVALUES_JSON = "eigenvalues.json"
 METRICS_JSON = "metrics.json"
 CORRUPTED = "corrupted.parquet"
+ROC_PR_PNG = "roc_pr.png"
+SPECTRUM_PNG = "spectrum.png"
+# Results that belong to one method: Arnoldi's at the top of the workdir (where they were before
+# there were methods), any other method's under methods/<name>/.
+METHOD_RESULTS = (EIGENPAIRS, SCORES, EIGENVALUES_JSON, METRICS_JSON, ROC_PR_PNG, SPECTRUM_PNG)
+
+
+def method_name(config: ml_collections.ConfigDict) -> str:
+    block = config.get("method")
+    return block.name if block is not None else "arnoldi"
+
+
+def result(config: ml_collections.ConfigDict, name: str) -> str:
+    """Where result ``name`` of the configured method lives, relative to the workdir."""
+    method = method_name(config)
+    if method == "arnoldi" or name.split("/")[0] not in METHOD_RESULTS:
+        return name
+    return f"methods/{method.replace(':', '.')}/{name}"
+
+
+def result_path(
+    config: ml_collections.ConfigDict, workdir: epath.PathLike, name: str
+) -> epath.Path:
+    return epath.Path(workdir) / result(config, name)
 
 
 def path(workdir: epath.PathLike, name: str) -> epath.Path:
@@ -54,7 +80,17 @@ def ensure_writable(workdir: epath.PathLike) -> None:
         ) from e
 
 
-NOT_TRAINING = ("mesh", "params", "arnoldi", "distill", "score", "log_every_secs", "filter")
+NOT_TRAINING = (
+    "mesh",
+    "params",
+    "arnoldi",
+    "distill",
+    "score",
+    "log_every_secs",
+    "filter",
+    "method",
+    "report",
+)
 """Config blocks that do not change the trained params (layout, and the stages after training);
 every other field does, including any block a task of its own reads (a new stage's block is
 added here). ``filter`` does change them, through what it keeps: ``pipeline/filtering.py`` puts
@@ -130,6 +166,25 @@ def eigenpairs_fingerprint(
         "distill.top_k": d.top_k,
         "distill.positive_only": d.positive_only,
         "distill.symmetric": d.symmetric,
+    }
+
+
+def fit_fingerprint(
+    config: ml_collections.ConfigDict, params_id: str, selection: Selection, method: Any
+) -> dict[str, Any]:
+    """What a method's artifact depends on: Arnoldi's as ``eigenpairs_fingerprint`` (unchanged,
+    so workdirs saved before there were methods keep theirs); any other method's: the params,
+    the selection, l2, its name and its own fields (``methods.base.Method.fingerprint``)."""
+    if method.name == "arnoldi":
+        return eigenpairs_fingerprint(config, params_id, selection)
+    return {
+        "task": config.task,
+        "model": config.model,
+        "params_id": params_id,
+        **selection_fingerprint(selection),
+        "l2": config.l2,
+        "method.name": method.name,
+        **method.fingerprint(config),
     }
 
 

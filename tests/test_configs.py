@@ -107,6 +107,9 @@ def test_boolean_presets_accept_the_usual_spellings() -> None:
         assert mnist.get_config(off).data.num_train == 4000, off
     assert mnist.get_config("pod").model == "flax_cnn"
     assert mnist.get_config("pod,model=small_cnn").model == "small_cnn"
+    hard = mnist.get_config("hard")
+    assert (hard.model, hard.l2, hard.train.num_epochs) == ("flax_cnn", 0.0, 40)
+    assert mnist.get_config("hard,model=small_cnn").model == "small_cnn"
 
 
 def test_pod_preset_runs_the_jobs(tmp_path) -> None:

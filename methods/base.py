@@ -1,0 +1,70 @@
+"""The method contract: what a way of approximating H⁻¹ gives the pipeline.
+
+Every built-in method but one approximates H⁻¹ on a subspace by eigenpairs (G with orthonormal
+rows, eigenvalues λ), and may add an isotropic term σ on the rest:
+
+    H⁻¹ ≈ Gᵀ diag(1/λ) G + (I − GᵀG) / σ
+
+so each of them is a ``fit`` that produces eigenpairs, and the score job (``pipeline/score.py``),
+its fan-out, resumption and outputs are the same for all: self-influence Σᵢ gᵢ²/λᵢ, train → test
+⟨g(x)/λ, g(z)⟩ with g = G∇ℓ (Schioppa et al. 2022, Alg. 1 lines 24–26), plus the σ term where a
+method (``sigma``) or ``distill.tail`` sets one. ``graddot`` (H = I) is the degenerate case: no
+eigenpairs, σ = 1.
+
+A method of one's own is a module holding a ``Method`` (``config.method.name =
+"my_package.my_method:METHOD"``, ``methods/registry.py``); its ``fit`` returns ``Fitted``, which
+the fit job (``pipeline/fit.py``) saves with the method's fingerprint and reuses while it matches.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+
+class Fitted(NamedTuple):
+    """A method's artifact: ``eigvecs`` stacked like the selected params ((k, …) leaves,
+    orthonormal rows, sharded like them), ``eigvals`` (k,), ``ritz_residuals`` (k,) estimates
+    of ‖H vᵢ − λᵢ vᵢ‖, and ``summary`` (JSON: written to eigenvalues.json and the meta)."""
+
+    eigvecs: Any
+    eigvals: np.ndarray
+    ritz_residuals: np.ndarray
+    summary: dict[str, Any]
+
+
+def _no_check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    del config, mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One method.
+
+    Attributes:
+      name: its ``config.method.name``.
+      equation: the approximation of H⁻¹ it makes, for logs and the README.
+      num_vectors: (config, p) → k, the eigenpairs it keeps, p the number of selected params.
+      fingerprint: config → the fields its artifact depends on beyond the trained params, the
+        parameter selection and l2 (which every fit depends on).
+      fit: (stage, params) → ``Fitted``; None: nothing to fit (k = 0).
+      check: (config, mesh) → None, raising ``InputError``: input checks before any work.
+      check_size: (config, p) → None, raising ``InputError``: checks that need the model's size,
+        run before the params are restored.
+      sigma: the isotropic curvature of the method itself (graddot: 1), or None.
+      stage: the module of a pipeline stage that fits it end to end with resumption of its own
+        (Arnoldi: ``pipeline.arnoldi``, whose Krylov state is checkpointed), instead of ``fit``.
+    """
+
+    name: str
+    equation: str
+    num_vectors: Callable[[ml_collections.ConfigDict, int], int]
+    fingerprint: Callable[[ml_collections.ConfigDict], dict[str, Any]]
+    fit: Callable[[Any, Any], Fitted] | None = None
+    check: Callable[[ml_collections.ConfigDict, Mesh], None] = _no_check
+    check_size: Callable[[ml_collections.ConfigDict, int], None] | None = None
+    sigma: float | None = None
+    stage: str | None = None

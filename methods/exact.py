@@ -1,0 +1,160 @@
+"""The exact Hessian (Schioppa et al. 2022, Table 1's reference; Koh & Liang 2017): H of the
+mean training loss over the whole training split (+ l2 I), built column by column from HVPs
+along coordinate vectors, then every eigenpair (``eigh`` in float64): H⁻¹ = V diag(1/λ) Vᵀ in
+full, (H + damping I)⁻¹ with ``distill.damping``, scored by the shared scorer with k = p.
+
+Only for models whose p × p matrix fits: more than ``method.max_params`` selected params is a
+one-line error before any work. Cost: p / ``method.chunk`` × (N / b) vmapped HVP calls.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh
+
+from influence import subspace
+from influence.hvp import make_hvp
+from methods.base import Fitted, Method
+from parallel import sharding
+from parallel.mesh import DATA_AXIS
+from pipeline import data, finite, validate
+from pipeline.errors import InputError
+from pipeline.progress import Progress
+
+
+def full_batches(num_examples: int, batch_size: int, data_devices: int) -> list[np.ndarray]:
+    """The training split in equal batches of the largest size ≤ ``batch_size`` that divides it
+    and the 'data' axis, so the mean of the batch means is the mean over the split."""
+    sizes = [
+        r
+        for r in range(min(batch_size, num_examples), 0, -1)
+        if num_examples % r == 0 and r % data_devices == 0
+    ]
+    if not sizes:
+        raise InputError(
+            f"method.name=exact: the {num_examples} training examples cannot be split into "
+            f"equal batches that divide the {data_devices} devices on the 'data' axis; change "
+            "mesh.data or data.num_train"
+        )
+    r = sizes[0]
+    return [np.arange(s, s + r) for s in range(0, num_examples, r)]
+
+
+def hessian(stage: Any, params: Any) -> np.ndarray:
+    """The p × p Hessian of the mean training loss over the selected params (+ l2 I), float64
+    on the host; columns ``method.chunk`` at a time (a vmap of HVPs along coordinate vectors)."""
+    config = stage.config
+    like = stage.vectors_like
+    p = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(like))
+    hvp = make_hvp(stage.task.per_example_loss, config.l2, stage.selection)
+    repl = sharding.replicated(stage.mesh)
+
+    def columns(params: Any, batch: dict, indices: jax.Array) -> jax.Array:
+        basis = subspace.coordinate_rows(indices, like)
+        products = jax.vmap(lambda v: hvp(params, batch, v))(basis)
+        return subspace.flatten_rows(products)
+
+    columns = jax.jit(
+        columns,
+        in_shardings=(stage.param_sh, sharding.batch_sharding(stage.mesh), repl),
+        out_shardings=repl,
+    )
+    train = stage.split("train")
+    batches = full_batches(
+        train.num_examples, config.arnoldi.hvp_batch_size, stage.mesh.shape[DATA_AXIS]
+    )
+    chunk = config.method.chunk
+    starts = range(0, p, chunk)
+    matrix = np.zeros((p, p), np.float64)
+    guard = finite.Guard("exact", "a Hessian column", "check the trained params and the data")
+    with Progress(stage.workdir, "exact", len(starts), config.log_every_secs) as progress:
+        for step, start in enumerate(starts, start=1):
+            indices = np.arange(start, start + chunk)
+            indices = jnp.asarray(np.where(indices < p, indices, -1), jnp.int32)
+            total = None
+            for positions in batches:
+                batch = data.global_batch(stage.task, train, positions, stage.mesh)
+                part = columns(params, batch, indices)
+                total = part if total is None else total + part
+            guard.update(step, total)
+            guard.check("nothing of this fit was saved")
+            block = sharding.replicated_to_host(total).astype(np.float64) / len(batches)
+            stop = min(start + chunk, p)
+            matrix[:, start:stop] = block[: stop - start].T
+            progress(step)
+    return matrix
+
+
+def fit(stage: Any, params: Any) -> Fitted:
+    matrix = hessian(stage, params)
+    asymmetry = float(np.abs(matrix - matrix.T).max() / max(np.abs(matrix).max(), 1e-30))
+    matrix = 0.5 * (matrix + matrix.T)
+    eigvals, eigvecs = np.linalg.eigh(matrix)
+    order = np.argsort(-np.abs(eigvals), kind="stable")
+    eigvals, eigvecs = eigvals[order], eigvecs[:, order]
+    residuals = np.linalg.norm(matrix @ eigvecs - eigvecs * eigvals, axis=0)
+    g = jax.jit(
+        lambda m: subspace.unflatten_rows(m, stage.vectors_like),
+        out_shardings=sharding.stacked_shardings(stage.vector_sh),
+    )(jax.device_put(eigvecs.T.astype(np.float32), sharding.replicated(stage.mesh)))
+    floor = stage.config.l2 + stage.config.distill.damping
+    nonpositive = int((eigvals + stage.config.distill.damping <= 0).sum())
+    if nonpositive:
+        logging.warning(
+            "exact: %d of %d eigenvalues of H + damping are <= 0 (smallest %.3e): the trained "
+            "params are not at a minimum, and 1/λ of those directions dominates the scores; "
+            "raise distill.damping",
+            nonpositive,
+            eigvals.size,
+            eigvals.min() + stage.config.distill.damping,
+        )
+    logging.info(
+        "exact: %d eigenvalues in [%.3e, %.3e] (l2 + damping = %.3e); relative asymmetry %.1e",
+        eigvals.size,
+        eigvals.min(),
+        eigvals.max(),
+        floor,
+        asymmetry,
+    )
+    summary = {
+        "eigvals": eigvals.tolist(),
+        "ritz_residuals": residuals.tolist(),
+        "relative_ritz_residuals": (residuals / np.maximum(np.abs(eigvals), 1e-30)).tolist(),
+        "all_ritz_values": eigvals.tolist(),
+        "num_hvps": int(eigvals.size),
+        "asymmetry": asymmetry,
+        "num_nonpositive": nonpositive,
+    }
+    return Fitted(g, eigvals, residuals, summary)
+
+
+def _check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    if config.method.chunk < 1:
+        raise InputError(f"method.chunk={config.method.chunk} must be at least 1")
+    validate.check_hvp_batch(config, mesh)
+
+
+def _check_size(config: ml_collections.ConfigDict, num_params: int) -> None:
+    limit = config.method.max_params
+    if num_params > limit:
+        raise InputError(
+            f"method.name=exact needs the explicit {num_params} × {num_params} Hessian, more than "
+            f"method.max_params={limit} params allow ({num_params**2 * 8 / 2**30:.1f} GiB in "
+            "float64): use arnoldi, select fewer params (config.params), or raise "
+            "method.max_params"
+        )
+
+
+EXACT = Method(
+    name="exact",
+    equation="H⁻¹ = V diag(1/λ) Vᵀ, every eigenpair of the explicit full-data Hessian",
+    num_vectors=lambda config, num_params: num_params,
+    fingerprint=lambda config: {},
+    fit=fit,
+    check=_check,
+    check_size=_check_size,
+)

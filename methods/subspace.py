@@ -1,0 +1,140 @@
+"""RandProj and RandSelect (Schioppa et al. 2022, §5 baselines): influence restricted to a
+subspace chosen without looking at H, H⁻¹ ≈ Gᵀ (G H Gᵀ)⁻¹ G.
+
+- ``randproj``: G Gaussian, p̃ rows, E[GᵀG] = I (influence sketching, Wojnowicz et al. 2016);
+- ``randselect``: p̃ coordinates of the selected params drawn at random (``method.seed``).
+
+The fit (``influence/subspace.py``): orthonormalise the rows (same span, same influence), one HVP
+per row on the batches Arnoldi would draw (``arnoldi.hvp_batch_size``, ``arnoldi.fixed_batch``,
+``method.seed``), the p̃ × p̃ restriction M = Q H Qᵀ, M = V Λ Vᵀ, eigenpairs (Λ, Vᵀ Q): Ritz pairs
+of H on span(G), scored exactly like Arnoldi's. Cost: p̃ HVPs and 3 × p̃ parameter-sized vectors.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh
+
+from influence import pytree, subspace
+from influence.hvp import make_hvp
+from methods.base import Fitted, Method
+from parallel import sharding
+from pipeline import data, finite, validate
+from pipeline.errors import InputError
+from pipeline.progress import Progress
+
+Rows = Callable[[ml_collections.ConfigDict, Any, int], Any]
+
+
+def jit_hvp(stage: Any) -> Callable[[Any, dict, Any], Any]:
+    """(params, batch, v) → H v over the selected leaves (+ l2 v), laid out like the params."""
+    return jax.jit(
+        make_hvp(stage.task.per_example_loss, stage.config.l2, stage.selection),
+        in_shardings=(stage.param_sh, sharding.batch_sharding(stage.mesh), stage.vector_sh),
+        out_shardings=stage.vector_sh,
+    )
+
+
+def _gaussian(config: ml_collections.ConfigDict, like: Any, num: int) -> Any:
+    return subspace.gaussian_rows(jax.random.key(config.method.seed), like, num)
+
+
+def _coordinates(config: ml_collections.ConfigDict, like: Any, num: int) -> Any:
+    total = pytree.num_params(like)
+    picked = np.random.default_rng(config.method.seed).choice(total, num, replace=False)
+    return subspace.coordinate_rows(jnp.asarray(np.sort(picked), jnp.int32), like)
+
+
+def fit_subspace(stage: Any, params: Any, rows: Rows, name: str) -> Fitted:
+    """Rayleigh–Ritz of H on the span of ``rows``' p̃ vectors (module docstring)."""
+    config, a, k = stage.config, stage.config.arnoldi, stage.config.distill.top_k
+    stacked_sh = sharding.stacked_shardings(stage.vector_sh)
+    basis = jax.jit(
+        lambda: subspace.orthonormal_rows(rows(config, stage.vectors_like, k)),
+        out_shardings=stacked_sh,
+    )()
+    row = jax.jit(pytree.stacked_get, out_shardings=stage.vector_sh, static_argnums=1)
+    put = jax.jit(pytree.stacked_set, out_shardings=stacked_sh, donate_argnums=0)
+    hvp, train = jit_hvp(stage), stage.split("train")
+    products = jax.jit(lambda b: jax.tree.map(jnp.zeros_like, b), out_shardings=stacked_sh)(basis)
+    guard = finite.Guard(name, "an HVP", "check the trained params and the data")
+    with Progress(stage.workdir, name, k, config.log_every_secs) as progress:
+        for i in range(k):
+            positions = data.hvp_batch_indices(
+                train.num_examples, a.hvp_batch_size, config.method.seed, i, a.fixed_batch
+            )
+            batch = data.global_batch(stage.task, train, positions, stage.mesh)
+            hv = hvp(params, batch, row(basis, i))
+            guard.update(i + 1, pytree.norm(hv))
+            products = put(products, i, hv)
+            progress(i + 1)
+    guard.check("nothing of this fit was saved")
+    restricted = sharding.replicated_to_host(
+        jax.jit(subspace.gram, out_shardings=sharding.replicated(stage.mesh))(basis, products)
+    )
+    eigvals, coords = subspace.subspace_pairs(restricted, k)
+    coords = jnp.asarray(coords, jnp.float32)
+    combine = jax.jit(pytree.stacked_combine, out_shardings=stacked_sh)
+    eigvecs, hvps = combine(coords, basis), combine(coords, products)
+    residuals = sharding.replicated_to_host(
+        jax.jit(subspace.residual_norms, out_shardings=sharding.replicated(stage.mesh))(
+            jnp.asarray(eigvals, jnp.float32), eigvecs, hvps
+        )
+    )
+    logging.info("%s: %d Ritz values of H on a random subspace: %s", name, k, eigvals[:10])
+    summary = {
+        "eigvals": eigvals.tolist(),
+        "ritz_residuals": residuals.tolist(),
+        "relative_ritz_residuals": (residuals / np.abs(eigvals)).tolist(),
+        "all_ritz_values": eigvals.tolist(),
+        "num_hvps": k,
+    }
+    return Fitted(eigvecs, eigvals, residuals, summary)
+
+
+def _check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    if config.distill.top_k < 1:
+        raise InputError(f"distill.top_k={config.distill.top_k} must be at least 1")
+    validate.check_hvp_batch(config, mesh)
+
+
+def _check_size(config: ml_collections.ConfigDict, num_params: int) -> None:
+    if config.distill.top_k > num_params:
+        raise InputError(
+            f"distill.top_k={config.distill.top_k} exceeds the {num_params} selected params: "
+            f"method.name={config.method.name} needs p̃ ≤ p; lower distill.top_k"
+        )
+
+
+def _fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return {
+        "method.seed": config.method.seed,
+        "distill.top_k": config.distill.top_k,
+        "arnoldi.hvp_batch_size": config.arnoldi.hvp_batch_size,
+        "arnoldi.fixed_batch": config.arnoldi.fixed_batch,
+    }
+
+
+RANDPROJ = Method(
+    name="randproj",
+    equation="H⁻¹ ≈ Gᵀ (G H Gᵀ)⁻¹ G, G Gaussian with p̃ rows, E[GᵀG] = I",
+    num_vectors=lambda config, num_params: config.distill.top_k,
+    fingerprint=_fingerprint,
+    fit=lambda stage, params: fit_subspace(stage, params, _gaussian, "randproj"),
+    check=_check,
+    check_size=_check_size,
+)
+RANDSELECT = Method(
+    name="randselect",
+    equation="H⁻¹ ≈ Gᵀ (G H Gᵀ)⁻¹ G, G's rows p̃ random coordinate vectors",
+    num_vectors=lambda config, num_params: config.distill.top_k,
+    fingerprint=_fingerprint,
+    fit=lambda stage, params: fit_subspace(stage, params, _coordinates, "randselect"),
+    check=_check,
+    check_size=_check_size,
+)

@@ -1,0 +1,158 @@
+"""The baselines behind the method interface (methods/), each against its explicit formula on the
+small CNN (2,410 params) of the runlocal preset: an explicit Hessian from ``jax.hessian``
+(independent of the HVPs), per-example gradients, numpy's inverse and eigh."""
+
+import json
+import shutil
+import types
+
+import jax
+import numpy as np
+import pandas as pd
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from influence import scoring, subspace
+from pipeline import artifacts, evaluate, fit, score, train
+from pipeline.stage import Stage
+from tests.pipeline_helpers import run_job, tiny_config
+from tests.test_arnoldi import explicit_hessian
+
+DAMPING = 1.0  # above |λ_min| of the runlocal params (2 epochs: not at a minimum)
+
+
+def method_config(name: str, **overrides: object):
+    """The tiny config with every HVP on all 256 training examples, so the restricted
+    Hessians are of the same H as the explicit one."""
+    config = tiny_config(
+        arnoldi__hvp_batch_size=256, arnoldi__fixed_batch=True, distill__damping=DAMPING
+    )
+    config.method.name = name
+    for key, value in overrides.items():
+        node, leaf = config, key.split("__")
+        for part in leaf[:-1]:
+            node = node[part]
+        node[leaf[-1]] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory):
+    """The workdir with trained params, their explicit H over the training split (flat), the
+    flat per-example gradients of the train and eval splits with their ids, p and the params'
+    shapes."""
+    workdir = tmp_path_factory.mktemp("methods")
+    config = method_config("arnoldi")
+    train.run(config, workdir)
+    stage = Stage.setup(config, workdir, fit.CHECK)
+    params, _ = artifacts.restore_params(stage)
+    params = jax.device_get(params)
+    grads, batches = {}, {}
+    for name in ("train", "eval"):
+        split = stage.split(name)
+        columns = split.take(np.arange(split.num_examples))
+        batches[name] = {k: np.asarray(v) for k, v in stage.task.model_inputs(columns).items()}
+        g = scoring.example_grads(stage.task.per_example_loss, params, batches[name])
+        grads[name] = (columns["id"], np.asarray(subspace.flatten_rows(g), np.float64))
+    hessian = explicit_hessian(stage.task.per_example_loss, config.l2, params, batches["train"], 8)
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    return types.SimpleNamespace(
+        workdir=workdir, hessian=hessian, grads=grads, p=ravel_pytree(params)[0].size, like=like
+    )
+
+
+def _run(config, reference, tmp_path):
+    workdir = tmp_path / config.method.name
+    shutil.copytree(reference.workdir / "params", workdir / "params")
+    shutil.copy(reference.workdir / "corrupted.parquet", workdir / "corrupted.parquet")
+    fit.run(config, workdir)
+    score.run(config, workdir)
+    return workdir / "methods" / config.method.name
+
+
+def _self_influence(directory, ids):
+    table = pd.read_parquet(directory / "scores" / "train").set_index("id")
+    return table.loc[ids, "self_influence"].to_numpy(np.float64)
+
+
+def test_exact_is_numpy_eigh_and_the_damped_inverse(reference, tmp_path):
+    hessian, grads, p = reference.hessian, reference.grads, reference.p
+    directory = _run(method_config("exact"), reference, tmp_path)
+    eig = json.loads((directory / "eigenvalues.json").read_text())
+    got = np.sort(np.asarray(eig["eigvals"]))
+    want = np.linalg.eigvalsh(hessian)
+    assert got.size == p == 2410
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+    ids, g = grads["train"]
+    inverse = np.linalg.inv(hessian + DAMPING * np.eye(p))
+    expected = np.einsum("np,pq,nq->n", g, inverse, g)
+    np.testing.assert_allclose(_self_influence(directory, ids), expected, rtol=2e-3)
+    metrics = evaluate.run(method_config("exact"), directory.parents[1])
+    assert metrics["method"] == "exact" and metrics["top_k"] == p
+    assert (directory / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("name", ["randproj", "randselect"])
+def test_random_subspaces_are_the_sketched_inverse(reference, tmp_path, name):
+    """Self-influence ∇ℓᵀ Gᵀ(G H Gᵀ)⁻¹G ∇ℓ with the raw G the method drew (Gaussian, or
+    coordinate rows), not orthonormalised: the eigenpairs it saved span the same space."""
+    hessian, grads, p = reference.hessian, reference.grads, reference.p
+    config = method_config(name, distill__top_k=8, method__seed=3)
+    directory = _run(config, reference, tmp_path)
+    if name == "randproj":
+        rows = subspace.gaussian_rows(jax.random.key(3), reference.like, 8)
+        g_raw = np.asarray(subspace.flatten_rows(rows), np.float64)
+        assert abs(np.mean(np.sum(g_raw**2, axis=0)) - 1) < 0.05  # E[GᵀG] = I: diag ≈ 1
+    else:
+        picked = np.sort(np.random.default_rng(3).choice(p, 8, replace=False))
+        g_raw = np.eye(p)[picked]
+    sketched = g_raw @ hessian @ g_raw.T
+    ids, g = grads["train"]
+    projected = g @ g_raw.T
+    expected = np.einsum(
+        "nk,kl,nl->n", projected, np.linalg.inv(sketched + DAMPING * g_raw @ g_raw.T), projected
+    )
+    np.testing.assert_allclose(_self_influence(directory, ids), expected, rtol=2e-3, atol=1e-7)
+    # Its eigenvalues: the Ritz values of H on span(G), the generalised eigenvalues of
+    # (G H Gᵀ, G Gᵀ).
+    chol = np.linalg.cholesky(g_raw @ g_raw.T)
+    inv = np.linalg.inv(chol)
+    ritz = np.linalg.eigvalsh(inv @ sketched @ inv.T)
+    eig = np.sort(json.loads((directory / "eigenvalues.json").read_text())["eigvals"])
+    np.testing.assert_allclose(eig, ritz, rtol=1e-3, atol=1e-5)
+
+
+def test_graddot_is_the_gradient_inner_product(reference, tmp_path):
+    grads = reference.grads
+    config = method_config("graddot", distill__damping=0.0)
+    directory = _run(config, reference, tmp_path)
+    ids, g = grads["train"]
+    np.testing.assert_allclose(_self_influence(directory, ids), np.sum(g**2, axis=1), rtol=1e-4)
+    query_ids, q = grads["eval"]
+    top = pd.read_parquet(directory / "scores" / "influence_topk.parquet")
+    assert set(top["query_id"]) == set(query_ids[: config.score.num_queries])
+    row = {i: k for k, i in enumerate(ids)}
+    col = {i: k for k, i in enumerate(query_ids)}
+    expected = [
+        g[row[t]] @ q[col[z]] for t, z in zip(top["train_id"], top["query_id"], strict=True)
+    ]
+    np.testing.assert_allclose(top["influence"], expected, rtol=1e-4, atol=1e-7)
+    best = top[(top["kind"] == "proponent") & (top["rank"] == 0)]
+    for z, t in zip(best["query_id"], best["train_id"], strict=True):
+        assert t == ids[np.argmax(g @ q[col[z]])]
+
+
+def test_unknown_method_and_exact_on_a_large_model_stop_before_training(tmp_path):
+    for flags, message in (
+        (["--config.method.name=lisa"], "config.method.name='lisa' is not a method"),
+        (
+            ["--config.method.name=exact", "--config.method.max_params=1000"],
+            "method.name=exact needs the explicit 2410 × 2410 Hessian",
+        ),
+    ):
+        workdir = tmp_path / flags[-1].split("=")[-1]
+        done = run_job("pipeline", workdir, *flags)
+        assert done.returncode == 2, done.stderr[-2000:]
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and message in last, last
+        assert not (workdir / "params").exists()
