@@ -1,0 +1,9 @@
+r"""The report job (pipeline/report.py): the methods side by side on the current task.
+
+python -m jobs.report --config=configs/mnist.py:runlocal --workdir=workdirs/report
+"""
+
+from pipeline import cli
+
+if __name__ == "__main__":
+    cli.main(["pipeline.report"])
