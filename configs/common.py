@@ -76,6 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.batch_size = 128
     config.train.learning_rate = 1e-3
     config.train.checkpoint_every = 0  # steps between training checkpoints; 0: once per epoch
+    # Epochs after which the params are also kept (<workdir>/epoch_params/<epoch>; epochs past
+    # num_epochs are never reached): the checkpoints method.name=tracin sums over. Does not
+    # change the trained params.
+    config.train.keep_epochs = ()
 
     # Data filtering (pipeline/filtering.py): train on the `keep` fraction of the training split
     # with the lowest `by` score of the finished run in workdir `scores` (by="random": a seeded
@@ -154,9 +158,10 @@ def base_config() -> ml_collections.ConfigDict:
     # plus (num_queries × top_k) candidates, whatever the number of queries and examples.
     config.score.query_block = 1024
 
-    # The report job (pipeline/report.py): these methods, the first three at every p̃ of top_ks.
+    # The report job (pipeline/report.py): these methods, the first three at every p̃ of top_ks
+    # (exact only where the model is small enough, tracin only with train.keep_epochs).
     config.report = ml_collections.ConfigDict()
-    config.report.methods = ("arnoldi", "randproj", "randselect", "exact", "graddot")
+    config.report.methods = ("arnoldi", "randproj", "randselect", "exact", "graddot", "tracin")
     config.report.top_ks = (5, 10, 20, 50, 100)
     config.report.converged_tol = 1e-2  # relative Ritz residual of a converged pair
 

@@ -76,6 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.data.num_train = 256
         config.data.num_eval = 64
         config.train.num_epochs = 2
+        config.train.keep_epochs = (1, 2)  # TracIn's checkpoints (the report runs tracin)
         config.train.batch_size = 64
         config.arnoldi.num_iters = 12
         config.arnoldi.hvp_batch_size = 64

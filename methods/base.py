@@ -57,6 +57,9 @@ class Method:
       sigma: the isotropic curvature of the method itself (graddot: 1), or None.
       stage: the module of a pipeline stage that fits it end to end with resumption of its own
         (Arnoldi: ``pipeline.arnoldi``, whose Krylov state is checkpointed), instead of ``fit``.
+      checkpoints: scores are the sum over the params the train job kept after each epoch of
+        ``train.keep_epochs``, each weighted by its learning rate (TracIn), instead of the
+        final params alone.
     """
 
     name: str
@@ -68,3 +71,4 @@ class Method:
     check_size: Callable[[ml_collections.ConfigDict, int], None] | None = None
     sigma: float | None = None
     stage: str | None = None
+    checkpoints: bool = False

@@ -13,16 +13,17 @@ from pipeline.errors import InputError
 from pipeline.validate import MAX_TAIL_QUERIES
 
 
-def _check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+def check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     del mesh
     if config.distill.tail != "none":
         raise InputError(
-            f"method.name=graddot with distill.tail={config.distill.tail}: graddot has no "
-            "subspace to add a tail to (it is H = I everywhere); set distill.tail=none"
+            f"method.name={config.method.name} with distill.tail={config.distill.tail}: it has "
+            "no subspace to add a tail to (it is H = I everywhere); set distill.tail=none"
         )
     if config.score.num_queries > MAX_TAIL_QUERIES:
         raise InputError(
-            f"method.name=graddot with score.num_queries={config.score.num_queries}: its train → "
+            f"method.name={config.method.name} with score.num_queries={config.score.num_queries}: "
+            "its train → "
             "test stores ⟨∇ℓ(x), ∇ℓ(z)⟩ for every query beside each training example, so it "
             f"takes at most {MAX_TAIL_QUERIES} queries; lower score.num_queries"
         )
@@ -33,6 +34,6 @@ GRADDOT = Method(
     equation="H⁻¹ ≈ I: I(x, z) = ⟨∇ℓ(x), ∇ℓ(z)⟩",
     num_vectors=lambda config, num_params: 0,
     fingerprint=lambda config: {},
-    check=_check,
+    check=check,
     sigma=1.0,
 )

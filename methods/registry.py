@@ -14,6 +14,7 @@ BUILTIN = {
     "randselect": "methods.subspace:RANDSELECT",
     "exact": "methods.exact:EXACT",
     "graddot": "methods.graddot:GRADDOT",
+    "tracin": "methods.tracin:TRACIN",
 }
 
 

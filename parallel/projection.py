@@ -112,6 +112,27 @@ class Projected:
         return np.concatenate([sharding.to_host_local(g) for g, _ in self.pieces])
 
 
+@dataclasses.dataclass
+class Weighted:
+    """Σ_c w_c · projections_c of one batch (TracIn's checkpoints); one term is as it is."""
+
+    terms: list[tuple[Projected, float]]
+
+    @classmethod
+    def of(cls, terms: list[tuple[Projected, float]]) -> "Projected | Weighted":
+        return terms[0][0] if len(terms) == 1 and terms[0][1] == 1.0 else cls(terms)
+
+    def wait(self) -> None:
+        for projected, _ in self.terms:
+            projected.wait()
+
+    def all_finite(self) -> bool:
+        return all(projected.all_finite() for projected, _ in self.terms)
+
+    def local(self) -> np.ndarray:
+        return sum(np.float32(w) * projected.local() for projected, w in self.terms)
+
+
 class Projector:
     """``projector(params, eigvecs, local_batch) -> Projected`` for global batches of
     ``batch_size`` rows; the plan (mode, chunking, calls) is made at the first call, from the

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from checkpoints.checkpointer import Checkpointer, UnreadableCheckpointError
-from checkpoints.fingerprint import meta_check
+from checkpoints.fingerprint import digest, meta_check
 from parallel import sharding
 from pipeline import workdir as wd
 from pipeline.errors import InputError
@@ -91,7 +91,8 @@ def restore_eigenpairs(stage: Stage, params_id: str) -> tuple[dict[str, Any], di
             "eigvals": jax.device_put(np.zeros(0, np.float32), sharding.replicated(stage.mesh)),
             "ritz_residuals": np.zeros(0, np.float32),
         }
-        meta = {"eigenpairs_id": stage.method.name, "all_ritz_values": [], "eigvals": []}
+        own = {"method": stage.method.name, **stage.method.fingerprint(stage.config)}
+        meta = {"eigenpairs_id": digest(own), "all_ritz_values": [], "eigvals": []}
         return empty, meta
     job = "jobs.arnoldi" if stage.method.name == "arnoldi" else "jobs.fit"
     directory = stage.path(wd.EIGENPAIRS)
@@ -114,4 +115,31 @@ def restore_eigenpairs(stage: Stage, params_id: str) -> tuple[dict[str, Any], di
             f"no eigenpairs in {directory}; run `python -m {job}` with the same --config "
             "and --workdir first"
         )
+    return found
+
+
+def restore_epoch_params(stage: Stage) -> list[tuple[Any, float]]:
+    """[(params after epoch e, its learning rate)] for each e of ``train.keep_epochs`` (TracIn's
+    checkpoints), sharded like ``stage.param_sh``, after checking they come from this config; a
+    one-line error naming the fix when any is missing."""
+    epochs = sorted(stage.config.train.keep_epochs)
+    directory = stage.path(wd.EPOCH_PARAMS)
+    fix = (
+        f'train with --config.train.keep_epochs="{tuple(epochs)}" in a new --workdir (params '
+        "trained without it kept no checkpoints)"
+    )
+    found = []
+    with Checkpointer(directory, max_to_keep=None, async_save=False) as ckpt:
+        missing = sorted(set(epochs) - set(ckpt.all_steps()))
+        if missing:
+            raise InputError(
+                f"method.name={stage.method.name}: no params kept after epochs {missing} in "
+                f"{directory}; {fix}"
+            )
+        target = sharding.abstract_like({"params": stage.params_like}, {"params": stage.param_sh})
+        check = meta_check(stage.train_fingerprint, f"the params in {directory}", fix)
+        for epoch in epochs:
+            state, meta = ckpt.restore(epoch, target)
+            check(meta)
+            found.append((state["params"], float(meta["learning_rate"])))
     return found

@@ -39,9 +39,33 @@ from pipeline.report_text import SWEPT
 from pipeline.stage import Stage, check_all
 
 
+def _feasible(config: ml_collections.ConfigDict, workdir: epath.Path, methods: list[str], p: int):
+    """(the methods that can run on this task, notes on those that cannot)."""
+    notes = []
+    if "exact" in methods and p > config.method.max_params:
+        methods.remove("exact")
+        notes.append(
+            f"exact skipped: {p:,} params exceed method.max_params={config.method.max_params:,}"
+        )
+    if "tracin" in methods and not config.train.keep_epochs:
+        methods.remove("tracin")
+        notes.append("tracin skipped: train.keep_epochs keeps no checkpoints")
+    kept = workdir / wd.EPOCH_PARAMS
+    have = {int(d.name) for d in kept.iterdir() if d.name.isdigit()} if kept.exists() else set()
+    if "tracin" in methods and not set(config.train.keep_epochs) <= have:
+        methods.remove("tracin")
+        notes.append(
+            "tracin skipped: the params in this workdir were trained without "
+            f"train.keep_epochs={tuple(config.train.keep_epochs)} (report in a new workdir)"
+        )
+    return methods, notes
+
+
 def check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     r = config.report
     for name in r.methods:
+        if name == "tracin" and not config.train.keep_epochs:
+            continue  # skipped by the report, with a note
         method = registry.get(name)
         probe = _variant(config, name, max(r.top_ks) if name in SWEPT else None)
         method.check(probe, mesh)
@@ -106,12 +130,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str,
     train.run(config, workdir)
     stage = Stage.setup(_variant(config, "graddot", None), workdir, fit.CHECK)
     p = stage.selection.num_params(stage.params_like)
-    methods, notes = list(r.methods), []
-    if "exact" in methods and p > config.method.max_params:
-        methods.remove("exact")
-        notes.append(
-            f"exact skipped: {p:,} params exceed method.max_params={config.method.max_params:,}"
-        )
+    methods, notes = _feasible(config, workdir, list(r.methods), p)
     variants = [
         (name, k) for name in methods for k in (sorted(r.top_ks) if name in SWEPT else [None])
     ]
@@ -121,7 +140,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str,
         sub = _variant(config, name, k)
         label = name if k is None else f"{name}_p{k}"
         directory = workdir / "report" / label
-        _link(workdir, directory, (wd.PARAMS, wd.CORRUPTED, wd.KRYLOV))
+        _link(workdir, directory, (wd.PARAMS, wd.CORRUPTED, wd.KRYLOV, wd.EPOCH_PARAMS))
         logging.info("report: %s", label)
         times = _timed({"fit": fit.run, "score": score.run}, sub, directory)
         metrics = evaluate.run(sub, directory)

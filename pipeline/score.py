@@ -80,11 +80,17 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
         )
     except ValueError as e:
         raise InputError(str(e)) from e
-    tangents, num_dots = eig_state["eigvecs"], 0
-    if sigma is not None and s.num_queries:
-        query_grads = queries.query_gradients(stage, params, s.num_queries)
-        tangents = jax.tree.map(lambda v, q: jnp.concatenate([v, q]), tangents, query_grads)
-        num_dots = jax.tree.leaves(query_grads)[0].shape[0]
+    # The params scored at, each with its weight: the trained params, or TracIn's checkpoints
+    # with their learning rates (the rows of each are summed with these weights).
+    models = artifacts.restore_epoch_params(stage) if stage.method.checkpoints else [(params, 1.0)]
+    num_dots, weighted = 0, []
+    for at, weight in models:
+        tangents = eig_state["eigvecs"]
+        if sigma is not None and s.num_queries:
+            query_grads = queries.query_gradients(stage, at, s.num_queries)
+            tangents = jax.tree.map(lambda v, q: jnp.concatenate([v, q]), tangents, query_grads)
+            num_dots = jax.tree.leaves(query_grads)[0].shape[0]
+        weighted.append((at, tangents, weight))
     layout = parts.Layout(eigvals.size, num_dots, sigma, intrinsic)
 
     scores_dir = stage.path(wd.SCORES)
@@ -145,12 +151,9 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
         step: int, batch: data.LocalBatch, read: dict
     ) -> tuple[int, data.LocalBatch, dict, projection.Projected]:
         """Dispatch one batch to the devices (returns before they are done)."""
-        return (
-            step,
-            batch,
-            read,
-            project(params, tangents, stage.task.model_inputs(read)),
-        )
+        inputs = stage.task.model_inputs(read)
+        projected = [(project(at, tangents, inputs), w) for at, tangents, w in weighted]
+        return step, batch, read, projection.Weighted.of(projected)
 
     def collect(step: int, batch: data.LocalBatch, read: dict, g: projection.Projected) -> None:
         """Fetch a dispatched batch's projections (waits for it) and hand them to the writer,

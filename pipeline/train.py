@@ -155,6 +155,7 @@ def _train(stage: Stage, fingerprint: dict, fix: str) -> Any:
             "lower train.learning_rate, raise l2, or look for non-finite values in the data",
         )
         save_every = config.train.checkpoint_every or steps_per_epoch
+        keep = _EpochParams(stage, fingerprint)
         for step in range(start, total):
             epoch, i = divmod(step, steps_per_epoch)
             if order is None or i == 0:  # examples of epoch e in the order drawn from (seed, e)
@@ -174,6 +175,8 @@ def _train(stage: Stage, fingerprint: dict, fix: str) -> Any:
             force = stop or done == total
             if force or done % save_every == 0:
                 guard.check(f"the last checkpoint is of step {max(ckpt.all_steps(), default=0)}")
+            if done % steps_per_epoch == 0:  # before the training state: never skipped on resume
+                keep(done // steps_per_epoch, state["params"], guard)
             ckpt.save(done, state, meta, force=force)
             progress(done, loss=loss)
             if stop:
@@ -181,6 +184,27 @@ def _train(stage: Stage, fingerprint: dict, fix: str) -> Any:
                 raise preemption.Preempted(f"training preempted; state saved at step {done}")
         ckpt.wait_until_finished()
     return state["params"]
+
+
+class _EpochParams:
+    """Keeps the params after each epoch of ``train.keep_epochs`` with the learning rate they
+    were trained at (TracIn's checkpoints, ``methods/tracin.py``)."""
+
+    def __init__(self, stage: Stage, fingerprint: dict) -> None:
+        self._epochs = set(stage.config.train.keep_epochs)
+        self._path, self._fingerprint = stage.path(wd.EPOCH_PARAMS), fingerprint
+        self._rate = stage.config.train.learning_rate
+
+    def __call__(self, epoch: int, params: Any, guard: finite.Guard) -> None:
+        if epoch not in self._epochs:
+            return
+        guard.check(f"the params of epochs before {epoch} are kept")
+        with Checkpointer(self._path, max_to_keep=None, async_save=False) as ckpt:
+            if epoch in ckpt.all_steps():  # saved before a preemption
+                return
+            meta = {"fingerprint": self._fingerprint, "epoch": epoch, "learning_rate": self._rate}
+            ckpt.save(epoch, {"params": params}, meta, force=True)
+        logging.info("params after epoch %d kept in %s", epoch, self._path)
 
 
 def write_corrupted(path: epath.Path, task: Task, chunk: int = 4096) -> None:

@@ -27,6 +27,11 @@ def check_train(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         )
     if config.train.num_epochs < 1:
         raise InputError(f"train.num_epochs={config.train.num_epochs} must be at least 1")
+    if any(e < 1 for e in config.train.keep_epochs):
+        raise InputError(
+            f"train.keep_epochs={tuple(config.train.keep_epochs)}: epochs count from 1 (the "
+            "params after the first epoch)"
+        )
 
 
 def check_arnoldi(config: ml_collections.ConfigDict, mesh: Mesh) -> None:

@@ -3,6 +3,7 @@
     workdir/
       train_state/   Orbax: params + optimizer state per epoch (resume training)
       params/        Orbax: the trained params the analysis uses (meta: params_id)
+      epoch_params/  Orbax: the params after each epoch of train.keep_epochs (TracIn's checkpoints)
       corrupted.parquet   the corrupted training examples: id and the task's ground-truth columns
       krylov/        Orbax: Krylov basis + Hessenberg matrix every k iterations
       eigenpairs/    Orbax: distilled eigenvectors G, eigenvalues, Ritz residuals
@@ -28,6 +29,7 @@ from pipeline.errors import InputError
 
 TRAIN_STATE = "train_state"
 PARAMS = "params"
+EPOCH_PARAMS = "epoch_params"
 KRYLOV = "krylov"
 EIGENPAIRS = "eigenpairs"
 SCORES = "scores"
@@ -95,7 +97,7 @@ NOT_TRAINING = (
 every other field does, including any block a task of its own reads (a new stage's block is
 added here). ``filter`` does change them, through what it keeps: ``pipeline/filtering.py`` puts
 the digest of the kept examples into the task's fingerprint."""
-NOT_TRAINING_FIELDS = ("train.checkpoint_every",)
+NOT_TRAINING_FIELDS = ("train.checkpoint_every", "train.keep_epochs")
 
 
 def flat(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[str, Any]:

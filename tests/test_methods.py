@@ -14,6 +14,7 @@ from jax.flatten_util import ravel_pytree
 
 from influence import scoring, subspace
 from pipeline import artifacts, evaluate, fit, score, train
+from pipeline.errors import InputError
 from pipeline.stage import Stage
 from tests.pipeline_helpers import run_job, tiny_config
 from tests.test_arnoldi import explicit_hessian
@@ -156,3 +157,33 @@ def test_unknown_method_and_exact_on_a_large_model_stop_before_training(tmp_path
         last = done.stderr.strip().splitlines()[-1]
         assert last.startswith("error: ") and message in last, last
         assert not (workdir / "params").exists()
+
+
+def test_tracin_sums_gradient_products_over_the_kept_epochs(reference, tmp_path):
+    """Σ_c η_c ‖∇ℓ_c(x)‖² over the params the train job kept after epochs 1 and 2, from
+    per-example gradients at each; and a workdir trained without them is refused in one line."""
+    config = method_config("tracin", distill__damping=0.0, train__keep_epochs=(1, 2))
+    workdir = tmp_path / "tracin"
+    train.run(config, workdir)
+    fit.run(config, workdir)
+    score.run(config, workdir)
+    stage = Stage.setup(config, workdir, fit.CHECK)
+    kept = artifacts.restore_epoch_params(stage)
+    assert [rate for _, rate in kept] == [config.train.learning_rate] * 2
+    split = stage.split("train")
+    columns = split.take(np.arange(split.num_examples))
+    inputs = {k: np.asarray(v) for k, v in stage.task.model_inputs(columns).items()}
+    expected = 0.0
+    for params, rate in kept:
+        g = scoring.example_grads(stage.task.per_example_loss, jax.device_get(params), inputs)
+        expected = expected + rate * np.sum(np.asarray(subspace.flatten_rows(g)) ** 2, axis=1)
+    got = _self_influence(workdir / "methods" / "tracin", columns["id"])
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    # The final epoch's params are the trained params: its term is graddot's.
+    final = _self_influence(_run(method_config("graddot"), reference, tmp_path), columns["id"])
+    assert not np.allclose(got, config.train.learning_rate * final)
+
+    untracked = tmp_path / "untracked"
+    shutil.copytree(reference.workdir / "params", untracked / "params")
+    with pytest.raises(InputError, match=r"no params kept after epochs \[1, 2\]"):
+        score.run(config, untracked)
