@@ -71,7 +71,7 @@ def apply(config: ml_collections.ConfigDict, task: Task) -> Task:
     if k < 1:
         raise InputError(f"filter.keep={f.keep} keeps no example of the {n}; raise it")
     if f.by == RANDOM:
-        kept = np.sort(np.random.default_rng([f.seed, n]).choice(n, k, replace=False))
+        kept = random_subset(n, k, f.seed)
         how = f"random {k} of {n} (filter.seed={f.seed})"
     else:
         ranking = read_ranking(epath.Path(f.scores), f.by, train)
@@ -83,6 +83,11 @@ def apply(config: ml_collections.ConfigDict, task: Task) -> Task:
         splits={**task.splits, "train": MappedSource(train, kept)},
         fingerprint={**task.fingerprint, "filter": f"{how} ({digest})"},
     )
+
+
+def random_subset(n: int, k: int, seed: int) -> np.ndarray:
+    """The positions ``filter.by=random`` keeps: ``k`` of ``n``, drawn from (seed, n), sorted."""
+    return np.sort(np.random.default_rng([seed, n]).choice(n, k, replace=False))
 
 
 def read_ranking(scored: epath.Path, column: str, train: Source) -> np.ndarray:

@@ -32,7 +32,17 @@ from jax.sharding import Mesh
 from scipy import stats
 
 from methods import registry
-from pipeline import evaluate, fit, outputs, report_text, score, train, validate
+from pipeline import (
+    artifacts,
+    evaluate,
+    fit,
+    gallery,
+    outputs,
+    report_text,
+    score,
+    train,
+    validate,
+)
 from pipeline import workdir as wd
 from pipeline.errors import InputError
 from pipeline.report_text import SWEPT
@@ -175,12 +185,26 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str,
         "ritz": report_text.ritz_diagnostics(rows, seeds, r.converged_tol, config),
         "notes": notes,
     }
+    report["gallery"] = _gallery(config, workdir, rows)
     outputs.write_json(workdir / "report.json", report)
     report_text.plot_eigenvalue_errors(workdir / "report_eigenvalues.png", report["figure1"])
     report_text.plot_retrieval(workdir / "report_retrieval.png", report["rows"])
     (workdir / "report.md").write_text(report_text.markdown(report))
     logging.info("report written to %s", workdir / "report.md")
     return report
+
+
+def _gallery(config: ml_collections.ConfigDict, workdir: epath.Path, rows: list[dict]) -> str:
+    """Galleries (``pipeline/gallery.py``) of the configured method's run (its largest p̃)."""
+    name = config.method.name
+    runs = [r for r in rows if r["method"] == name] or rows[:1]
+    label = max(runs, key=lambda r: r["top_k"])["label"]
+    sub = _variant(config, runs[0]["method"], None)
+    directory = workdir / "report" / label
+    stage = Stage.setup(sub, directory, fit.CHECK)
+    params, _ = artifacts.restore_params(stage)
+    gallery.write(stage, params, wd.result_path(sub, directory, wd.SCORES), workdir, label)
+    return label
 
 
 def _seed_spread(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, Any]:

@@ -196,7 +196,17 @@ def markdown(report: dict) -> str:
                 )
             )
             lines.append(f"- {method}: Wasserstein-1 (largest relative error) {pairs}")
-    lines += ["", "![Figure 2](report_retrieval.png)", "", "## Ritz diagnostics", ""]
+    lines += ["", "![Figure 2](report_retrieval.png)", ""]
+    lines += [
+        f"Galleries of {report['gallery']} ([gallery.md](gallery.md)):",
+        "",
+        "![most self-influential](gallery_self_influence.png)",
+        "",
+        "![queries](gallery_queries.png)",
+        "",
+        "## Ritz diagnostics",
+        "",
+    ]
     lines += [f"- {w}" for w in report["ritz"].get("words", [])]
     lines += [f"- {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"

@@ -74,6 +74,10 @@ class Task:
         the train job only, never influence or evaluation.
       param_rank: leaf path → a sortable rank in the forward pass (stem < blocks < head), for
         ``params.last_fraction`` ("the last blocks"); None: the task offers no such order.
+      describe: (params, host columns of some examples) → what a person looks at before they
+        believe a score (the report's galleries, ``pipeline/gallery.py``): 'caption' (one string
+        per example: the given label, the prediction ...) and 'image' ((n, H, W) or (n, H, W, C)
+        arrays) or 'text' (strings); None: the report shows ids and scores only.
     """
 
     name: str
@@ -94,6 +98,7 @@ class Task:
     trainable: str = ""
     augment: Augment | None = None
     param_rank: Callable[[str], Any] | None = None
+    describe: Callable[[Any, Columns], dict[str, Any]] | None = None
 
     def model_inputs(self, columns: Columns) -> dict[str, np.ndarray]:
         """The columns a loss evaluation needs (what gets sharded onto devices)."""
@@ -131,6 +136,18 @@ class ClassificationTask:
     def model_inputs(self, split: Split) -> dict[str, np.ndarray]:
         return {"image": split["image"], "label": split["label"]}
 
+    def describe(self, params: Any, columns: Columns) -> dict[str, Any]:
+        """The images, captioned with the label trained on, the prediction, and the clean label
+        where the task corrupted it."""
+        predicted = np.asarray(jnp.argmax(self.logits(params, columns["image"]), axis=-1))
+        captions = []
+        for i, label in enumerate(columns["label"]):
+            text = f"given {int(label)}, pred {int(predicted[i])}"
+            if "clean_label" in columns and columns["clean_label"][i] != label:
+                text += f" (clean {int(columns['clean_label'][i])})"
+            captions.append(text)
+        return {"image": np.asarray(columns["image"]), "caption": captions}
+
     def as_task(self, splits: Mapping[str, Source], **fields: Any) -> Task:
         """The pipeline's view: this classifier on ``splits`` (labels may carry a corruption)."""
         return Task(
@@ -140,5 +157,6 @@ class ClassificationTask:
             splits=splits,
             input_columns=("image", "label"),
             metrics=self.accuracy,
+            describe=self.describe,
             **fields,
         )

@@ -3,8 +3,10 @@ finding, reuse, and bad input."""
 
 import json
 
+import pandas as pd
+
 from pipeline import report
-from tests.pipeline_helpers import run_job, tiny_config
+from tests.pipeline_helpers import run_job, run_module, tiny_config
 
 
 def test_figure1_arnoldi_finds_the_top_eigenvalues_randproj_does_not(tmp_path):
@@ -32,10 +34,33 @@ def test_figure1_arnoldi_finds_the_top_eigenvalues_randproj_does_not(tmp_path):
     assert result["ritz"]["converged"] == 50 and result["ritz"]["max_move"] < 1e-3
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    # The galleries show the configured method's run (Arnoldi, its largest p̃): the top 32 by
+    # self-influence, captioned with the label trained on, and the traced queries' proponents.
+    shown = json.loads((tmp_path / "gallery.json").read_text())
+    assert shown["run"] == "arnoldi_p50" and (tmp_path / "gallery_self_influence.png").exists()
+    scores = pd.read_parquet(tmp_path / "report" / "arnoldi_p50" / "scores" / "train")
+    top = scores.sort_values("self_influence", ascending=False, kind="stable")["id"][:32]
+    assert [row["id"] for row in shown["self_influence"]] == top.tolist()
+    label = dict(zip(scores["id"], scores["label"], strict=True))
+    for row in shown["self_influence"]:
+        assert row["caption"].startswith(f"given {label[row['id']]}, pred "), row
+    assert len(shown["queries"]) == 4
+    assert all(len(q["proponents"]) == len(q["opponents"]) == 6 for q in shown["queries"])
     # A second report reuses every run (and reports the times of the runs that did the work).
     again = report.run(config, tmp_path)
     assert [r["fit_s"] for r in again["rows"]] == [r["fit_s"] for r in result["rows"]]
     assert again["figure1"] == figure
+    # LDS of each of its runs (benchmarks/lds.py), smoke-run on 3 subset models.
+    out = run_module(
+        "benchmarks.lds",
+        "--config=configs/mnist.py:runlocal",
+        f"--report={tmp_path}",
+        "--num_models=3",
+        "--num_test=8",
+    )
+    lds = json.loads((tmp_path / "lds" / "lds.json").read_text())["lds"]
+    assert sorted(lds) == sorted(labels) and "LDS" in out
+    assert all(-1 <= v <= 1 for v in lds.values()), lds
 
 
 def test_unknown_method_in_the_report_stops_before_training(tmp_path):

@@ -1,0 +1,143 @@
+"""Galleries: the examples behind the scores, for a person to look at before believing them.
+
+From one finished run (its scores directory): the ``GALLERY_SIZE`` most self-influential training
+examples, and for the first ``NUM_QUERIES`` traced queries their strongest proponents and
+opponents (``influence_topk.parquet``), rendered by the task's ``describe`` (``tasks/base.py``):
+a PNG grid of captioned images for an image task, a Markdown table for a text task. Written as
+``gallery_self_influence.png`` / ``gallery_queries.png`` (or ``gallery.md``) with their rows in
+``gallery.json``.
+"""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+from etils import epath
+
+from pipeline import outputs
+from pipeline.queries import TOPK_FILE
+from pipeline.stage import Stage
+
+GALLERY_SIZE = 32
+NUM_QUERIES = 4
+PER_QUERY = 6  # proponents and opponents shown per query
+
+
+def _positions(scores_dir: epath.Path, split: str) -> tuple[np.ndarray, dict[int, int]]:
+    """(the split's self-influence in position order, id → position): parts are in position
+    order, each part's rows too."""
+    table = outputs.read_parquet_dir(scores_dir / split, ["id", "self_influence"])
+    ids = table.column("id").to_numpy()
+    return table.column("self_influence").to_numpy(), {int(i): p for p, i in enumerate(ids)}
+
+
+def _shown(stage: Stage, params: Any, split: str, positions: list[int]) -> dict[str, Any]:
+    columns = stage.split(split).take(np.asarray(positions, np.int64))
+    if stage.task.describe is None:
+        return {"caption": [f"id {int(i)}" for i in columns["id"]]}
+    return {"id": columns["id"], **stage.task.describe(params, columns)}
+
+
+def _grid(path: epath.Path, panels: list[list[tuple[np.ndarray, str]]], title: str) -> None:
+    rows, cols = len(panels), max(len(r) for r in panels)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for r, row in enumerate(panels):
+        for c, (image, caption) in enumerate(row):
+            image = np.asarray(image, np.float32)
+            image = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
+            lo, hi = float(image.min()), float(image.max())
+            axes[r, c].imshow((image - lo) / (hi - lo + 1e-12), cmap="gray")
+            axes[r, c].set_title(caption, fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with path.open("wb") as f:
+        fig.savefig(f, dpi=100, format="png")
+    plt.close(fig)
+
+
+def write(stage: Stage, params: Any, scores_dir: epath.Path, out: epath.Path, label: str) -> dict:
+    """Write the galleries of the run whose scores are in ``scores_dir`` into ``out``."""
+    influence, where = _positions(scores_dir, "train")
+    top = np.argsort(-influence, kind="stable")[:GALLERY_SIZE].tolist()
+    shown = _shown(stage, params, "train", top)
+    result: dict[str, Any] = {
+        "run": label,
+        "self_influence": [
+            {
+                "id": int(shown["id"][i]) if "id" in shown else None,
+                "caption": shown["caption"][i],
+                "self_influence": float(influence[p]),
+            }
+            for i, p in enumerate(top)
+        ],
+        "queries": [],
+    }
+    panels = [[]]
+    for i, caption in enumerate(shown["caption"]):
+        if "image" in shown:
+            if len(panels[-1]) == 8:
+                panels.append([])
+            panels[-1].append((shown["image"][i], f"{caption}\nSI {influence[top[i]]:.3g}"))
+    query_panels = []
+    if (scores_dir / TOPK_FILE).exists():
+        traced = outputs.read_parquet(scores_dir / TOPK_FILE).to_pandas()
+        _, eval_where = _positions(scores_dir, "eval")
+        for query_id in list(dict.fromkeys(traced["query_id"]))[:NUM_QUERIES]:
+            rows = traced[(traced["query_id"] == query_id) & (traced["rank"] < PER_QUERY)]
+            query = _shown(stage, params, "eval", [eval_where[int(query_id)]])
+            entry = {"query_id": int(query_id), "caption": query["caption"][0]}
+            row_panels = (
+                [(query["image"][0], f"query: {query['caption'][0]}")] if "image" in query else []
+            )
+            for kind in ("proponent", "opponent"):
+                chosen = rows[rows["kind"] == kind].sort_values("rank")
+                seen = _shown(stage, params, "train", [where[int(t)] for t in chosen["train_id"]])
+                entry[kind + "s"] = [
+                    {"id": int(t), "caption": c, "influence": float(v)}
+                    for t, c, v in zip(
+                        chosen["train_id"], seen["caption"], chosen["influence"], strict=True
+                    )
+                ]
+                if "image" in seen:
+                    row_panels += [
+                        (img, f"{kind[:3]} {c}\n{v:.3g}")
+                        for img, c, v in zip(
+                            seen["image"], seen["caption"], chosen["influence"], strict=True
+                        )
+                    ]
+            result["queries"].append(entry)
+            if row_panels:
+                query_panels.append(row_panels)
+    (out / "gallery.md").write_text(_markdown(result, shown.get("text")))
+    if panels[0]:
+        _grid(out / "gallery_self_influence.png", panels, f"most self-influential ({label})")
+    if query_panels:
+        _grid(out / "gallery_queries.png", query_panels, f"query, proponents, opponents ({label})")
+    outputs.write_json(out / "gallery.json", result)
+    return result
+
+
+def _markdown(result: dict, texts: list[str] | None) -> str:
+    """The galleries as tables (a text task's only view; an image task's index to the PNGs)."""
+    lines = [f"# Most self-influential training examples ({result['run']})", ""]
+    lines += ["| rank | id | example | self-influence |", "|---|---|---|---|"]
+    for rank, row in enumerate(result["self_influence"]):
+        text = f"{texts[rank]} — " if texts else ""
+        lines.append(
+            f"| {rank + 1} | {row['id']} | {text}{row['caption']} | {row['self_influence']:.4g} |"
+        )
+    for query in result["queries"]:
+        lines += ["", f"## Query {query['query_id']}: {query['caption']}", ""]
+        lines += ["| kind | id | example | influence |", "|---|---|---|---|"]
+        for kind in ("proponents", "opponents"):
+            for row in query[kind]:
+                lines.append(
+                    f"| {kind[:-1]} | {row['id']} | {row['caption']} | {row['influence']:.4g} |"
+                )
+    return "\n".join(lines) + "\n"
