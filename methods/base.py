@@ -36,6 +36,24 @@ class Fitted(NamedTuple):
     summary: dict[str, Any]
 
 
+def fitted(
+    eigvecs: Any, eigvals: np.ndarray, residuals: np.ndarray, num_hvps: int, **extra: Any
+) -> Fitted:
+    """``Fitted`` with the summary every eigenpair method writes (eigenvalues.json): λ, the
+    residuals ‖Hv − λv‖ absolute and relative to |λ|, all Ritz values (the tail's ``ritz`` σ
+    reads those beyond the kept ones), the HVPs it took, and ``extra``."""
+    eigvals, residuals = np.asarray(eigvals, np.float64), np.asarray(residuals, np.float64)
+    summary = {
+        "eigvals": eigvals.tolist(),
+        "ritz_residuals": residuals.tolist(),
+        "relative_ritz_residuals": (residuals / np.maximum(np.abs(eigvals), 1e-30)).tolist(),
+        "all_ritz_values": eigvals.tolist(),
+        "num_hvps": int(num_hvps),
+        **extra,
+    }
+    return Fitted(eigvecs, eigvals, residuals, summary)
+
+
 def _no_check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     del config, mesh
 

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from influence import subspace
 from influence.hvp import make_hvp
-from methods.base import Fitted, Method
+from methods.base import Fitted, Method, fitted
 from parallel import sharding
 from parallel.mesh import DATA_AXIS
 from pipeline import data, finite, validate
@@ -120,16 +120,9 @@ def fit(stage: Any, params: Any) -> Fitted:
         floor,
         asymmetry,
     )
-    summary = {
-        "eigvals": eigvals.tolist(),
-        "ritz_residuals": residuals.tolist(),
-        "relative_ritz_residuals": (residuals / np.maximum(np.abs(eigvals), 1e-30)).tolist(),
-        "all_ritz_values": eigvals.tolist(),
-        "num_hvps": int(eigvals.size),
-        "asymmetry": asymmetry,
-        "num_nonpositive": nonpositive,
-    }
-    return Fitted(g, eigvals, residuals, summary)
+    return fitted(
+        g, eigvals, residuals, eigvals.size, asymmetry=asymmetry, num_nonpositive=nonpositive
+    )
 
 
 def _check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from influence import pytree, subspace
 from influence.hvp import make_hvp
-from methods.base import Fitted, Method
+from methods.base import Fitted, Method, fitted
 from parallel import sharding
 from pipeline import data, finite, validate
 from pipeline.errors import InputError
@@ -87,14 +87,7 @@ def fit_subspace(stage: Any, params: Any, rows: Rows, name: str) -> Fitted:
         )
     )
     logging.info("%s: %d Ritz values of H on a random subspace: %s", name, k, eigvals[:10])
-    summary = {
-        "eigvals": eigvals.tolist(),
-        "ritz_residuals": residuals.tolist(),
-        "relative_ritz_residuals": (residuals / np.abs(eigvals)).tolist(),
-        "all_ritz_values": eigvals.tolist(),
-        "num_hvps": k,
-    }
-    return Fitted(eigvecs, eigvals, residuals, summary)
+    return fitted(eigvecs, eigvals, residuals, num_hvps=k)
 
 
 def _check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
@@ -120,21 +113,21 @@ def _fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
     }
 
 
-RANDPROJ = Method(
-    name="randproj",
-    equation="H⁻¹ ≈ Gᵀ (G H Gᵀ)⁻¹ G, G Gaussian with p̃ rows, E[GᵀG] = I",
-    num_vectors=lambda config, num_params: config.distill.top_k,
-    fingerprint=_fingerprint,
-    fit=lambda stage, params: fit_subspace(stage, params, _gaussian, "randproj"),
-    check=_check,
-    check_size=_check_size,
+def _method(name: str, equation: str, rows: Rows) -> Method:
+    return Method(
+        name=name,
+        equation=equation,
+        num_vectors=lambda config, num_params: config.distill.top_k,
+        fingerprint=_fingerprint,
+        fit=lambda stage, params: fit_subspace(stage, params, rows, name),
+        check=_check,
+        check_size=_check_size,
+    )
+
+
+RANDPROJ = _method(
+    "randproj", "H⁻¹ ≈ Gᵀ (G H Gᵀ)⁻¹ G, G Gaussian with p̃ rows, E[GᵀG] = I", _gaussian
 )
-RANDSELECT = Method(
-    name="randselect",
-    equation="H⁻¹ ≈ Gᵀ (G H Gᵀ)⁻¹ G, G's rows p̃ random coordinate vectors",
-    num_vectors=lambda config, num_params: config.distill.top_k,
-    fingerprint=_fingerprint,
-    fit=lambda stage, params: fit_subspace(stage, params, _coordinates, "randselect"),
-    check=_check,
-    check_size=_check_size,
+RANDSELECT = _method(
+    "randselect", "H⁻¹ ≈ Gᵀ (G H Gᵀ)⁻¹ G, G's rows p̃ random coordinate vectors", _coordinates
 )
