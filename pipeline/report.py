@@ -110,8 +110,8 @@ def _link(workdir: epath.Path, sub: epath.Path, names: tuple[str, ...]) -> None:
     sub.mkdir(parents=True, exist_ok=True)
     for name in names:
         source, target = workdir / name, sub / name
-        if source.exists() and not target.exists():
-            os.symlink(os.fspath(source), os.fspath(target))
+        if source.exists() and not target.exists():  # absolute: a relative --workdir works
+            os.symlink(os.path.abspath(os.fspath(source)), os.fspath(target))
 
 
 TIMES = "report_times.json"
