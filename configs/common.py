@@ -109,13 +109,26 @@ def base_config() -> ml_collections.ConfigDict:
     config.mesh.min_shard_size = 2**18  # leaves smaller than this stay replicated
 
     # How H⁻¹ is approximated (methods/registry.py): "arnoldi" (the paper's), the baselines
-    # "randproj", "randselect", "exact", "graddot", or module:ATTRIBUTE of a method of your own.
+    # "randproj", "randselect", "exact", "graddot", "tracin", "lissa", "cg", the per-layer
+    # "hyperinf" and "datainf", or module:ATTRIBUTE of a method of your own.
     # Results of a method other than arnoldi go to <workdir>/methods/<name>/.
     config.method = ml_collections.ConfigDict()
     config.method.name = "arnoldi"
     config.method.seed = 0  # randproj's Gaussian G, randselect's coordinates, their HVP batches
     config.method.max_params = 20_000  # exact: the largest p whose p × p Hessian it builds
     config.method.chunk = 64  # exact: Hessian columns per vmapped HVP call
+    # lissa, cg: they solve (H + damping·I) x = v (H includes l2); hyperinf, datainf: the
+    # constant added to each layer's λ_l = damping_ratio · mean of its squared gradient entries.
+    config.method.damping = 1e-3
+    config.method.damping_ratio = 0.1  # hyperinf, datainf (the papers' 0.1)
+    config.method.hvp_batch_size = 512  # lissa: examples per HVP step; cg: per HVP call
+    config.method.depth = 1000  # lissa: recursion steps per repeat
+    config.method.repeats = 1  # lissa: independent recursions averaged
+    config.method.scale = 0.0  # lissa: s ≥ λ_max(H + damping); 0: estimated (power iteration)
+    config.method.block = 64  # lissa, cg: vectors solved by one vmapped HVP call
+    config.method.tol = 1e-4  # cg: relative residual; hyperinf: Schulz's residual ‖I − AX‖
+    config.method.max_iters = 200  # cg, hyperinf (Schulz): iteration cap (a warning if hit)
+    config.method.max_layer_params = 16_384  # hyperinf: GFIM side d; datainf: layer size p_l
 
     config.arnoldi = ml_collections.ConfigDict()
     config.arnoldi.num_iters = 100  # n, Arnoldi iterations (Alg. 1)
@@ -157,11 +170,28 @@ def base_config() -> ml_collections.ConfigDict:
     # Queries scored against one training part at once: memory is (part rows × query_block) floats
     # plus (num_queries × top_k) candidates, whatever the number of queries and examples.
     config.score.query_block = 1024
+    # Influence of every training example on the mean loss of the eval split, ⟨∇ℓ(x), P v̄⟩
+    # (column validation_influence; jobs.evaluate ranks by its negative): the protocol of DataInf
+    # and HyperINF. Costs one pass over the eval split and one more tangent.
+    config.score.validation = False
+    # Self-influence of every example. The methods that solve (H + λI)x = ∇ℓ(x) per example
+    # (lissa, cg, hyperinf, datainf) can skip it (False): their rows then carry the query and
+    # validation influences only, and jobs.evaluate ranks by validation_influence.
+    config.score.self_influence = True
 
     # The report job (pipeline/report.py): these methods, the first three at every p̃ of top_ks
-    # (exact only where the model is small enough, tracin only with train.keep_epochs).
+    # (exact only where the model is small enough, tracin only with train.keep_epochs; a method
+    # whose fit or scoring stops with an error, e.g. a LiSSA that diverges, is a note).
     config.report = ml_collections.ConfigDict()
-    config.report.methods = ("arnoldi", "randproj", "randselect", "exact", "graddot", "tracin")
+    config.report.methods = (
+        "arnoldi",
+        "randproj",
+        "randselect",
+        "exact",
+        "graddot",
+        "tracin",
+        "lissa",
+    )
     config.report.top_ks = (5, 10, 20, 50, 100)
     config.report.converged_tol = 1e-2  # relative Ritz residual of a converged pair
 

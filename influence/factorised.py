@@ -210,7 +210,7 @@ def make_factorised_projector(
         g, norms = jnp.zeros((rows, num_vectors)), jnp.zeros((rows,))
         for p, gr in rest_grads.items():
             flat_g = gr.reshape(gr.shape[0], -1)
-            g = g + jnp.tensordot(flat_g, flat_v[p].reshape(num_vectors, -1), (1, 1))
+            g = g + jnp.tensordot(flat_g, flat_v[p].reshape(num_vectors, flat_g.shape[1]), (1, 1))
             norms = norms + _sqnorm(flat_g)
         for call, x, delta in zip(calls, inputs, deltas, strict=True):
             projected, sq = _project_call(call, x, delta, flat_v[call.kernel])

@@ -176,6 +176,30 @@ def influence(
     return plain + (dots - g_train @ g_test.T) / sigma
 
 
+def apply_inverse(
+    eigvecs: Params, eigvals: jax.Array, vectors: Params, sigma: float | None = None
+) -> Params:
+    """P v = Gᵀ diag(1/λ) G v (+ (v − GᵀG v)/σ with the tail) for each row of the stacked
+    ``vectors``: the approximation of H⁻¹ that ``self_influence`` and ``influence`` score with,
+    applied in parameter space, so ⟨∇ℓ(x), P v⟩ = ⟨g(x)/λ, G v⟩ (+ the tail): the influence of
+    x on a vector v such as the mean validation gradient (``score.validation``)."""
+    leaves_g, leaves_v = jax.tree.leaves(eigvecs), jax.tree.leaves(vectors)
+    flat = lambda x: x.reshape(x.shape[0], -1)  # noqa: E731
+    coords = sum(
+        jnp.tensordot(flat(v), flat(g), axes=(1, 1), preferred_element_type=jnp.float32)
+        for g, v in zip(leaves_g, leaves_v, strict=True)
+    )
+
+    def leaf(g: jax.Array, v: jax.Array) -> jax.Array:
+        inside = jnp.tensordot(coords, g, axes=(1, 0))
+        out = jnp.tensordot(coords / eigvals, g, axes=(1, 0))
+        if sigma is not None:
+            out = out + (v - inside) / sigma
+        return out.astype(v.dtype)
+
+    return jax.tree.map(leaf, eigvecs, vectors)
+
+
 def top_influential(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """For each test column of ``scores`` (num_train, num_test), the k strongest proponents.
 

@@ -14,12 +14,21 @@ eigenpairs, σ = 1.
 A method of one's own is a module holding a ``Method`` (``config.method.name =
 "my_package.my_method:METHOD"``, ``methods/registry.py``); its ``fit`` returns ``Fitted``, which
 the fit job (``pipeline/fit.py``) saves with the method's fingerprint and reuses while it matches.
+
+The other methods apply their approximation P ≈ (H + λI)⁻¹ to vectors instead (an ``Operator``:
+iterative solves over HVPs for ``lissa`` and ``cg``, per-layer inverses for ``hyperinf`` and
+``datainf``). The same scorer serves them: train → test ⟨∇ℓ(x), P∇ℓ(z)⟩ with the solved query
+gradients P∇ℓ(z) as its tangents, and self-influence ⟨∇ℓ(x), P∇ℓ(x)⟩ from each example's gradient
+(``parallel/operator_scoring.py``). Influence on the mean validation loss (``score.validation``),
+⟨∇ℓ(x), P v̄⟩, is one more such tangent for every method, eigenpair methods included
+(``EigenOperator``).
 """
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
+import jax
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
@@ -28,12 +37,22 @@ from jax.sharding import Mesh
 class Fitted(NamedTuple):
     """A method's artifact: ``eigvecs`` stacked like the selected params ((k, …) leaves,
     orthonormal rows, sharded like them), ``eigvals`` (k,), ``ritz_residuals`` (k,) estimates
-    of ‖H vᵢ − λᵢ vᵢ‖, and ``summary`` (JSON: written to eigenvalues.json and the meta)."""
+    of ‖H vᵢ − λᵢ vᵢ‖, and ``summary`` (JSON: written to eigenvalues.json and the meta);
+    ``operator``: the state an ``Operator`` method fitted (per-layer inverses), saved beside
+    them (k = 0 eigenpairs), or None."""
 
     eigvecs: Any
     eigvals: np.ndarray
     ritz_residuals: np.ndarray
     summary: dict[str, Any]
+    operator: Any = None
+
+
+class Operator(Protocol):
+    """P ≈ (H + λI)⁻¹ at score time: ``solve(vectors)`` = P applied to each row of a stacked
+    pytree ((k, …) leaves laid out like the selected params), returned the same way."""
+
+    def solve(self, vectors: Any) -> Any: ...
 
 
 def fitted(
@@ -52,6 +71,13 @@ def fitted(
         **extra,
     }
     return Fitted(eigvecs, eigvals, residuals, summary)
+
+
+def empty_fitted(like: Any, summary: dict[str, Any], operator: Any) -> Fitted:
+    """``Fitted`` of a method whose artifact is its ``operator`` state alone: no eigenpairs."""
+    eigvecs = jax.tree.map(lambda x: np.zeros((0, *x.shape), x.dtype), like)
+    none = np.zeros(0, np.float32)
+    return Fitted(eigvecs, none, none, summary, operator)
 
 
 def _no_check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
@@ -78,6 +104,11 @@ class Method:
       checkpoints: scores are the sum over the params the train job kept after each epoch of
         ``train.keep_epochs``, each weighted by its learning rate (TracIn), instead of the
         final params alone.
+      operator: (stage, params, fitted operator state or None) → the ``Operator`` P the score
+        job applies; set for the methods scored by ⟨∇ℓ(x), P∇ℓ(x)⟩ per example instead of by
+        eigenpairs (``parallel/operator_scoring.py``).
+      operator_like: stage → the fitted operator state as ShapeDtypeStructs with shardings
+        (its restore target), for an ``operator`` method whose ``fit`` saves one.
     """
 
     name: str
@@ -90,3 +121,5 @@ class Method:
     sigma: float | None = None
     stage: str | None = None
     checkpoints: bool = False
+    operator: Callable[[Any, Any, Any], Operator] | None = None
+    operator_like: Callable[[Any], Any] | None = None

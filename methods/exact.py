@@ -18,30 +18,13 @@ from jax.sharding import Mesh
 
 from influence import subspace
 from influence.hvp import make_hvp
+from methods import passes
 from methods.base import Fitted, Method, fitted
 from parallel import sharding
 from parallel.mesh import DATA_AXIS
 from pipeline import data, finite, validate
 from pipeline.errors import InputError
 from pipeline.progress import Progress
-
-
-def full_batches(num_examples: int, batch_size: int, data_devices: int) -> list[np.ndarray]:
-    """The training split in equal batches of the largest size ≤ ``batch_size`` that divides it
-    and the 'data' axis, so the mean of the batch means is the mean over the split."""
-    sizes = [
-        r
-        for r in range(min(batch_size, num_examples), 0, -1)
-        if num_examples % r == 0 and r % data_devices == 0
-    ]
-    if not sizes:
-        raise InputError(
-            f"method.name=exact: the {num_examples} training examples cannot be split into "
-            f"equal batches that divide the {data_devices} devices on the 'data' axis; change "
-            "mesh.data or data.num_train"
-        )
-    r = sizes[0]
-    return [np.arange(s, s + r) for s in range(0, num_examples, r)]
 
 
 def hessian(stage: Any, params: Any) -> np.ndarray:
@@ -64,7 +47,7 @@ def hessian(stage: Any, params: Any) -> np.ndarray:
         out_shardings=repl,
     )
     train = stage.split("train")
-    batches = full_batches(
+    batches = passes.full_batches(
         train.num_examples, config.arnoldi.hvp_batch_size, stage.mesh.shape[DATA_AXIS]
     )
     chunk = config.method.chunk

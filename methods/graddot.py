@@ -14,18 +14,22 @@ from pipeline.validate import MAX_TAIL_QUERIES
 
 
 def check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """Input checks of every method scored by full-gradient products instead of eigenpairs
+    (graddot, tracin and the ``Operator`` methods): no tail, few enough queries."""
     del mesh
+    name = config.method.name
     if config.distill.tail != "none":
         raise InputError(
-            f"method.name={config.method.name} with distill.tail={config.distill.tail}: it has "
-            "no subspace to add a tail to (it is H = I everywhere); set distill.tail=none"
+            f"method.name={name} with distill.tail={config.distill.tail}: it has no subspace to "
+            "add a tail to (its approximation of H⁻¹ covers every direction); set "
+            "distill.tail=none"
         )
     if config.score.num_queries > MAX_TAIL_QUERIES:
         raise InputError(
-            f"method.name={config.method.name} with score.num_queries={config.score.num_queries}: "
-            "its train → "
-            "test stores ⟨∇ℓ(x), ∇ℓ(z)⟩ for every query beside each training example, so it "
-            f"takes at most {MAX_TAIL_QUERIES} queries; lower score.num_queries"
+            f"method.name={name} with score.num_queries={config.score.num_queries}: its train → "
+            "test stores one product per query beside each training example (each query is a "
+            f"tangent of its own), so it takes at most {MAX_TAIL_QUERIES} queries; lower "
+            "score.num_queries"
         )
 
 

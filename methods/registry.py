@@ -15,6 +15,8 @@ BUILTIN = {
     "exact": "methods.exact:EXACT",
     "graddot": "methods.graddot:GRADDOT",
     "tracin": "methods.tracin:TRACIN",
+    "lissa": "methods.lissa:LISSA",
+    "cg": "methods.cg:CG",
 }
 
 

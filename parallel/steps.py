@@ -177,3 +177,49 @@ def jit_example_grads(
         in_shardings=(param_sh, replicated(mesh)),
         out_shardings=stacked_shardings(vector_sh),
     )
+
+
+def jit_example_rows(
+    per_example_loss: Callable,
+    param_sh: Any,
+    mesh: Mesh,
+    selection: Selection | None = None,
+    reduce: Callable[[Any, jax.Array], Any] | None = None,
+) -> Callable[..., Any]:
+    """(params, tangents, batch) → (per-example gradients ∇ℓ(x) over the selected leaves,
+    stacked with rows sharded over 'data'; (rows, k) products ⟨∇ℓ(x), t_j⟩ with the k stacked
+    ``tangents``), each device computing its own rows under ``shard_map`` (as the reverse
+    projector: the SPMD-partitioned vmapped conv gradients were wrong, see ``jit_projector``).
+
+    With ``reduce(grads, mask) → sums`` (a pytree) the program is (params, batch, mask) → the
+    sums over every row of the global batch, replicated: per-device partial sums of the rows'
+    statistics (``mask`` marks the real rows of a padded batch) and one ``psum`` over 'data' per
+    leaf (the all-reduce of a data-parallel statistics pass, ``methods/passes.py``).
+    """
+    vary = lambda x: jax.lax.pcast(x, DATA_AXIS, to="varying")  # noqa: E731
+
+    def grads_of(params: Any, batch: dict) -> Any:
+        return scoring.example_grads(per_example_loss, jax.tree.map(vary, params), batch, selection)
+
+    def rows(params: Any, tangents: Any, batch: dict) -> Any:
+        grads = grads_of(params, batch)
+        dots = sum(
+            jnp.tensordot(g.reshape(g.shape[0], -1), t.reshape(t.shape[0], -1), axes=(1, 1))
+            for g, t in zip(jax.tree.leaves(grads), jax.tree.leaves(tangents), strict=True)
+        )
+        return grads, jnp.asarray(dots, jnp.float32)
+
+    def sums(params: Any, batch: dict, mask: jax.Array) -> Any:
+        stats = reduce(grads_of(params, batch), mask)
+        return jax.tree.map(lambda s: jax.lax.psum(s, DATA_AXIS), stats)
+
+    repl, rows_sh = replicated(mesh), batch_sharding(mesh)
+    if reduce is None:
+        program = jax.shard_map(
+            rows, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)), out_specs=P(DATA_AXIS)
+        )
+        return jax.jit(program, in_shardings=(param_sh, repl, rows_sh))
+    program = jax.shard_map(
+        sums, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)), out_specs=P()
+    )
+    return jax.jit(program, in_shardings=(param_sh, rows_sh, rows_sh), out_shardings=repl)

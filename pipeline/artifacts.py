@@ -47,7 +47,11 @@ def restore_params(stage: Stage) -> tuple[Any, str]:
 
 def eigenpairs_target(stage: Stage) -> dict[str, Any]:
     """Restore target of the eigenpairs: G (k, …) sharded like the (selected) params, λ
-    replicated; k as the method says (p̃; every param for exact)."""
+    replicated; k as the method says (p̃; every param for exact). An ``Operator`` method has no
+    eigenpairs (Orbax saves no empty array): its target is its fitted state alone, as its
+    ``operator_like`` says."""
+    if stage.method.operator_like is not None:
+        return {"operator": stage.method.operator_like(stage)}
     top_k = stage.method.num_vectors(stage.config, stage.selection.num_params(stage.params_like))
     repl = sharding.replicated(stage.mesh)
     return {
@@ -58,6 +62,19 @@ def eigenpairs_target(stage: Stage) -> dict[str, Any]:
         ),
         "eigvals": jax.ShapeDtypeStruct((top_k,), np.float32, sharding=repl),
         "ritz_residuals": jax.ShapeDtypeStruct((top_k,), np.float32, sharding=repl),
+    }
+
+
+def no_eigenpairs(stage: Stage) -> dict[str, Any]:
+    """k = 0 eigenpairs laid out like G: what a method without any scores with."""
+    return {
+        "eigvecs": jax.tree.map(
+            lambda x, s: jax.device_put(np.zeros((0, *x.shape), x.dtype), s),
+            stage.vectors_like,
+            sharding.stacked_shardings(stage.vector_sh),
+        ),
+        "eigvals": jax.device_put(np.zeros(0, np.float32), sharding.replicated(stage.mesh)),
+        "ritz_residuals": np.zeros(0, np.float32),
     }
 
 
@@ -74,7 +91,10 @@ def find_eigenpairs(
             FIX,
         ),
     )
-    return None if found is None else (found[1], found[2])
+    if found is None:
+        return None
+    state = found[1] if "eigvecs" in found[1] else {**no_eigenpairs(stage), **found[1]}
+    return state, found[2]
 
 
 def restore_eigenpairs(stage: Stage, params_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -82,18 +102,9 @@ def restore_eigenpairs(stage: Stage, params_id: str) -> tuple[dict[str, Any], di
     from this config; a clear error if they are absent or unreadable. A method with nothing to
     fit (graddot) has none: k = 0 eigenvectors."""
     if stage.method.fit is None and stage.method.stage is None:
-        empty = {
-            "eigvecs": jax.tree.map(
-                lambda x, s: jax.device_put(np.zeros((0, *x.shape), x.dtype), s),
-                stage.vectors_like,
-                sharding.stacked_shardings(stage.vector_sh),
-            ),
-            "eigvals": jax.device_put(np.zeros(0, np.float32), sharding.replicated(stage.mesh)),
-            "ritz_residuals": np.zeros(0, np.float32),
-        }
         own = {"method": stage.method.name, **stage.method.fingerprint(stage.config)}
         meta = {"eigenpairs_id": digest(own), "all_ritz_values": [], "eigvals": []}
-        return empty, meta
+        return no_eigenpairs(stage), meta
     job = "jobs.arnoldi" if stage.method.name == "arnoldi" else "jobs.fit"
     directory = stage.path(wd.EIGENPAIRS)
     found = None

@@ -2,6 +2,9 @@
 
 Training examples are ranked by self-influence; the ones whose label was flipped are the positives.
 Writes metrics.json (AUC, AP, recall when inspecting the top x%), roc_pr.png and spectrum.png.
+With ``score.validation`` the ranking by harm to the mean validation loss (−validation_influence,
+the DataInf / HyperINF protocol) is reported beside it (``*_validation``); with ``distill.tail``
+the tail-corrected self-influence (``*_tail``).
 """
 
 import matplotlib
@@ -22,6 +25,27 @@ from pipeline.errors import InputError
 from pipeline.tensorboard import ScalarWriter
 
 INSPECT_FRACTIONS = (0.05, 0.1, 0.2, 0.3)
+# The rankings of the training examples a scores directory may hold, the first present the
+# primary one: column → how the plots name it; SUFFIXES: the metrics' suffix of the others.
+RANKINGS = {
+    "self_influence": "self-influence",
+    "self_influence_tail": "self-influence + tail",
+    "validation_influence": "harm to the validation loss",
+}
+SUFFIXES = {"self_influence_tail": "tail", "validation_influence": "validation"}
+
+
+def ranking_scores(columns: list[str], read) -> dict[str, np.ndarray]:
+    """{ranking: scores, high = likely corrupted} for the rankings present among ``columns``
+    (``read(column)`` gives its values): self-influence, the tail-corrected one, and the harm to
+    the validation loss, −⟨∇ℓ(x), P v̄⟩ (up-weighting a flipped label raises the validation
+    loss: its influence on it is negative; Kwon et al. 2023; Zhou et al. 2024)."""
+    found = {}
+    for name in RANKINGS:
+        if name in columns:
+            values = np.asarray(read(name), np.float64)
+            found[name] = -values if name == "validation_influence" else values
+    return found
 
 
 def retrieval_metrics(flipped: np.ndarray, self_influence: np.ndarray) -> dict[str, float]:
@@ -39,13 +63,16 @@ def retrieval_metrics(flipped: np.ndarray, self_influence: np.ndarray) -> dict[s
     return result
 
 
-def _plot_retrieval(path: epath.Path, flipped: np.ndarray, scores: np.ndarray, m: dict) -> None:
+def _plot_retrieval(
+    path: epath.Path, flipped: np.ndarray, scores: np.ndarray, m: dict, ranked_by: str
+) -> None:
     c = metrics.curves(flipped, scores)
     fig, (roc, pr) = plt.subplots(1, 2, figsize=(9, 4))
-    roc.plot(c.fpr, c.tpr, label=f"self-influence (AUC {m['auc']:.3f})")
+    name = RANKINGS[ranked_by]
+    roc.plot(c.fpr, c.tpr, label=f"{name} (AUC {m['auc']:.3f})")
     roc.plot([0, 1], [0, 1], "k--", lw=0.8, label="random")
     roc.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC: flipped labels")
-    pr.plot(c.recall, c.precision, label=f"self-influence (AP {m['ap']:.3f})")
+    pr.plot(c.recall, c.precision, label=f"{name} (AP {m['ap']:.3f})")
     pr.axhline(m["random_ap"], color="k", ls="--", lw=0.8, label="random")
     pr.set(xlabel="recall", ylabel="precision", title="precision–recall", ylim=(0, 1.02))
     for ax in (roc, pr):
@@ -100,16 +127,23 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str,
         )
     table = outputs.read_parquet_dir(scores_dir)
     flipped = table.column(corruption).to_numpy(zero_copy_only=False).astype(bool)
-    self_influence = table.column("self_influence").to_numpy()
     if not flipped.any():
         raise InputError(
             f"no corrupted examples ({corruption!r}) in the training split: raise the task's "
             "corruption fraction (MNIST: data.flip_fraction > 0)"
         )
+    rankings = ranking_scores(table.column_names, lambda c: table.column(c).to_numpy())
+    if not rankings:
+        raise InputError(
+            f"the scores in {scores_dir} have neither self_influence nor validation_influence "
+            "to rank by: score with score.self_influence=true or score.validation=true"
+        )
+    (ranked_by, scores), *others = rankings.items()
     eig = outputs.read_json(eig_path) if eig_path.exists() else None  # graddot fits nothing
-    m = retrieval_metrics(flipped, self_influence)
+    m = retrieval_metrics(flipped, scores)
     result = {
         **m,
+        "ranked_by": ranked_by,
         "num_train": int(flipped.size),
         "num_flipped": int(flipped.sum()),
         "method": scores_meta.get("method", "arnoldi"),
@@ -118,26 +152,23 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str,
     }
     if eig is not None and "num_iters_completed" in eig:
         result["num_iters"] = eig["num_iters_completed"]
-    if "self_influence_tail" in table.column_names:  # distill.tail: both rankings, side by side
-        tail = retrieval_metrics(flipped, table.column("self_influence_tail").to_numpy())
-        result.update({f"{k}_tail": v for k, v in tail.items() if k != "random_ap"})
-        logging.info(
-            "with the tail (distill.tail=%s): AUC %.4f, AP %.4f",
-            config.distill.tail,
-            tail["auc"],
-            tail["ap"],
-        )
+    for name, values in others:  # the other rankings side by side: *_tail, *_validation
+        other = retrieval_metrics(flipped, values)
+        suffix = SUFFIXES[name]
+        result.update({f"{k}_{suffix}": v for k, v in other.items() if k != "random_ap"})
+        logging.info("ranked by %s: AUC %.4f, AP %.4f", name, other["auc"], other["ap"])
     if jax.process_index() == 0:
         outputs.write_json(path(wd.METRICS_JSON), result)
-        _plot_retrieval(path(wd.ROC_PR_PNG), flipped, self_influence, m)
-        if eig is not None:
+        _plot_retrieval(path(wd.ROC_PR_PNG), flipped, scores, m, ranked_by)
+        if eig is not None and "all_ritz_values" in eig:  # the eigenpair methods
             _plot_spectrum(path(wd.SPECTRUM_PNG), eig)
         board = "evaluate" if result["method"] == "arnoldi" else f"evaluate_{result['method']}"
         writer = ScalarWriter(epath.Path(workdir) / "tensorboard" / board)
         writer.write_scalars(0, {f"evaluate/{k}": v for k, v in m.items()})
         writer.close()
     logging.info(
-        "mislabeled retrieval: AUC %.4f, AP %.4f (random AP %.3f)",
+        "mislabeled retrieval by %s: AUC %.4f, AP %.4f (random AP %.3f)",
+        ranked_by,
         m["auc"],
         m["ap"],
         m["random_ap"],

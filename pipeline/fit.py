@@ -61,11 +61,14 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
             **fitted.summary,
             "influence_over": stage.selection.describe(stage.params_like),
         }
-        state = {
-            "eigvecs": fitted.eigvecs,
-            "eigvals": np.asarray(fitted.eigvals, np.float32),
-            "ritz_residuals": np.asarray(fitted.ritz_residuals, np.float32),
-        }
+        if fitted.operator is not None:  # hyperinf, datainf: their per-layer matrices alone
+            state = {"operator": fitted.operator}
+        else:
+            state = {
+                "eigvecs": fitted.eigvecs,
+                "eigvals": np.asarray(fitted.eigvals, np.float32),
+                "ritz_residuals": np.asarray(fitted.ritz_residuals, np.float32),
+            }
         ckpt.save(0, state, {"fingerprint": fingerprint, **summary}, force=True)
     outputs.write_json(stage.path(wd.EIGENVALUES_JSON), summary)
-    logging.info("%s: %d eigenpairs saved in %s", method.name, len(fitted.eigvals), ckpt.directory)
+    logging.info("%s: its fit is saved in %s", method.name, ckpt.directory)

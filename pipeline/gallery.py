@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from etils import epath
 
-from pipeline import outputs
+from pipeline import evaluate, outputs
 from pipeline.queries import TOPK_FILE
 from pipeline.stage import Stage
 
@@ -28,11 +28,14 @@ PER_QUERY = 6  # proponents and opponents shown per query
 
 
 def _positions(scores_dir: epath.Path, split: str) -> tuple[np.ndarray, dict[int, int]]:
-    """(the split's self-influence in position order, id → position): parts are in position
-    order, each part's rows too."""
-    table = outputs.read_parquet_dir(scores_dir / split, ["id", "self_influence"])
+    """(the split's ranking scores in position order: self-influence, or the harm to the
+    validation loss where there is none (``evaluate.ranking_scores``), id → position): parts are
+    in position order, each part's rows too."""
+    table = outputs.read_parquet_dir(scores_dir / split)
     ids = table.column("id").to_numpy()
-    return table.column("self_influence").to_numpy(), {int(i): p for p, i in enumerate(ids)}
+    rankings = evaluate.ranking_scores(table.column_names, lambda c: table.column(c).to_numpy())
+    scores = next(iter(rankings.values())) if rankings else np.zeros(len(ids))
+    return scores, {int(i): p for p, i in enumerate(ids)}
 
 
 def _shown(stage: Stage, params: Any, split: str, positions: list[int]) -> dict[str, Any]:
@@ -72,6 +75,7 @@ def write(stage: Stage, params: Any, scores_dir: epath.Path, out: epath.Path, la
             {
                 "id": int(shown["id"][i]) if "id" in shown else None,
                 "caption": shown["caption"][i],
+                **_text(shown, i),
                 "self_influence": float(influence[p]),
             }
             for i, p in enumerate(top)
@@ -91,7 +95,7 @@ def write(stage: Stage, params: Any, scores_dir: epath.Path, out: epath.Path, la
         for query_id in list(dict.fromkeys(traced["query_id"]))[:NUM_QUERIES]:
             rows = traced[(traced["query_id"] == query_id) & (traced["rank"] < PER_QUERY)]
             query = _shown(stage, params, "eval", [eval_where[int(query_id)]])
-            entry = {"query_id": int(query_id), "caption": query["caption"][0]}
+            entry = {"query_id": int(query_id), "caption": query["caption"][0], **_text(query, 0)}
             row_panels = (
                 [(query["image"][0], f"query: {query['caption'][0]}")] if "image" in query else []
             )
@@ -99,9 +103,9 @@ def write(stage: Stage, params: Any, scores_dir: epath.Path, out: epath.Path, la
                 chosen = rows[rows["kind"] == kind].sort_values("rank")
                 seen = _shown(stage, params, "train", [where[int(t)] for t in chosen["train_id"]])
                 entry[kind + "s"] = [
-                    {"id": int(t), "caption": c, "influence": float(v)}
-                    for t, c, v in zip(
-                        chosen["train_id"], seen["caption"], chosen["influence"], strict=True
+                    {"id": int(t), "caption": c, **_text(seen, i), "influence": float(v)}
+                    for i, (t, c, v) in enumerate(
+                        zip(chosen["train_id"], seen["caption"], chosen["influence"], strict=True)
                     )
                 ]
                 if "image" in seen:
@@ -114,7 +118,7 @@ def write(stage: Stage, params: Any, scores_dir: epath.Path, out: epath.Path, la
             result["queries"].append(entry)
             if row_panels:
                 query_panels.append(row_panels)
-    (out / "gallery.md").write_text(_markdown(result, shown.get("text")))
+    (out / "gallery.md").write_text(_markdown(result))
     if panels[0]:
         _grid(out / "gallery_self_influence.png", panels, f"most self-influential ({label})")
     if query_panels:
@@ -123,21 +127,29 @@ def write(stage: Stage, params: Any, scores_dir: epath.Path, out: epath.Path, la
     return result
 
 
-def _markdown(result: dict, texts: list[str] | None) -> str:
+def _text(shown: dict[str, Any], i: int) -> dict[str, str]:
+    """{'text': the i-th example's text} for a text task's ``describe``, else nothing."""
+    return {"text": str(shown["text"][i])} if "text" in shown else {}
+
+
+def _cell(row: dict) -> str:
+    """A table cell: the example's text (a text task) and its caption, '|' escaped."""
+    text = f"{row['text']} — " if "text" in row else ""
+    return f"{text}{row['caption']}".replace("|", "\\|").replace("\n", " ")
+
+
+def _markdown(result: dict) -> str:
     """The galleries as tables (a text task's only view; an image task's index to the PNGs)."""
     lines = [f"# Most self-influential training examples ({result['run']})", ""]
     lines += ["| rank | id | example | self-influence |", "|---|---|---|---|"]
     for rank, row in enumerate(result["self_influence"]):
-        text = f"{texts[rank]} — " if texts else ""
-        lines.append(
-            f"| {rank + 1} | {row['id']} | {text}{row['caption']} | {row['self_influence']:.4g} |"
-        )
+        lines.append(f"| {rank + 1} | {row['id']} | {_cell(row)} | {row['self_influence']:.4g} |")
     for query in result["queries"]:
-        lines += ["", f"## Query {query['query_id']}: {query['caption']}", ""]
+        lines += ["", f"## Query {query['query_id']}: {_cell(query)}", ""]
         lines += ["| kind | id | example | influence |", "|---|---|---|---|"]
         for kind in ("proponents", "opponents"):
             for row in query[kind]:
                 lines.append(
-                    f"| {kind[:-1]} | {row['id']} | {row['caption']} | {row['influence']:.4g} |"
+                    f"| {kind[:-1]} | {row['id']} | {_cell(row)} | {row['influence']:.4g} |"
                 )
     return "\n".join(lines) + "\n"

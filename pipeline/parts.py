@@ -26,30 +26,44 @@ from pipeline.data import Part
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """What the projector's rows hold: p̃ projections, then (with the tail) ``num_dots`` inner
-    products with the query gradients and ‖∇ℓ(x)‖² last; ``sigma`` the tail's σ or None."""
+    """What the projector's rows hold (``pipeline/tangents.py``): p̃ projections, then
+    ``num_dots`` products with the queries' tangents, the validation influence (with
+    ``validation``), and, where a σ is set, ‖∇ℓ(x)‖² last (⟨∇ℓ(x), P∇ℓ(x)⟩ with ``quadratic``:
+    an ``Operator`` method's self-influence, absent when ``self_influence`` is off); ``sigma``
+    the tail's σ or None."""
 
     num_vectors: int
     num_dots: int = 0
     sigma: float | None = None
-    intrinsic: bool = False  # σ is the method's own (graddot): it makes the plain scores
+    intrinsic: bool = False  # σ is the method's own (graddot, an Operator's 1): the plain scores
+    validation: bool = False
+    quadratic: bool = False
+    self_influence: bool = True
+
+    @property
+    def last(self) -> bool:
+        """Whether the rows end with ‖∇ℓ(x)‖² (or an Operator's quadratic form)."""
+        return self.sigma is not None and self.self_influence
 
     def table(
         self, columns: dict[str, np.ndarray], rows: np.ndarray, eigvals: np.ndarray
     ) -> pa.Table:
         """A part's rows: the host ``columns`` (``Task.output_columns``), self-influence (Alg. 1,
-        line 24) and the projections, and the tail's columns."""
+        line 24) and the projections, the validation influence, and the tail's columns."""
         g = rows[:, : self.num_vectors]
-        sqnorm = rows[:, -1] if self.sigma is not None else None
+        sqnorm = rows[:, -1] if self.last else None
         plain = (sqnorm, self.sigma) if self.intrinsic else (None, None)
-        out = {
-            **columns,
-            "self_influence": np.asarray(scoring.self_influence(g, eigvals, *plain), np.float32),
-        }
+        out = dict(columns)
+        if self.self_influence:
+            si = scoring.self_influence(g, eigvals, *plain)
+            out["self_influence"] = np.asarray(si, np.float32)
         if self.num_vectors:  # none for graddot (Arrow has no lists of length 0)
             out["projections"] = _matrix(g)
+        if self.validation:
+            out["validation_influence"] = rows[:, self.num_vectors + self.num_dots]
         if self.sigma is not None:
-            out["grad_sqnorm"] = np.asarray(sqnorm, np.float32)
+            if self.last and not self.quadratic:
+                out["grad_sqnorm"] = np.asarray(sqnorm, np.float32)
             if not self.intrinsic:
                 out["self_influence_tail"] = np.asarray(
                     scoring.self_influence(g, eigvals, sqnorm, self.sigma), np.float32

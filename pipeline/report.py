@@ -152,11 +152,17 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str,
         directory = workdir / "report" / label
         _link(workdir, directory, (wd.PARAMS, wd.CORRUPTED, wd.KRYLOV, wd.EPOCH_PARAMS))
         logging.info("report: %s", label)
-        times = _timed({"fit": fit.run, "score": score.run}, sub, directory)
+        try:
+            times = _timed({"fit": fit.run, "score": score.run}, sub, directory)
+        except InputError as e:  # one method's bad fit (a diverged LiSSA) is a note, not the end
+            logging.warning("report: %s failed: %s", label, e)
+            notes.append(f"{label} failed: {e}")
+            continue
         metrics = evaluate.run(sub, directory)
         path = lambda name, sub=sub, directory=directory: wd.result_path(sub, directory, name)  # noqa: E731
-        table = pd.read_parquet(path(wd.SCORES) / "train", columns=["id", "self_influence"])
-        self_influence[label] = table.set_index("id")["self_influence"].sort_index()
+        table = pd.read_parquet(path(wd.SCORES) / "train").set_index("id").sort_index()
+        ranked = evaluate.ranking_scores(list(table.columns), lambda c, t=table: t[c])
+        self_influence[label] = pd.Series(ranked[metrics["ranked_by"]], index=table.index)
         eig = path(wd.EIGENVALUES_JSON)
         rows.append(
             {

@@ -22,7 +22,6 @@ the train parts (``pipeline/queries.py``).
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -42,6 +41,7 @@ from pipeline import (
     preemption,
     prefetch,
     queries,
+    tangents,
     validate,
 )
 from pipeline import workdir as wd
@@ -74,24 +74,13 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
                 d.tail,
                 l2=config.l2,
                 damping=d.damping,
-                ritz_values=eig_meta["all_ritz_values"],
+                ritz_values=eig_meta.get("all_ritz_values", []),
                 top_k=eigvals.size,
             )
         )
     except ValueError as e:
         raise InputError(str(e)) from e
-    # The params scored at, each with its weight: the trained params, or TracIn's checkpoints
-    # with their learning rates (the rows of each are summed with these weights).
-    models = artifacts.restore_epoch_params(stage) if stage.method.checkpoints else [(params, 1.0)]
-    num_dots, weighted = 0, []
-    for at, weight in models:
-        tangents = eig_state["eigvecs"]
-        if sigma is not None and s.num_queries:
-            query_grads = queries.query_gradients(stage, at, s.num_queries)
-            tangents = jax.tree.map(lambda v, q: jnp.concatenate([v, q]), tangents, query_grads)
-            num_dots = jax.tree.leaves(query_grads)[0].shape[0]
-        weighted.append((at, tangents, weight))
-    layout = parts.Layout(eigvals.size, num_dots, sigma, intrinsic)
+    layout = tangents.layout(stage, eigvals.size, sigma, intrinsic)
 
     scores_dir = stage.path(wd.SCORES)
     fingerprint = wd.scores_fingerprint(config, eig_meta["eigenpairs_id"])
@@ -103,8 +92,8 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
             "fingerprint": fingerprint,
             "eigvals": eigvals.tolist(),
             "method": stage.method.name,
-            "tail_sigma": sigma,
-            "intrinsic_sigma": intrinsic,
+            "tail_sigma": layout.sigma,
+            "intrinsic_sigma": layout.intrinsic,
             "task": stage.task.name,
             "corruption_column": stage.task.corruption_column,
         }
@@ -129,18 +118,10 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
         s.batch_size,
         num_groups,
     )
-    project = projection.Projector(
-        stage.task.per_example_loss,
-        stage.param_sh,
-        stage.vector_sh,
-        stage.mesh,
-        stage.selection,
-        batch_size=s.batch_size,
-        mode=s.mode,
-        memory_budget_mb=s.memory_budget_mb,
-        tangent_chunk=s.tangent_chunk,
-        sqnorm=sigma is not None,
+    weighted, operator = (
+        tangents.build(stage, params, eig_state, eigvals, layout) if len(batches) else ([], None)
     )
+    project = tangents.projector(stage, operator, layout, len(batches))
 
     def read(step: int) -> tuple[data.LocalBatch, dict]:
         """Host work of one step (in a prefetch thread): its rows, read and decoded."""
@@ -152,7 +133,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
     ) -> tuple[int, data.LocalBatch, dict, projection.Projected]:
         """Dispatch one batch to the devices (returns before they are done)."""
         inputs = stage.task.model_inputs(read)
-        projected = [(project(at, tangents, inputs), w) for at, tangents, w in weighted]
+        projected = [(project(at, vectors, inputs), w) for at, vectors, w in weighted]
         return step, batch, read, projection.Weighted.of(projected)
 
     def collect(step: int, batch: data.LocalBatch, read: dict, g: projection.Projected) -> None:
@@ -201,4 +182,12 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("scores written")
     if s.num_queries and jax.process_index() == 0 and not (scores_dir / TOPK_FILE).exists():
-        queries.trace(scores_dir, eigvals, s.num_queries, s.top_k, sigma, s.query_block, intrinsic)
+        queries.trace(
+            scores_dir,
+            eigvals,
+            s.num_queries,
+            s.top_k,
+            layout.sigma,
+            s.query_block,
+            layout.intrinsic,
+        )

@@ -40,19 +40,20 @@ def evaluate(
     if source.num_examples == 0:
         return {}
 
-    def sums(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        inputs = {k: v for k, v in batch.items() if k != "mask"}
-        values = {"loss": task.per_example_loss(params, inputs)}
+    def sums(params: Any, batch: dict[str, jax.Array], mask: jax.Array) -> dict[str, jax.Array]:
+        values = {"loss": task.per_example_loss(params, batch)}
         if task.metrics is not None:
-            values.update(task.metrics(params, inputs))
-        return {k: jnp.sum(jnp.where(batch["mask"], v, 0.0)) for k, v in values.items()}
+            values.update(task.metrics(params, batch))
+        return {k: jnp.sum(jnp.where(mask, v, 0.0)) for k, v in values.items()}
 
     total = jax.jit(sums, out_shardings=sharding.replicated(mesh))
     rows = sharding.local_rows(mesh, batch_size)
     result: dict[str, float] = {}
     for positions, mask in data.padded_batches(0, source.num_examples, batch_size):
-        local = {**task.model_inputs(source.take(positions[rows])), "mask": mask[rows]}
-        for k, v in total(params, sharding.to_global(local, mesh, batch_size)).items():
+        local = task.model_inputs(source.take(positions[rows]))
+        batch = sharding.to_global(local, mesh, batch_size)
+        real = sharding.to_global({"mask": mask[rows]}, mesh, batch_size)["mask"]
+        for k, v in total(params, batch, real).items():
             result[k] = result.get(k, 0.0) + float(v)
     return {k: v / source.num_examples for k, v in result.items()}
 

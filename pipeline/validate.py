@@ -18,6 +18,11 @@ def _divisible(value: int, by: int, field: str, mesh_field: str = "mesh.data") -
         )
 
 
+def check_divisible(value: int, mesh: Mesh, field: str) -> None:
+    """A global batch size of ``field`` splits evenly over the 'data' axis."""
+    _divisible(value, mesh.shape[DATA_AXIS], field)
+
+
 def check_train(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     _divisible(config.train.batch_size, mesh.shape[DATA_AXIS], "train.batch_size")
     if config.train.checkpoint_every < 0:

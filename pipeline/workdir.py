@@ -203,4 +203,5 @@ def scores_fingerprint(config: ml_collections.ConfigDict, eigenpairs_id: str) ->
         "score.top_k": config.score.top_k,
         **({"distill.damping": d.damping} if d.damping else {}),
         **({"distill.tail": d.tail} if d.tail != "none" else {}),
+        **({"score.validation": True} if config.score.get("validation") else {}),
     }

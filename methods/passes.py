@@ -1,0 +1,125 @@
+"""Passes over the data that several methods make: HVPs on blocks of vectors (LiSSA, CG, exact)
+and data-parallel statistics of per-example gradients (HyperINF's GFIM, DataInf).
+
+Every pass reads its batches with ``pipeline/data.py`` (each process its own rows) and runs one
+jitted, sharded program per batch from a Python loop (a conv HVP inside ``lax`` loops runs ~15×
+slower on the CPU; README, Speed).
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from influence.hvp import make_hvp
+from parallel import sharding, steps
+from parallel.mesh import DATA_AXIS
+from pipeline import data
+from pipeline.errors import InputError
+from pipeline.progress import Progress
+
+
+def full_batches(
+    num_examples: int, batch_size: int, data_devices: int, field: str = "method.name=exact"
+) -> list[np.ndarray]:
+    """The training split in equal batches of the largest size ≤ ``batch_size`` that divides it
+    and the 'data' axis, so the mean of the batch means is the mean over the split."""
+    sizes = [
+        r
+        for r in range(min(batch_size, num_examples), 0, -1)
+        if num_examples % r == 0 and r % data_devices == 0
+    ]
+    if not sizes:
+        raise InputError(
+            f"{field}: the {num_examples} training examples cannot be split into equal batches "
+            f"that divide the {data_devices} devices on the 'data' axis; change mesh.data or "
+            "data.num_train"
+        )
+    r = sizes[0]
+    return [np.arange(s, s + r) for s in range(0, num_examples, r)]
+
+
+def jit_block_hvp(stage: Any) -> Callable[[Any, dict, Any], Any]:
+    """(params, batch, V) → H V for the k stacked rows of V at once (a vmap of the
+    forward-over-reverse HVP, + l2 V), V and the result laid out like the eigenvectors."""
+    hvp = make_hvp(stage.task.per_example_loss, stage.config.l2, stage.selection)
+    stacked = sharding.stacked_shardings(stage.vector_sh)
+    return jax.jit(
+        lambda params, batch, v: jax.vmap(lambda row: hvp(params, batch, row))(v),
+        in_shardings=(stage.param_sh, sharding.batch_sharding(stage.mesh), stacked),
+        out_shardings=stacked,
+    )
+
+
+class FullHessian:
+    """v ↦ H v with H the Hessian of the mean loss over the whole training split (+ l2 I), the
+    same matrix ``method.name=exact`` forms: the mean of block HVPs over equal batches of at most
+    ``method.hvp_batch_size`` examples. The batches stay on the devices when the split's inputs
+    take at most ``RESIDENT_BYTES``; else each product reads them again."""
+
+    RESIDENT_BYTES = 512 * 2**20
+
+    def __init__(self, stage: Any, params: Any) -> None:
+        self._stage, self._params, self._hvp = stage, params, jit_block_hvp(stage)
+        self._positions = full_batches(
+            stage.split("train").num_examples,
+            stage.config.method.hvp_batch_size,
+            stage.mesh.shape[DATA_AXIS],
+            f"method.name={stage.method.name}",
+        )
+        first = self._read(self._positions[0])
+        size = sum(x.nbytes for x in jax.tree.leaves(first)) * len(self._positions)
+        self._resident = (
+            [first, *map(self._read, self._positions[1:])] if size <= self.RESIDENT_BYTES else None
+        )
+        self.num_batches = len(self._positions)
+
+    def _read(self, positions: np.ndarray) -> dict:
+        stage = self._stage
+        return data.global_batch(stage.task, stage.split("train"), positions, stage.mesh)
+
+    def __call__(self, v: Any) -> Any:
+        total = None
+        batches = self._resident or map(self._read, self._positions)
+        for batch in batches:
+            part = self._hvp(self._params, batch, v)
+            total = part if total is None else jax.tree.map(jnp.add, total, part)
+        return jax.tree.map(lambda x: x / self.num_batches, total)
+
+
+def gradient_statistics(
+    stage: Any,
+    params: Any,
+    reduce: Callable[[Any, jax.Array], Any],
+    name: str,
+    batch_size: int,
+    split: str = "train",
+) -> tuple[Any, int]:
+    """(Σ over every example of ``split`` of ``reduce(per-example gradients, mask)``, N): one
+    data-parallel pass over the split in padded batches of ``batch_size``; ``reduce``
+    gets a device's rows (stacked gradients over the selected leaves) and their 0/1 mask and
+    returns per-row-summed statistics, added up over the devices by one all-reduce per leaf."""
+    source = stage.split(split)
+    program = steps.jit_example_rows(
+        stage.task.per_example_loss,
+        stage.param_sh,
+        stage.mesh,
+        stage.selection,
+        reduce=reduce,
+    )
+    batches = list(data.padded_batches(0, source.num_examples, batch_size))
+    total = None
+    with Progress(stage.workdir, name, len(batches), stage.config.log_every_secs) as progress:
+        for step, (positions, mask) in enumerate(batches, start=1):
+            rows = sharding.local_rows(stage.mesh, batch_size)
+            columns = stage.task.model_inputs(source.take(positions[rows]))
+            batch = sharding.to_global(columns, stage.mesh, batch_size)
+            weights = sharding.to_global(
+                {"mask": mask[rows].astype(np.float32)}, stage.mesh, batch_size
+            )
+            sums = program(params, batch, weights["mask"])
+            total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+            progress(step)
+    return total, source.num_examples

@@ -1,0 +1,135 @@
+"""What the score job projects every example onto, for each method (``pipeline/score.py``).
+
+Every row the projector computes for an example x is, in this order (``parts.Layout``):
+
+- g(x) = G∇ℓ(x), the p̃ projections onto the method's eigenvectors (none for the others);
+- ⟨∇ℓ(x), t_q⟩ for each traced query z_q: t_q = ∇ℓ(z_q) where the tail or the method's own σ
+  needs the full-gradient products (``influence.scoring.influence``), t_q = P∇ℓ(z_q) for an
+  ``Operator`` method, whose products are then the influences themselves;
+- ⟨∇ℓ(x), P v̄⟩ with ``score.validation``: v̄ = the mean gradient over the eval split, P the
+  method's approximation of H⁻¹ (eigenpair methods: Gᵀdiag(1/λ)G, plus the tail's
+  (I − GᵀG)/σ where set; ``influence.scoring.apply_inverse``): the influence of x on the mean
+  validation loss, the protocol of DataInf and HyperINF (Kwon et al. 2023; Zhou et al. 2024);
+- ‖∇ℓ(x)‖² where a σ is set, or ⟨∇ℓ(x), P∇ℓ(x)⟩ for an ``Operator`` method (its
+  self-influence, ``parallel/operator_scoring.py``).
+
+TracIn repeats this at each kept checkpoint, its rows summed with the learning rates.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from influence import scoring
+from methods import passes
+from methods.base import Operator
+from parallel import operator_scoring, projection, sharding
+from pipeline import artifacts, parts, queries
+from pipeline.stage import Stage
+
+
+def mean_gradient(stage: Stage, params: Any) -> Any:
+    """v̄ = (1/M) Σ_z ∇ℓ(z) over the M examples of the eval split (one data-parallel pass),
+    stacked as one row laid out like the eigenvectors."""
+    total, count = passes.gradient_statistics(
+        stage,
+        params,
+        lambda grads, mask: jax.tree.map(lambda g: jnp.tensordot(mask, g, axes=1), grads),
+        "validation gradient",
+        stage.config.score.batch_size,
+        split="eval",
+    )
+    stacked = sharding.stacked_shardings(stage.vector_sh)
+    return jax.jit(lambda t: jax.tree.map(lambda x: (x / count)[None], t), out_shardings=stacked)(
+        total
+    )
+
+
+def layout(stage: Stage, num_vectors: int, sigma: float | None, intrinsic: bool) -> parts.Layout:
+    """The columns of the projector's rows (module docstring); an ``Operator`` method's σ is 1
+    (its products are the influences) and its last column its self-influence."""
+    operator = stage.method.operator is not None
+    return parts.Layout(
+        0 if operator else num_vectors,
+        min(stage.config.score.num_queries, stage.split("eval").num_examples)
+        if stage.config.score.num_queries and (sigma is not None or operator)
+        else 0,
+        sigma=1.0 if operator else sigma,
+        intrinsic=intrinsic or operator,
+        validation=bool(stage.config.score.validation),
+        quadratic=operator,
+        self_influence=bool(stage.config.score.self_influence) or not operator,
+    )
+
+
+def build(
+    stage: Stage,
+    params: Any,
+    eig_state: dict[str, Any],
+    eigvals: np.ndarray,
+    rows: parts.Layout,
+) -> tuple[list[tuple[Any, Any, float]], Operator | None]:
+    """([(params, tangents, weight)] of every scored model, the method's ``Operator`` or None):
+    the tangents in the order of the ``rows`` layout (module docstring)."""
+    method, num_queries = stage.method, stage.config.score.num_queries
+    operator = None
+    if method.operator is not None:
+        operator = method.operator(stage, params, eig_state.get("operator"))
+    stacked = sharding.stacked_shardings(stage.vector_sh)
+    concat = jax.jit(
+        lambda *trees: jax.tree.map(lambda *x: jnp.concatenate(x), *trees), out_shardings=stacked
+    )
+    eigen_inverse = jax.jit(
+        lambda g, lam, v: scoring.apply_inverse(g, lam, v, rows.sigma), out_shardings=stacked
+    )
+    # TracIn: the kept checkpoints, each with its learning rate.
+    models = artifacts.restore_epoch_params(stage) if method.checkpoints else [(params, 1.0)]
+    weighted = []
+    for at, weight in models:
+        tangents = []
+        if rows.num_dots:
+            tangents.append(queries.query_gradients(stage, at, num_queries))
+        if rows.validation:
+            tangents.append(mean_gradient(stage, at))
+        if tangents and operator is not None:  # one solve for all of them
+            tangents = [operator.solve(concat(*tangents) if len(tangents) > 1 else tangents[0])]
+        elif rows.validation and rows.intrinsic:  # H = σI: P v̄ = v̄ / σ
+            tangents[-1] = jax.tree.map(lambda x: x / rows.sigma, tangents[-1])
+        elif rows.validation:
+            tangents[-1] = eigen_inverse(eig_state["eigvecs"], jnp.asarray(eigvals), tangents[-1])
+        vectors = concat(eig_state["eigvecs"], *tangents) if tangents else eig_state["eigvecs"]
+        weighted.append((at, vectors, weight))
+    return weighted, operator
+
+
+def projector(
+    stage: Stage, operator: Operator | None, rows: parts.Layout, num_steps: int
+) -> projection.Projector | operator_scoring.OperatorProjector:
+    """The projector of the rows: per-example gradients and ``operator.solve`` for an
+    ``Operator`` method, else forward or reverse mode as ``score.mode`` says."""
+    s = stage.config.score
+    if operator is not None:
+        return operator_scoring.OperatorProjector(
+            stage.task.per_example_loss,
+            stage.param_sh,
+            stage.mesh,
+            stage.selection,
+            operator.solve if rows.self_influence else None,
+            batch_size=s.batch_size,
+            num_steps=num_steps,
+            name=stage.method.name,
+        )
+    return projection.Projector(
+        stage.task.per_example_loss,
+        stage.param_sh,
+        stage.vector_sh,
+        stage.mesh,
+        stage.selection,
+        batch_size=s.batch_size,
+        mode=s.mode,
+        memory_budget_mb=s.memory_budget_mb,
+        tangent_chunk=s.tangent_chunk,
+        sqnorm=rows.sigma is not None,
+    )
