@@ -302,7 +302,13 @@ class TokenizedPairs:
             if moved.any():
                 rows = self.order(self.offset + partner[moved])
                 tgt[moved] = self.corpus.take(rows)["target"]
-        columns = {"id": src["id"], "source": src["source"], "target": tgt, "shuffled": moved}
+        columns = {
+            "id": src["id"],
+            "source": src["source"],
+            "target": tgt,
+            "clean_target": src["target"],
+            "shuffled": moved,
+        }
         if self.tokenizer is not None:
             columns["inputs"] = self.tokenizer.encode(src["source"])
             columns["targets"] = self.tokenizer.encode(tgt)
@@ -435,6 +441,23 @@ def get_task(config: ml_collections.ConfigDict, workdir: epath.Path) -> Task:
         hypotheses, references = translate_split(model, tokenizer, params, source, d.max_len)
         return {"bleu": bleu(hypotheses, references), "chrf": chrf(hypotheses, references)}
 
+    def describe(params, columns: Columns) -> dict[str, list[str]]:
+        """The pair trained on as text (source → target); the caption holds the model's greedy
+        translation and, for a pair whose target the task shuffled, the pair's own target."""
+        decoded = greedy_translate(model, params, jnp.asarray(columns["inputs"]), d.max_len)
+        translations = tokenizer.decode(np.asarray(decoded))
+        captions = []
+        for i, translation in enumerate(translations):
+            caption = f"model: {translation}"
+            if columns["shuffled"][i]:
+                caption += f" (shuffled; its own target: {_text(columns['clean_target'][i])})"
+            captions.append(caption)
+        text = [
+            f"{_text(a)} → {_text(b)}"
+            for a, b in zip(columns["source"], columns["target"], strict=True)
+        ]
+        return {"text": text, "caption": captions}
+
     return Task(
         name="translation",
         init_params=init_params,
@@ -442,8 +465,9 @@ def get_task(config: ml_collections.ConfigDict, workdir: epath.Path) -> Task:
         splits=parts,
         input_columns=("inputs", "targets"),
         corruption_column="shuffled",
-        ground_truth_columns=("source", "target"),
+        ground_truth_columns=("source", "target", "clean_target"),
         metrics=metrics,
         corpus_metrics=corpus_metrics,
+        describe=describe,
         fingerprint={"tokenizer": hashlib.sha256(tokenizer.proto).hexdigest()[:16]},
     )

@@ -13,7 +13,7 @@ from jax.flatten_util import ravel_pytree
 from influence.hvp import make_hvp, make_mean_loss
 from pipeline import failpoints
 from tasks import translation
-from tasks.sources import DataError, read_all
+from tasks.sources import DataError, MappedSource, read_all
 from tasks.transformer import Transformer, TransformerConfig
 from tests.pipeline_helpers import eigvals, run_job, steps
 
@@ -239,3 +239,42 @@ def test_corpus_metrics_translate_every_pair_of_a_split(trained) -> None:
     got = stage.task.corpus_metrics(params, pairs)
     assert got["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
     assert got["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+
+
+def test_describe_shows_each_pair_as_text_for_the_galleries(trained) -> None:
+    """The report's galleries of a text task: each pair as 'source → target trained on', the
+    model's greedy translation, and a shuffled pair's own target; rendered as a Markdown row."""
+    from configs import translation as translation_config
+    from pipeline import artifacts, gallery, validate
+    from pipeline.stage import Stage
+
+    config = translation_config.get_config("runlocal")
+    config.train.num_epochs = 1
+    stage = Stage.setup(config, trained, validate.check_train)
+    params, _ = artifacts.restore_params(stage)
+    train = stage.split("train")
+    columns = train.take(np.arange(train.num_examples))
+    shuffled = np.flatnonzero(columns["shuffled"])[:2]
+    kept = np.flatnonzero(~columns["shuffled"])[:2]
+    positions = np.concatenate([shuffled, kept])
+    assert shuffled.size == 2
+    rows = train.take(positions)
+    shown = stage.task.describe(params, rows)
+    model = Transformer(translation.model_config(config, config.data.vocab_size))
+    hyps, _ = translation.translate_split(
+        model, train.tokenizer, params, MappedSource(train, positions), config.data.max_len
+    )
+    for i in range(positions.size):
+        assert shown["text"][i] == f"{rows['source'][i]} → {rows['target'][i]}"
+        assert shown["caption"][i].startswith(f"model: {hyps[i]}")
+        own = f"(shuffled; its own target: {rows['clean_target'][i]})"
+        assert (own in shown["caption"][i]) == bool(rows["shuffled"][i])
+        assert rows["clean_target"][i] != rows["target"][i] or not rows["shuffled"][i]
+    result = {
+        "run": "r",
+        "self_influence": [
+            {"id": 1, "caption": shown["caption"][0], "text": "a | b", "self_influence": 2.0}
+        ],
+        "queries": [],
+    }
+    assert "| 1 | 1 | a \\| b — model: " in gallery._markdown(result)
