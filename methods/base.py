@@ -96,8 +96,9 @@ class Method:
         parameter selection and l2 (which every fit depends on).
       fit: (stage, params) → ``Fitted``; None: nothing to fit (k = 0).
       check: (config, mesh) → None, raising ``InputError``: input checks before any work.
-      check_size: (config, p) → None, raising ``InputError``: checks that need the model's size,
-        run before the params are restored.
+      check_size: (config, the selected leaves as ShapeDtypeStructs) → None, raising
+        ``InputError``: checks that need the model's size or shapes, run by every stage's
+        set-up (the train job's included), before any params are trained or restored.
       sigma: the isotropic curvature of the method itself (graddot: 1), or None.
       stage: the module of a pipeline stage that fits it end to end with resumption of its own
         (Arnoldi: ``pipeline.arnoldi``, whose Krylov state is checkpointed), instead of ``fit``.
@@ -117,7 +118,7 @@ class Method:
     fingerprint: Callable[[ml_collections.ConfigDict], dict[str, Any]]
     fit: Callable[[Any, Any], Fitted] | None = None
     check: Callable[[ml_collections.ConfigDict, Mesh], None] = _no_check
-    check_size: Callable[[ml_collections.ConfigDict, int], None] | None = None
+    check_size: Callable[[ml_collections.ConfigDict, Any], None] | None = None
     sigma: float | None = None
     stage: str | None = None
     checkpoints: bool = False

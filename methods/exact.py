@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from influence import subspace
+from influence import pytree, subspace
 from influence.hvp import make_hvp
 from methods import passes
 from methods.base import Fitted, Method, fitted
@@ -114,7 +114,8 @@ def _check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     validate.check_hvp_batch(config, mesh)
 
 
-def _check_size(config: ml_collections.ConfigDict, num_params: int) -> None:
+def _check_size(config: ml_collections.ConfigDict, selected: Any) -> None:
+    num_params = pytree.num_params(selected)
     limit = config.method.max_params
     if num_params > limit:
         raise InputError(

@@ -17,6 +17,8 @@ BUILTIN = {
     "tracin": "methods.tracin:TRACIN",
     "lissa": "methods.lissa:LISSA",
     "cg": "methods.cg:CG",
+    "hyperinf": "methods.hyperinf:HYPERINF",
+    "datainf": "methods.datainf:DATAINF",
 }
 
 

@@ -96,7 +96,8 @@ def _check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     validate.check_hvp_batch(config, mesh)
 
 
-def _check_size(config: ml_collections.ConfigDict, num_params: int) -> None:
+def _check_size(config: ml_collections.ConfigDict, selected: Any) -> None:
+    num_params = pytree.num_params(selected)
     if config.distill.top_k > num_params:
         raise InputError(
             f"distill.top_k={config.distill.top_k} exceeds the {num_params} selected params: "

@@ -88,7 +88,7 @@ class Stage:
             raise InputError(str(e)) from e
         method = registry.of(config)
         if method.check_size is not None:  # before any params are restored or fitted
-            method.check_size(config, selection.num_params(params_like))
+            method.check_size(config, selection.select(params_like))
         return cls(
             config, epath.Path(workdir), mesh, task, params_like, param_sh, selection, method
         )

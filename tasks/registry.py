@@ -9,7 +9,12 @@ from types import ModuleType
 
 from tasks.sources import DataError
 
-ALIASES = {"mnist": "tasks.mnist", "translation": "tasks.translation", "vision": "tasks.vision"}
+ALIASES = {
+    "mnist": "tasks.mnist",
+    "translation": "tasks.translation",
+    "vision": "tasks.vision",
+    "lora_text": "tasks.lora_text",
+}
 
 
 def task_module(name: str) -> ModuleType:
