@@ -21,9 +21,9 @@ from absl import logging
 from jax.sharding import Mesh
 
 from influence import solvers
-from methods import passes
+from methods import checks, passes
 from methods.base import Method
-from methods.lissa import check_solver, chunks, unchunk
+from methods.lissa import chunks, unchunk
 from parallel import sharding
 from pipeline.errors import InputError
 
@@ -81,12 +81,8 @@ def _fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
-    check_solver(config, mesh)
-    m = config.method
-    if not 0 < m.tol < 1 or m.max_iters < 1:
-        raise InputError(
-            f"method.tol={m.tol} must be in (0, 1) and method.max_iters={m.max_iters} at least 1"
-        )
+    checks.solver(config, mesh)
+    checks.tolerance(config)
 
 
 CG = Method(

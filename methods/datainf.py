@@ -22,7 +22,7 @@ import ml_collections
 from absl import logging
 
 from influence.selection import leaf_paths
-from methods import hyperinf, passes
+from methods import checks, hyperinf, passes
 from methods.base import Method, empty_fitted
 from parallel import sharding
 
@@ -131,7 +131,7 @@ DATAINF = Method(
     num_vectors=lambda config, num_params: 0,
     fingerprint=_fingerprint,
     fit=fit,
-    check=hyperinf.check,
+    check=checks.layerwise,
     operator=lambda stage, params, state: ShermanMorrison(state),
     operator_like=operator_like,
     check_size=lambda config, selected: hyperinf.check_leaves(config, selected, math.prod),

@@ -33,7 +33,7 @@ from jax.sharding import Mesh
 
 from influence import gfim, schulz
 from influence.selection import leaf_paths
-from methods import graddot, passes
+from methods import checks, passes
 from methods.base import Method, empty_fitted
 from parallel import sharding
 from pipeline import finite
@@ -177,25 +177,9 @@ def _fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
     }
 
 
-def check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
-    """The input checks of hyperinf and datainf."""
-    graddot.check(config, mesh)
-    m = config.method
-    if not m.damping >= 0 or not m.damping_ratio >= 0:
-        raise InputError(
-            f"method.damping={m.damping} and method.damping_ratio={m.damping_ratio} must be >= 0"
-        )
-    if m.max_layer_params < 1:
-        raise InputError(f"method.max_layer_params={m.max_layer_params} must be positive")
-
-
 def _check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
-    check(config, mesh)
-    m = config.method
-    if not 0 < m.tol < 1 or m.max_iters < 1:
-        raise InputError(
-            f"method.tol={m.tol} must be in (0, 1) and method.max_iters={m.max_iters} at least 1"
-        )
+    checks.layerwise(config, mesh)
+    checks.tolerance(config)
 
 
 HYPERINF = Method(

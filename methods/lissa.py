@@ -23,25 +23,14 @@ from jax.sharding import Mesh
 
 from influence import hvp as hvp_lib
 from influence import pytree, solvers, subspace
-from methods import graddot
+from methods import checks
 from methods.base import Method
 from parallel import sharding
-from pipeline import data, finite, validate
+from pipeline import data, finite
 from pipeline.errors import InputError
 
 LANCZOS_ITERATIONS = 30
 SCALE_MARGIN = 1.5  # s = margin × estimated λ_max: the batch Hessians' spread, the estimate's bias
-
-
-def check_solver(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
-    """The input checks of lissa and cg."""
-    graddot.check(config, mesh)
-    m = config.method
-    if not m.damping >= 0:
-        raise InputError(f"method.damping={m.damping} must be >= 0")
-    if m.block < 1:
-        raise InputError(f"method.block={m.block} must be at least 1")
-    validate.check_divisible(m.hvp_batch_size, mesh, "method.hvp_batch_size")
 
 
 def check_batch(stage: Any) -> None:
@@ -197,7 +186,7 @@ def _fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
-    check_solver(config, mesh)
+    checks.solver(config, mesh)
     m = config.method
     if m.depth < 1 or m.repeats < 1:
         raise InputError(

@@ -12,7 +12,7 @@ from typing import Any
 import ml_collections
 from jax.sharding import Mesh
 
-from methods import graddot
+from methods import checks
 from methods.base import Method
 from pipeline.errors import InputError
 
@@ -31,7 +31,7 @@ def _check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
             f"{late} past train.num_epochs={config.train.num_epochs}, which training never "
             "reaches; keep epochs up to train.num_epochs"
         )
-    graddot.check(config, mesh)
+    checks.full_products(config, mesh)
 
 
 def _fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:

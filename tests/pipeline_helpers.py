@@ -29,7 +29,13 @@ def tiny_config(**overrides: object) -> ml_collections.ConfigDict:
     config.mesh.num_devices = 1
     config.score.mode = FIXED_MODE
     config.log_every_secs = 1000.0
-    for dotted, value in overrides.items():
+    return override(config, **overrides)
+
+
+def override(config: ml_collections.ConfigDict, **fields: object) -> ml_collections.ConfigDict:
+    """``config`` with its fields set from keyword arguments that name them with '__' for '.'
+    (``arnoldi__num_iters=12``)."""
+    for dotted, value in fields.items():
         node = config
         *parents, leaf = dotted.split("__")
         for p in parents:

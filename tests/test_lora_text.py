@@ -20,7 +20,7 @@ from influence import scoring
 from pipeline import artifacts, evaluate, fit, score, train
 from pipeline.errors import InputError
 from pipeline.stage import Stage
-from tests.pipeline_helpers import run_job
+from tests.pipeline_helpers import override, run_job
 
 CONFIG = "configs/lora_text.py:runlocal"
 
@@ -29,12 +29,7 @@ def _config(method: str = "hyperinf", **overrides: object):
     config = lora_text.get_config(f"runlocal,method={method}")
     config.log_every_secs = 1000.0
     config.mesh.num_devices = 1  # the conftest's 8 fake devices share 2 cores
-    for key, value in overrides.items():
-        node, path = config, key.split("__")
-        for part in path[:-1]:
-            node = node[part]
-        node[path[-1]] = value
-    return config
+    return override(config, **overrides)
 
 
 @pytest.fixture(scope="module")

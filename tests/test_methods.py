@@ -19,7 +19,7 @@ from parallel import operator_scoring
 from pipeline import artifacts, evaluate, fit, queries, score, train
 from pipeline.errors import InputError
 from pipeline.stage import Stage
-from tests.pipeline_helpers import run_job, tiny_config
+from tests.pipeline_helpers import override, run_job, tiny_config
 from tests.test_arnoldi import explicit_hessian
 
 DAMPING = 1.0  # above |λ_min| of the runlocal params (2 epochs: not at a minimum)
@@ -32,12 +32,7 @@ def method_config(name: str, **overrides: object):
         arnoldi__hvp_batch_size=256, arnoldi__fixed_batch=True, distill__damping=DAMPING
     )
     config.method.name = name
-    for key, value in overrides.items():
-        node, leaf = config, key.split("__")
-        for part in leaf[:-1]:
-            node = node[part]
-        node[leaf[-1]] = value
-    return config
+    return override(config, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -255,3 +250,21 @@ def test_lissa_refuses_a_damping_below_the_negative_curvature(reference):
     params, _ = artifacts.restore_params(stage)
     with pytest.raises(InputError, match=r"LiSSA diverges; set method.damping above 0\.[3-9]"):
         stage.method.operator(stage, params, None)
+
+
+@pytest.mark.parametrize("name", ["hyperinf", "datainf"])
+def test_layerwise_methods_on_four_devices_match_one(reference, tmp_path, name):
+    """The data-parallel statistics pass (per-device sums, one all-reduce per leaf) and the
+    operator scorer (each device its own rows) give one device's scores on a 'data' axis of 4;
+    over the dense layer only (a conv kernel is refused in one line, before any work)."""
+    with pytest.raises(InputError, match=r"Conv_0/kernel has shape \(5, 5, 1, 4\)"):
+        Stage.setup(method_config(name), reference.workdir, fit.CHECK)
+    tables = []
+    for devices in (1, 4):
+        config = method_config(
+            name, params__include="Dense_0/.*", mesh__num_devices=devices, score__validation=True
+        )
+        directory = _run(config, reference, tmp_path / f"devices{devices}")
+        tables.append(pd.read_parquet(directory / "scores" / "train").set_index("id").sort_index())
+    for column in ("self_influence", "validation_influence"):
+        np.testing.assert_allclose(tables[1][column], tables[0][column], rtol=1e-4, atol=1e-6)
