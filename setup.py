@@ -62,6 +62,7 @@ setuptools.setup(
             "checkpoints*",
             "tasks*",
             "pipeline*",
+            "methods*",
             "jobs*",
             "configs*",
             "launch*",

@@ -6,7 +6,7 @@ in equal batches of at most ``method.hvp_batch_size``.
 
 Nothing to fit: the query gradients are solved once at score time (train → test, the use it is
 meant for: a few queries), and self-influence solves every example's gradient, a whole CG run
-per block of ``method.block`` examples (the score job times the first batch and warns above 10
+per block of ``method.block`` examples (the score job times the first batches and warns above 10
 minutes). H + λI must be positive definite: a non-positive curvature met along the way stops
 the job with one line naming the fix; a solve that reaches ``method.max_iters`` is a warning with
 its residual.

@@ -9,7 +9,7 @@ estimates λ_min too, and that is a one-line error before any solve.
 Nothing to fit: every vector is solved at score time. Train → test solves the query gradients
 once (P∇ℓ(z), scored as products); self-influence ⟨∇ℓ(x), P∇ℓ(x)⟩ solves *every example's*
 gradient, depth × repeats block HVPs per batch of examples: the cost Schioppa et al. 2022 call
-prohibitive at scale. The score job times the first batch and warns above 10 minutes.
+prohibitive at scale. The score job times the first batches and warns above 10 minutes.
 """
 
 from typing import Any
