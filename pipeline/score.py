@@ -84,20 +84,10 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
 
     scores_dir = stage.path(wd.SCORES)
     fingerprint = wd.scores_fingerprint(config, eig_meta["eigenpairs_id"])
-    if stage.path(wd.SCORES_META).exists():
+    has_meta = stage.path(wd.SCORES_META).exists()
+    if has_meta:
         saved = outputs.read_json(stage.path(wd.SCORES_META))["fingerprint"]
         check(saved, fingerprint, f"the scores in {scores_dir}", artifacts.FIX)
-    else:
-        meta = {
-            "fingerprint": fingerprint,
-            "eigvals": eigvals.tolist(),
-            "method": stage.method.name,
-            "tail_sigma": layout.sigma,
-            "intrinsic_sigma": layout.intrinsic,
-            "task": stage.task.name,
-            "corruption_column": stage.task.corruption_column,
-        }
-        outputs.write_json(stage.path(wd.SCORES_META), meta)
 
     plan = [
         part
@@ -118,9 +108,22 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
         s.batch_size,
         num_groups,
     )
+    # The tangents first (an operator's own checks, e.g. LiSSA's damping, may stop the job), then
+    # the scores' fingerprint: a run stopped before any scoring leaves nothing to refuse a fix.
     weighted, operator = (
         tangents.build(stage, params, eig_state, eigvals, layout) if len(batches) else ([], None)
     )
+    if not has_meta:
+        meta = {
+            "fingerprint": fingerprint,
+            "eigvals": eigvals.tolist(),
+            "method": stage.method.name,
+            "tail_sigma": layout.sigma,
+            "intrinsic_sigma": layout.intrinsic,
+            "task": stage.task.name,
+            "corruption_column": stage.task.corruption_column,
+        }
+        outputs.write_json(stage.path(wd.SCORES_META), meta)
     project = tangents.projector(stage, operator, layout, len(batches))
 
     def read(step: int) -> tuple[data.LocalBatch, dict]:

@@ -191,8 +191,8 @@ def fit_fingerprint(
 
 
 def scores_fingerprint(config: ml_collections.ConfigDict, eigenpairs_id: str) -> dict[str, Any]:
-    """The damping and the tail count only when set, so scores saved before they existed keep
-    their fingerprint."""
+    """The damping, the tail and the protocol flags count only when set, so scores saved before
+    they existed keep their fingerprint."""
     d = config.distill
     return {
         "eigenpairs_id": eigenpairs_id,
@@ -204,4 +204,5 @@ def scores_fingerprint(config: ml_collections.ConfigDict, eigenpairs_id: str) ->
         **({"distill.damping": d.damping} if d.damping else {}),
         **({"distill.tail": d.tail} if d.tail != "none" else {}),
         **({"score.validation": True} if config.score.get("validation") else {}),
+        **({"score.self_influence": False} if not config.score.get("self_influence", True) else {}),
     }
