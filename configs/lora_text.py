@@ -70,8 +70,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.score.num_queries = 8
     config.score.validation = True
     if config.method.name in ("lissa", "cg"):
-        # A solve per training example (depth × a batch of HVPs): the validation protocol only.
+        # A solve per training example (depth × a batch of HVPs): the validation gradient alone
+        # is solved (one vector: blocks of 1), the validation protocol only. The LoRA Hessian
+        # has negative curvature (Lanczos: λ_min ≈ −0.58 at these params, −0.69 at runlocal's):
+        # LiSSA needs λ above it, and stops in one line before any solve if it is not.
         config.score.self_influence = False
+        config.score.num_queries = 0
+        config.method.block = 1
+        config.method.damping = 1.0
 
     if preset["runlocal"]:
         if "layers" not in preset.given:
