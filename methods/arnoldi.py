@@ -9,7 +9,7 @@ ARNOLDI = Method(
     name="arnoldi",
     equation="H⁻¹ ≈ Gᵀ diag(1/λ) G, (λ, G) the top-p̃ Ritz pairs of n Arnoldi iterations",
     num_vectors=lambda config, num_params: config.distill.top_k,
-    fingerprint=lambda config: {},  # pipeline/workdir.eigenpairs_fingerprint, as before methods
+    # its fingerprint: pipeline/workdir.eigenpairs_fingerprint, as before methods
     check=validate.check_arnoldi,
     stage="pipeline.arnoldi",
 )

@@ -84,6 +84,32 @@ def _no_check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     del config, mesh
 
 
+def _keeps_no_eigenpairs(config: ml_collections.ConfigDict, num_params: int) -> int:
+    del config, num_params
+    return 0
+
+
+def _no_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    del config
+    return {}
+
+
+def config_fields(*names: str) -> Callable[[ml_collections.ConfigDict], dict[str, Any]]:
+    """A method's ``fingerprint``: the values of the named config fields (dotted paths, e.g.
+    ``"method.damping"``), keyed by their paths."""
+
+    def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+        values = {}
+        for name in names:
+            value = config
+            for part in name.split("."):
+                value = value[part]
+            values[name] = value
+        return values
+
+    return fingerprint
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
     """One method.
@@ -91,9 +117,11 @@ class Method:
     Attributes:
       name: its ``config.method.name``.
       equation: the approximation of H⁻¹ it makes, for logs and the README.
-      num_vectors: (config, p) → k, the eigenpairs it keeps, p the number of selected params.
+      num_vectors: (config, p) → k, the eigenpairs it keeps, p the number of selected params
+        (default: none).
       fingerprint: config → the fields its artifact depends on beyond the trained params, the
-        parameter selection and l2 (which every fit depends on).
+        parameter selection and l2 (which every fit depends on); ``config_fields`` names them
+        (default: none).
       fit: (stage, params) → ``Fitted``; None: nothing to fit (k = 0).
       check: (config, mesh) → None, raising ``InputError``: input checks before any work.
       check_size: (config, the selected leaves as ShapeDtypeStructs) → None, raising
@@ -114,8 +142,8 @@ class Method:
 
     name: str
     equation: str
-    num_vectors: Callable[[ml_collections.ConfigDict, int], int]
-    fingerprint: Callable[[ml_collections.ConfigDict], dict[str, Any]]
+    num_vectors: Callable[[ml_collections.ConfigDict, int], int] = _keeps_no_eigenpairs
+    fingerprint: Callable[[ml_collections.ConfigDict], dict[str, Any]] = _no_fields
     fit: Callable[[Any, Any], Fitted] | None = None
     check: Callable[[ml_collections.ConfigDict, Mesh], None] = _no_check
     check_size: Callable[[ml_collections.ConfigDict, Any], None] | None = None

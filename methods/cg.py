@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from influence import solvers
 from methods import checks, passes
-from methods.base import Method
+from methods.base import Method, config_fields
 from methods.lissa import chunks, unchunk
 from parallel import sharding
 from pipeline.errors import InputError
@@ -75,11 +75,6 @@ class ConjugateGradient:
         return unchunk(out, jax.tree.leaves(vectors)[0].shape[0])
 
 
-def _fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    m = config.method
-    return {"method.damping": m.damping, "method.tol": m.tol, "method.max_iters": m.max_iters}
-
-
 def _check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     checks.solver(config, mesh)
     checks.tolerance(config)
@@ -88,8 +83,7 @@ def _check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
 CG = Method(
     name="cg",
     equation="(H + λI)⁻¹v by conjugate gradient on the full-data H",
-    num_vectors=lambda config, num_params: 0,
-    fingerprint=_fingerprint,
+    fingerprint=config_fields("method.damping", "method.tol", "method.max_iters"),
     check=_check,
     operator=lambda stage, params, state: ConjugateGradient(stage, params),
 )

@@ -18,12 +18,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from absl import logging
 
 from influence.selection import leaf_paths
 from methods import checks, hyperinf, passes
-from methods.base import Method, empty_fitted
+from methods.base import Method, config_fields, empty_fitted
 from parallel import sharding
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -120,16 +119,10 @@ class ShermanMorrison:
         return self._solve(vectors, self._state)
 
 
-def _fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    m = config.method
-    return {"method.damping": m.damping, "method.damping_ratio": m.damping_ratio}
-
-
 DATAINF = Method(
     name="datainf",
     equation="(A_l + λ_l I)⁻¹ ≈ (I − C_l)/λ_l, C_l = (1/N) Σ g gᵀ/(λ_l + ‖g‖²), per layer",
-    num_vectors=lambda config, num_params: 0,
-    fingerprint=_fingerprint,
+    fingerprint=config_fields("method.damping", "method.damping_ratio"),
     fit=fit,
     check=checks.layerwise,
     operator=lambda stage, params, state: ShermanMorrison(state),

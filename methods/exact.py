@@ -130,7 +130,6 @@ EXACT = Method(
     name="exact",
     equation="H⁻¹ = V diag(1/λ) Vᵀ, every eigenpair of the explicit full-data Hessian",
     num_vectors=lambda config, num_params: num_params,
-    fingerprint=lambda config: {},
     fit=fit,
     check=_check,
     check_size=_check_size,

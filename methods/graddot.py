@@ -11,8 +11,6 @@ from methods.base import Method
 GRADDOT = Method(
     name="graddot",
     equation="H⁻¹ ≈ I: I(x, z) = ⟨∇ℓ(x), ∇ℓ(z)⟩",
-    num_vectors=lambda config, num_params: 0,
-    fingerprint=lambda config: {},
     check=checks.full_products,
     sigma=1.0,
 )

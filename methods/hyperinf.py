@@ -34,7 +34,7 @@ from jax.sharding import Mesh
 from influence import gfim, schulz
 from influence.selection import leaf_paths
 from methods import checks, passes
-from methods.base import Method, empty_fitted
+from methods.base import Method, config_fields, empty_fitted
 from parallel import sharding
 from pipeline import finite
 from pipeline.errors import InputError
@@ -167,16 +167,6 @@ class RowInverse:
         return self._solve(vectors, self._inverse)
 
 
-def _fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    m = config.method
-    return {
-        "method.damping": m.damping,
-        "method.damping_ratio": m.damping_ratio,
-        "method.tol": m.tol,
-        "method.max_iters": m.max_iters,
-    }
-
-
 def _check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     checks.layerwise(config, mesh)
     checks.tolerance(config)
@@ -185,8 +175,9 @@ def _check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
 HYPERINF = Method(
     name="hyperinf",
     equation="P = blockdiag_l(I_r ⊗ (A_l + λ_l I)⁻¹), A_l the GFIM, inverted by Schulz",
-    num_vectors=lambda config, num_params: 0,
-    fingerprint=_fingerprint,
+    fingerprint=config_fields(
+        "method.damping", "method.damping_ratio", "method.tol", "method.max_iters"
+    ),
     fit=fit,
     check=_check,
     operator=lambda stage, params, state: RowInverse(stage, state),

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 from influence import hvp as hvp_lib
 from influence import pytree, solvers, subspace
 from methods import checks
-from methods.base import Method
+from methods.base import Method, config_fields
 from parallel import sharding
 from pipeline import data, finite
 from pipeline.errors import InputError
@@ -173,18 +173,6 @@ class Lissa:
         return solved
 
 
-def _fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    m = config.method
-    return {
-        "method.damping": m.damping,
-        "method.hvp_batch_size": m.hvp_batch_size,
-        "method.depth": m.depth,
-        "method.repeats": m.repeats,
-        "method.scale": m.scale,
-        "method.seed": m.seed,
-    }
-
-
 def _check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     checks.solver(config, mesh)
     m = config.method
@@ -199,8 +187,14 @@ def _check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
 LISSA = Method(
     name="lissa",
     equation="(H + λI)⁻¹v ≈ h_depth / s, h_j = v + h_{j−1} − (H_j + λI) h_{j−1} / s",
-    num_vectors=lambda config, num_params: 0,
-    fingerprint=_fingerprint,
+    fingerprint=config_fields(
+        "method.damping",
+        "method.hvp_batch_size",
+        "method.depth",
+        "method.repeats",
+        "method.scale",
+        "method.seed",
+    ),
     check=_check,
     operator=lambda stage, params, state: Lissa(stage, params),
 )

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from influence import pytree, subspace
 from influence.hvp import make_hvp
-from methods.base import Fitted, Method, fitted
+from methods.base import Fitted, Method, config_fields, fitted
 from parallel import sharding
 from pipeline import data, finite, validate
 from pipeline.errors import InputError
@@ -105,21 +105,14 @@ def _check_size(config: ml_collections.ConfigDict, selected: Any) -> None:
         )
 
 
-def _fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    return {
-        "method.seed": config.method.seed,
-        "distill.top_k": config.distill.top_k,
-        "arnoldi.hvp_batch_size": config.arnoldi.hvp_batch_size,
-        "arnoldi.fixed_batch": config.arnoldi.fixed_batch,
-    }
-
-
 def _method(name: str, equation: str, rows: Rows) -> Method:
     return Method(
         name=name,
         equation=equation,
         num_vectors=lambda config, num_params: config.distill.top_k,
-        fingerprint=_fingerprint,
+        fingerprint=config_fields(
+            "method.seed", "distill.top_k", "arnoldi.hvp_batch_size", "arnoldi.fixed_batch"
+        ),
         fit=lambda stage, params: fit_subspace(stage, params, rows, name),
         check=_check,
         check_size=_check_size,

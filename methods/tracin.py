@@ -41,7 +41,6 @@ def _fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
 TRACIN = Method(
     name="tracin",
     equation="I(x, z) = Σ_c η_c ⟨∇ℓ_c(x), ∇ℓ_c(z)⟩ over the kept checkpoints",
-    num_vectors=lambda config, num_params: 0,
     fingerprint=_fingerprint,
     check=_check,
     sigma=1.0,
