@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 source launch/setup_venv.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-# Two workers (PYTEST_WORKERS), each test file on one of them (module fixtures are built once):
-# pytest took 23.5-26 min against 30.2 min in one process on 2 cores (28 min from a fresh clone).
-.venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"
+# Two workers (PYTEST_WORKERS), each test file on one of them (module fixtures are built once),
+# the longest files first (tests/conftest.py: LONGEST_FIRST; --no-loadscope-reorder keeps that
+# order instead of xdist's by test count).
+.venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
