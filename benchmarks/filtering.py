@@ -76,12 +76,13 @@ def train_filtered(workdir: Path, fields: dict[str, object]) -> float:
 
 def quality(config, workdir: Path) -> dict[str, float]:
     """Held-out quality of the params trained in ``workdir`` and the corrupted examples kept."""
-    from pipeline import artifacts, outputs, validate
-    from pipeline import train as train_stage
-    from pipeline import workdir as wd
-    from pipeline.stage import Stage
+    from runtime import outputs
+    from stages import artifacts, checks
+    from stages import train as train_stage
+    from stages import workdir as wd
+    from stages.setup import Stage
 
-    stage = Stage.setup(config, workdir, validate.check_train)
+    stage = Stage.setup(config, workdir, checks.check_train)
     params, _ = artifacts.restore_params(stage)
     held_out = stage.split("eval")
     result = {

@@ -24,9 +24,12 @@ from ml_collections import config_flags
 from scipy import stats
 
 from influence import scoring
-from pipeline import artifacts, filtering, outputs, parts, train
-from pipeline import workdir as wd
-from pipeline.stage import Stage
+from runtime import outputs
+from scoring import row_layout
+from stages import artifacts, train
+from stages import workdir as wd
+from stages.setup import Stage
+from tasks import filtering
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/mnist.py", "Config file[:presets].")
 _REPORT = flags.DEFINE_string("report", None, "Workdir of a finished jobs.report of --config.")
@@ -61,10 +64,10 @@ def influences(directory: epath.Path, config, num_test: int) -> np.ndarray:
     eigvals = np.asarray(meta["eigvals"], np.float32)
     sigma, intrinsic = meta.get("tail_sigma"), meta.get("intrinsic_sigma", False)
     train_parts = outputs.read_parquet_dir(scores / "train")
-    g_train = parts.projections(train_parts)
-    g_test = parts.projections(outputs.read_parquet_dir(scores / "eval"))[:num_test]
+    g_train = row_layout.projections(train_parts)
+    g_test = row_layout.projections(outputs.read_parquet_dir(scores / "eval"))[:num_test]
     if intrinsic:  # graddot, tracin: the gradient products the score job saved
-        dots = parts.projections(train_parts, "query_dots")
+        dots = row_layout.projections(train_parts, "query_dots")
         if dots.shape[1] < num_test:
             raise SystemExit(
                 f"{scores}: {dots.shape[1]} queries scored, fewer than --num_test={num_test}; "

@@ -13,7 +13,7 @@ can be held against the actual change. The truth is computed in float64 numpy: �
 Newton-CG, the explicit Hessian at θ* (Cholesky-factored once), each θ₋ₓ (x's weight set to 0, the
 others keeping their 1/n) by the iteration θ ← θ − H*⁻¹ ∇L₋ₓ(θ) from θ*, which converges to round-off
 in a few steps because H₋ₓ differs from H* by O(1/n). The predictions use the project's own code in
-float32: Arnoldi on the full training batch (``influence.arnoldi``, ``influence.hvp``), the top-p̃
+float32: Arnoldi on the full training batch (``influence.krylov``, ``influence.hvp``), the top-p̃
 Ritz pairs (``influence.distill``), forward-mode projections, and the train → test score with and
 without the tail (``influence.scoring.influence``, ``tail_sigma``), the gradients' inner products
 ⟨∇ℓ_x, ∇ℓ_z⟩ computed as the job does, as projections onto the query gradients.
@@ -35,7 +35,7 @@ import scipy.optimize
 import scipy.sparse.linalg
 from absl import app, flags
 
-from influence import arnoldi, distill, scoring
+from influence import distill, krylov, scoring
 from influence.hvp import make_hvp
 from tasks import mnist
 from tasks.base import ClassificationTask
@@ -272,18 +272,18 @@ def params_of(problem: Problem, theta: np.ndarray) -> dict:
     return {"Dense_0": {"kernel": t[:-1], "bias": t[-1]}}
 
 
-def krylov(problem: Problem, params: dict, num_iters: int, seed: int = 0) -> arnoldi.ArnoldiResult:
+def krylov(problem: Problem, params: dict, num_iters: int, seed: int = 0) -> krylov.ArnoldiResult:
     """Algorithm 1 lines 1–10 on the full training batch (the exact Hessian's Krylov space)."""
     step = jax.jit(
-        functools.partial(arnoldi.arnoldi_step, make_hvp(problem.task.per_example_loss, problem.l2))
+        functools.partial(krylov.arnoldi_step, make_hvp(problem.task.per_example_loss, problem.l2))
     )
-    state = jax.jit(arnoldi.init_state, static_argnums=1)(params, num_iters, jax.random.key(seed))
+    state = jax.jit(krylov.init_state, static_argnums=1)(params, num_iters, jax.random.key(seed))
     batch = {"image": problem.images, "label": problem.labels}
-    return arnoldi.run_arnoldi(step, state, params, lambda k: batch, num_iters)
+    return krylov.run_arnoldi(step, state, params, lambda k: batch, num_iters)
 
 
 def predict(
-    problem: Problem, params: dict, result: arnoldi.ArnoldiResult, found: Truth, top_k: int
+    problem: Problem, params: dict, result: krylov.ArnoldiResult, found: Truth, top_k: int
 ) -> dict[str, np.ndarray]:
     """(q, k) predicted loss changes for the pairs of ``found`` with each tail."""
     hessenberg = np.asarray(result.state["hessenberg"])

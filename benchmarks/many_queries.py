@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.many_queries [--num_train=100000] [--num_queries=10000]
 
 Writes a scores directory as the score job leaves it (random projections, p̃ = ``--top_k`` columns,
-training parts of ``--part_rows``), then runs ``pipeline.queries.trace``: every query against every
+training parts of ``--part_rows``), then runs ``scoring.queries.trace``: every query against every
 training example, a running top-k of proponents and opponents per query. Prints the wall time,
 the peak of Python/NumPy allocations during the trace (``tracemalloc``) against the size of the
 whole (train × query) influence matrix that ranking it at once would hold, and the size of the
@@ -19,7 +19,8 @@ import pyarrow as pa
 from absl import app, flags
 from etils import epath
 
-from pipeline import outputs, queries
+from runtime import outputs
+from scoring import queries
 
 _NUM_TRAIN = flags.DEFINE_integer("num_train", 100_000, "Training examples.")
 _NUM_QUERIES = flags.DEFINE_integer("num_queries", 10_000, "Queries (eval examples).")

@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.scoring_modes [--model=flax_cnn] [--num_examples=4000]
 
 For each p̃ in ``--top_k`` it scores ``--num_examples`` real MNIST examples in batches of
-``--batch_size`` with ``parallel.projection.Projector`` (what ``jobs.score`` runs: compiled for
+``--batch_size`` with ``parallel.products.Projector`` (what ``jobs.score`` runs: compiled for
 the job's shapes and sized to ``--memory_budget_mb``) three times: ``score.mode=forward``,
 ``reverse`` and ``auto``. Each time is wall clock from a fresh projector (compiling, and under
 auto the probing, included) to the last batch's projections on the host, one batch fetched
@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from parallel import projection, sharding
+from parallel import products, sharding
 from parallel.mesh import make_mesh
 from tasks import mnist
 from tasks.sources import read_all
@@ -33,7 +33,7 @@ _BUDGET = flags.DEFINE_float(
 )
 
 
-def score_all(project: projection.Projector, params, eigvecs, batches: list[dict]) -> np.ndarray:
+def score_all(project: products.Projector, params, eigvecs, batches: list[dict]) -> np.ndarray:
     """Every batch's projections on the host, fetching batch i while batch i + 1 runs."""
     out, pending = [], None
     for local in batches:
@@ -69,7 +69,7 @@ def main(argv: list[str]) -> None:
         f"jax {jax.__version__}, {jax.default_backend()}, {jax.device_count()} device(s); model "
         f"{_MODEL.value}, {sum(x.size for x in jax.tree.leaves(params)):,} params; "
         f"{len(batches) * b} examples in batches of {b}; budget "
-        f"{projection.budget_bytes(_BUDGET.value) / projection.MIB:,.0f} MiB"
+        f"{products.budget_bytes(_BUDGET.value) / products.MIB:,.0f} MiB"
     )
     for top_k in map(int, _TOP_K.value):
         eigvecs = jax.device_put(
@@ -77,7 +77,7 @@ def main(argv: list[str]) -> None:
         )
         seconds, results, plans = {}, {}, {}
         for mode in ("forward", "reverse", "auto"):
-            project = projection.Projector(
+            project = products.Projector(
                 task.per_example_loss,
                 param_sh,
                 param_sh,

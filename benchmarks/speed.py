@@ -25,7 +25,7 @@ al. 2022, "Scaling up influence functions", Algorithm 1):
    result before the next dispatch (what round 1 did), each step drawing its batch from host
    memory as the jobs do. Ratios below 1 are the time the device no longer idles.
 
-By default the Arnoldi step donates its Krylov state, as parallel/steps.py does (``--nodonate``
+By default the Arnoldi step donates its Krylov state, as parallel/programs.py does (``--nodonate``
 shows the cost of copying the whole basis every step); ``--orthogonalization`` picks DGKS, MGS2 or CGS2
 and ``--tangent_chunk`` the projector's chunking (default: one vmap over all p̃ tangents).
 """
@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from influence import arnoldi, distill, hvp, pytree, scoring
+from influence import distill, hvp, krylov, pytree, scoring
 from tasks import mnist
 from tasks.sources import read_all
 
@@ -61,7 +61,7 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_integer("tangent_chunk", 0, "make_projector tangent_chunk; 0 = None (one vmap).")
 flags.DEFINE_enum(
-    "orthogonalization", "mgs2", sorted(arnoldi.ORTHOGONALIZATION), "Arnoldi Gram–Schmidt variant."
+    "orthogonalization", "mgs2", sorted(krylov.ORTHOGONALIZATION), "Arnoldi Gram–Schmidt variant."
 )
 flags.DEFINE_integer("score_batches", 16, "Scoring batches in the lookahead comparison [4].")
 flags.DEFINE_bool(
@@ -90,22 +90,22 @@ def time_call(fn: Callable[..., Any], *args: Any, repeats: int) -> float:
 
 def time_arnoldi(
     hvp_fn: hvp.HVP, params: Any, get_batch: Callable[[int], Any], num_iters: int, seed: int
-) -> tuple[float, arnoldi.ArnoldiResult, float]:
+) -> tuple[float, krylov.ArnoldiResult, float]:
     """(seconds, result, share of iterations that ran the second Gram–Schmidt pass) of
     ``run_arnoldi`` for ``num_iters`` steps, compile time excluded."""
     donate = (0,) if FLAGS.donate else ()
     step = jax.jit(
-        functools.partial(arnoldi.arnoldi_step, hvp_fn, orthogonalization=FLAGS.orthogonalization),
+        functools.partial(krylov.arnoldi_step, hvp_fn, orthogonalization=FLAGS.orthogonalization),
         donate_argnums=donate,
     )
     key = jax.random.key(seed)
-    warm = arnoldi.init_state(params, num_iters, key)  # throwaway state: compiles the step
+    warm = krylov.init_state(params, num_iters, key)  # throwaway state: compiles the step
     jax.block_until_ready(step(warm, params, get_batch(0), jnp.asarray(0, jnp.int32)))
     del warm
-    state = jax.block_until_ready(arnoldi.init_state(params, num_iters, key))
+    state = jax.block_until_ready(krylov.init_state(params, num_iters, key))
     flags: list[jax.Array] = []  # read after the loop: reading one waits for its step
     start = time.perf_counter()
-    result = arnoldi.run_arnoldi(
+    result = krylov.run_arnoldi(
         step,
         state,
         params,
@@ -118,7 +118,7 @@ def time_arnoldi(
     return seconds, result, float(np.mean([bool(f) for f in flags[: result.num_completed]]))
 
 
-def replayed_hvp(result: arnoldi.ArnoldiResult) -> hvp.HVP:
+def replayed_hvp(result: krylov.ArnoldiResult) -> hvp.HVP:
     """An "HVP" that returns the run's own H q_k, rebuilt once from the Arnoldi relation
     H Q_m = Q_{m+1} H̃ (Alg. 1, lines 4-9) and looked up by k (passed as the batch).
 
@@ -137,7 +137,7 @@ def replayed_hvp(result: arnoldi.ArnoldiResult) -> hvp.HVP:
 
 
 def arnoldi_synchronous(
-    step: arnoldi.StepFn, state: Any, params: Any, get_batch: Callable, num_iters: int
+    step: krylov.StepFn, state: Any, params: Any, get_batch: Callable, num_iters: int
 ) -> Any:
     """Round 1's loop: every step's breakdown flag is read before the next step is dispatched."""
     for k in range(num_iters):
@@ -154,24 +154,24 @@ def time_lookahead(
     n_rows = len(source["label"])
     b = FLAGS.batch_size
 
-    def host_batch(k: int) -> dict:  # draws and ships a batch, as pipeline/data.py does
+    def host_batch(k: int) -> dict:  # draws and ships a batch, as tasks/batching.py does
         rows = np.random.default_rng([FLAGS.seed, k]).choice(n_rows, b, replace=False)
         return jax.device_put({key: v[np.sort(rows)] for key, v in source.items()})
 
     donate = (0,) if FLAGS.donate else ()
     step = jax.jit(
-        functools.partial(arnoldi.arnoldi_step, hvp_fn, orthogonalization=FLAGS.orthogonalization),
+        functools.partial(krylov.arnoldi_step, hvp_fn, orthogonalization=FLAGS.orthogonalization),
         donate_argnums=donate,
     )
     key = jax.random.key(FLAGS.seed)
     times = {}
     for name in ("synchronous", "lookahead", "synchronous", "lookahead"):  # each twice, alternating
-        state = jax.block_until_ready(arnoldi.init_state(params, num_iters, key))
+        state = jax.block_until_ready(krylov.init_state(params, num_iters, key))
         jax.block_until_ready(step(state, params, host_batch(0), jnp.asarray(0, jnp.int32)))
-        state = jax.block_until_ready(arnoldi.init_state(params, num_iters, key))
+        state = jax.block_until_ready(krylov.init_state(params, num_iters, key))
         start = time.perf_counter()
         if name == "lookahead":
-            out = arnoldi.run_arnoldi(step, state, params, host_batch, num_iters).state
+            out = krylov.run_arnoldi(step, state, params, host_batch, num_iters).state
         else:
             out = arnoldi_synchronous(step, state, params, host_batch, num_iters)
         jax.block_until_ready(out)
@@ -229,7 +229,7 @@ def main(argv: list[str]) -> None:
     # 1. HVP vs gradient of the mean loss.
     hvp_fn = hvp.make_hvp(task.per_example_loss, FLAGS.l2)
     grad_fn = jax.jit(jax.grad(hvp.make_mean_loss(task.per_example_loss, FLAGS.l2)))
-    v = arnoldi.start_vector(params, jax.random.key(FLAGS.seed + 1))
+    v = krylov.start_vector(params, jax.random.key(FLAGS.seed + 1))
     t_grad = time_call(grad_fn, params, batch, repeats=r)
     t_hvp = time_call(jax.jit(hvp_fn), params, batch, v, repeats=r)
     print(f"\n[1] grad {t_grad * 1e3:.1f} ms, hvp {t_hvp * 1e3:.1f} ms")

@@ -78,13 +78,15 @@ def device_busy(read_threads: int, tmp: Path) -> tuple[float, float, float]:
 
     from configs import translation as translation_config
     from influence import pytree
-    from parallel import sharding, steps
-    from pipeline import data, prefetch, validate
-    from pipeline.stage import Stage
+    from parallel import programs, sharding
+    from runtime import prefetch
+    from scoring import parts, schedule
+    from stages import checks
+    from stages.setup import Stage
 
     config = translation_config.get_config(_PRESET.value or None)
     config.score.read_threads = read_threads
-    stage = Stage.setup(config, tmp / "translation", validate.check_score)
+    stage = Stage.setup(config, tmp / "translation", checks.check_score)
     b, top_k = config.score.batch_size, config.distill.top_k
     params = jax.jit(stage.task.init_params, out_shardings=stage.param_sh)(jax.random.key(0))
     leaves, treedef = jax.tree.flatten(stage.vectors_like)
@@ -99,7 +101,7 @@ def device_busy(read_threads: int, tmp: Path) -> tuple[float, float, float]:
             for c, x in zip(np.split(flat, cuts, axis=1), leaves, strict=True)
         ],
     )
-    project = steps.jit_projector(
+    project = programs.jit_projector(
         stage.task.per_example_loss,
         stage.param_sh,
         stage.vector_sh,
@@ -109,7 +111,7 @@ def device_busy(read_threads: int, tmp: Path) -> tuple[float, float, float]:
     )
     train = stage.split("train")
     num = min(_BUSY_BATCHES.value, train.num_examples // b)
-    plan = data.scoring_plan(data.parts("train", num * b, num * b), 1, 0, b)
+    plan = schedule.scoring_plan(parts.parts("train", num * b, num * b), 1, 0, b)
 
     def read(step: int) -> dict:
         return train.take(plan[step].positions)

@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))
 from configs import vision as vision_config  # noqa: E402
 from influence.hvp import make_hvp  # noqa: E402
 from influence.selection import Selection  # noqa: E402
-from parallel import sharding, steps  # noqa: E402
+from parallel import programs, sharding  # noqa: E402
 from parallel.mesh import make_mesh  # noqa: E402
 from tasks import vision  # noqa: E402
 
@@ -141,7 +141,7 @@ def memory() -> dict:
     for k in (1, 8):
         mesh = make_mesh(1, k, k, 1)
         vector_sh = sharding.param_shardings(vectors, mesh, config.mesh.min_shard_size)
-        init = steps.jit_init_krylov_state(vectors, _CHECK_ITERS.value, vector_sh, mesh)
+        init = programs.jit_init_krylov_state(vectors, _CHECK_ITERS.value, vector_sh, mesh)
         state = init(jax.random.key(0))
         measured = sharding.bytes_per_device(state["krylov_basis"])
         computed = sum(
@@ -178,9 +178,9 @@ def time_models() -> list[dict]:
         param_sh = sharding.param_shardings(params, mesh, config.mesh.min_shard_size)
         vector_sh = selection.select(param_sh)
         iters = _TIME_ITERS.value + 1
-        init = steps.jit_init_krylov_state(vectors, iters, vector_sh, mesh)
+        init = programs.jit_init_krylov_state(vectors, iters, vector_sh, mesh)
         a = config.arnoldi
-        step = steps.jit_arnoldi_step(
+        step = programs.jit_arnoldi_step(
             hvp, param_sh, vector_sh, mesh, a.breakdown_tol, a.orthogonalization
         )
         state = init(jax.random.key(1))
@@ -201,7 +201,7 @@ def time_models() -> list[dict]:
 
 
 def retrieval() -> list[dict]:
-    from pipeline import arnoldi, evaluate, score, train
+    from stages import arnoldi, evaluate, score, train
 
     out = epath.Path(_OUT.value).resolve()
     base_config = vision_config.get_config(_PRESET.value or None)

@@ -186,7 +186,7 @@ class Checkpointer:
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
         """Close on every exit path (finishing an in-flight save), except when a collective failed
         in a multi-process job: a peer is gone, closing would wait for it at a barrier, and the
-        job exits at once (``pipeline/cli.py``); complete steps are already on disk."""
+        job exits at once (``jobs/cli.py``); complete steps are already on disk."""
         if isinstance(exc, jax.errors.JaxRuntimeError) and jax.process_count() > 1:
             return
         self.close()

@@ -81,7 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
     # change the trained params.
     config.train.keep_epochs = ()
 
-    # Data filtering (pipeline/filtering.py): train on the `keep` fraction of the training split
+    # Data filtering (tasks/filtering.py): train on the `keep` fraction of the training split
     # with the lowest `by` score of the finished run in workdir `scores` (by="random": a seeded
     # random subset of the same size, the control). keep=1: the whole split.
     config.filter = ml_collections.ConfigDict()
@@ -179,7 +179,7 @@ def base_config() -> ml_collections.ConfigDict:
     # validation influences only, and jobs.evaluate ranks by validation_influence.
     config.score.self_influence = True
 
-    # The report job (pipeline/report.py): these methods, the first three at every p̃ of top_ks
+    # The report job (stages/report.py): these methods, the first three at every p̃ of top_ks
     # (exact only where the model is small enough, tracin only with train.keep_epochs; a method
     # whose fit or scoring stops with an error, e.g. a LiSSA that diverges, is a note).
     config.report = ml_collections.ConfigDict()

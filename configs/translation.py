@@ -32,7 +32,7 @@ Presets, comma-separated after a colon:
   python -m jobs.pipeline --config=configs/translation.py --workdir=workdirs/translation_last3 \
       --config.params.include='decoder/encoderdecoderblock_[345]/.*'
   # data filtering (paper Table 3): retrain on the 90% with the lowest self-influence, or on a
-  # random 90% (pipeline/filtering.py); benchmarks/filtering.py runs both and compares BLEU:
+  # random 90% (tasks/filtering.py); benchmarks/filtering.py runs both and compares BLEU:
   python -m jobs.train --config=configs/translation.py --workdir=workdirs/translation_keep90 \
       --config.filter.keep=0.9 --config.filter.scores=workdirs/translation
   python -m jobs.train --config=configs/translation.py --workdir=workdirs/translation_rand90 \

@@ -79,7 +79,7 @@ def make_reverse_projector(
     Cost: about one forward + backward pass per example plus the p̃ × P product, whatever p̃; it
     holds rows × P gradient values, so it is the mode for large p̃ on models whose per-example
     gradients fit, and forward mode (``make_projector``) is the one for models too large for that.
-    Memory is bounded by calling it on fewer rows (``parallel/projection.py`` splits a batch into
+    Memory is bounded by calling it on fewer rows (``parallel/products.py`` splits a batch into
     calls), not by ``lax.map`` inside: on the Flax CNN (2 CPU cores, p̃ = 100) a ``lax.map`` over
     chunks of 64 ran 3.7× slower than separate calls of 64 rows, and contracting inside the
     vmapped row function 1.5× slower than this materialise-then-GEMM form.

@@ -1,9 +1,9 @@
-r"""The arnoldi job (pipeline/arnoldi.py).
+r"""The arnoldi job (stages/arnoldi.py).
 
 python -m jobs.arnoldi --config=configs/mnist.py --workdir=workdirs/mnist
 """
 
-from pipeline import cli
+from jobs import cli
 
 if __name__ == "__main__":
-    cli.main(["pipeline.arnoldi"])
+    cli.main(["stages.arnoldi"])

@@ -1,9 +1,9 @@
-r"""The evaluate job (pipeline/evaluate.py).
+r"""The evaluate job (stages/evaluate.py).
 
 python -m jobs.evaluate --config=configs/mnist.py --workdir=workdirs/mnist
 """
 
-from pipeline import cli
+from jobs import cli
 
 if __name__ == "__main__":
-    cli.main(["pipeline.evaluate"])
+    cli.main(["stages.evaluate"])

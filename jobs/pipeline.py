@@ -6,7 +6,7 @@ Each stage reuses results already in the workdir (after checking they come from 
 so re-running after a crash or a preemption continues where it stopped.
 """
 
-from pipeline import cli
+from jobs import cli
 
 if __name__ == "__main__":
-    cli.main(["pipeline.train", "pipeline.fit", "pipeline.score", "pipeline.evaluate"])
+    cli.main(["stages.train", "stages.fit", "stages.score", "stages.evaluate"])

@@ -1,9 +1,9 @@
-r"""The report job (pipeline/report.py): the methods side by side on the current task.
+r"""The report job (stages/report.py): the methods side by side on the current task.
 
 python -m jobs.report --config=configs/mnist.py:runlocal --workdir=workdirs/report
 """
 
-from pipeline import cli
+from jobs import cli
 
 if __name__ == "__main__":
-    cli.main(["pipeline.report"])
+    cli.main(["stages.report"])

@@ -1,9 +1,9 @@
-r"""The score job (pipeline/score.py).
+r"""The score job (stages/score.py).
 
 python -m jobs.score --config=configs/mnist.py --workdir=workdirs/mnist
 """
 
-from pipeline import cli
+from jobs import cli
 
 if __name__ == "__main__":
-    cli.main(["pipeline.score"])
+    cli.main(["stages.score"])

@@ -1,9 +1,9 @@
-r"""The train job (pipeline/train.py).
+r"""The train job (stages/train.py).
 
 python -m jobs.train --config=configs/mnist.py --workdir=workdirs/mnist
 """
 
-from pipeline import cli
+from jobs import cli
 
 if __name__ == "__main__":
-    cli.main(["pipeline.train"])
+    cli.main(["stages.train"])

@@ -5,7 +5,7 @@ rows, eigenvalues λ), and may add an isotropic term σ on the rest:
 
     H⁻¹ ≈ Gᵀ diag(1/λ) G + (I − GᵀG) / σ
 
-so each of them is a ``fit`` that produces eigenpairs, and the score job (``pipeline/score.py``),
+so each of them is a ``fit`` that produces eigenpairs, and the score job (``stages/score.py``),
 its fan-out, resumption and outputs are the same for all: self-influence Σᵢ gᵢ²/λᵢ, train → test
 ⟨g(x)/λ, g(z)⟩ with g = G∇ℓ (Schioppa et al. 2022, Alg. 1 lines 24–26), plus the σ term where a
 method (``sigma``) or ``distill.tail`` sets one. ``graddot`` (H = I) is the degenerate case: no
@@ -13,13 +13,13 @@ eigenpairs, σ = 1.
 
 A method of one's own is a module holding a ``Method`` (``config.method.name =
 "my_package.my_method:METHOD"``, ``methods/registry.py``); its ``fit`` returns ``Fitted``, which
-the fit job (``pipeline/fit.py``) saves with the method's fingerprint and reuses while it matches.
+the fit job (``stages/fit.py``) saves with the method's fingerprint and reuses while it matches.
 
 The other methods apply their approximation P ≈ (H + λI)⁻¹ to vectors instead (an ``Operator``:
 iterative solves over HVPs for ``lissa`` and ``cg``, per-layer inverses for ``hyperinf`` and
 ``datainf``). The same scorer serves them: train → test ⟨∇ℓ(x), P∇ℓ(z)⟩ with the solved query
 gradients P∇ℓ(z) as its tangents, and self-influence ⟨∇ℓ(x), P∇ℓ(x)⟩ from each example's gradient
-(``parallel/operator_scoring.py``). Influence on the mean validation loss (``score.validation``),
+(``parallel/operator_products.py``). Influence on the mean validation loss (``score.validation``),
 ⟨∇ℓ(x), P v̄⟩, is one more such tangent for every method, eigenpair methods included
 (``EigenOperator``).
 """
@@ -129,13 +129,13 @@ class Method:
         set-up (the train job's included), before any params are trained or restored.
       sigma: the isotropic curvature of the method itself (graddot: 1), or None.
       stage: the module of a pipeline stage that fits it end to end with resumption of its own
-        (Arnoldi: ``pipeline.arnoldi``, whose Krylov state is checkpointed), instead of ``fit``.
+        (Arnoldi: ``stages.arnoldi``, whose Krylov state is checkpointed), instead of ``fit``.
       checkpoints: scores are the sum over the params the train job kept after each epoch of
         ``train.keep_epochs``, each weighted by its learning rate (TracIn), instead of the
         final params alone.
       operator: (stage, params, fitted operator state or None) → the ``Operator`` P the score
         job applies; set for the methods scored by ⟨∇ℓ(x), P∇ℓ(x)⟩ per example instead of by
-        eigenpairs (``parallel/operator_scoring.py``).
+        eigenpairs (``parallel/operator_products.py``).
       operator_like: stage → the fitted operator state as ShapeDtypeStructs with shardings
         (its restore target), for an ``operator`` method whose ``fit`` saves one.
     """

@@ -25,7 +25,7 @@ from methods import checks, passes
 from methods.base import Method, config_fields
 from methods.lissa import chunks, unchunk
 from parallel import sharding
-from pipeline.errors import InputError
+from runtime.errors import InputError
 
 
 class ConjugateGradient:

@@ -4,9 +4,27 @@ before any work (``Method.check``)."""
 import ml_collections
 from jax.sharding import Mesh
 
-from pipeline import validate
-from pipeline.errors import InputError
-from pipeline.validate import MAX_TAIL_QUERIES
+from parallel.mesh import DATA_AXIS
+from runtime.errors import InputError
+
+# Queries the tail's train → test takes (each one more tangent per example and one more stored
+# float), and those of every method scored by full-gradient products.
+MAX_TAIL_QUERIES = 256
+
+
+def divisible(value: int, mesh: Mesh, field: str, mesh_field: str = "mesh.data") -> None:
+    """A global batch size of ``field`` splits evenly over the 'data' axis."""
+    data = mesh.shape[DATA_AXIS]
+    if value < 1 or value % data:
+        raise InputError(
+            f"{field}={value} is not a positive multiple of the {data} devices on the 'data' axis; "
+            f"change {field} or {mesh_field}"
+        )
+
+
+def hvp_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """HVP batches (every method that takes HVPs draws them like Arnoldi) split over 'data'."""
+    divisible(config.arnoldi.hvp_batch_size, mesh, "arnoldi.hvp_batch_size")
 
 
 def full_products(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
@@ -37,7 +55,7 @@ def solver(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         raise InputError(f"method.damping={m.damping} must be >= 0")
     if m.block < 1:
         raise InputError(f"method.block={m.block} must be at least 1")
-    validate.check_divisible(m.hvp_batch_size, mesh, "method.hvp_batch_size")
+    divisible(m.hvp_batch_size, mesh, "method.hvp_batch_size")
 
 
 def layerwise(config: ml_collections.ConfigDict, mesh: Mesh) -> None:

@@ -18,13 +18,14 @@ from jax.sharding import Mesh
 
 from influence import pytree, subspace
 from influence.hvp import make_hvp
-from methods import passes
+from methods import checks, passes
 from methods.base import Fitted, Method, fitted
 from parallel import sharding
 from parallel.mesh import DATA_AXIS
-from pipeline import data, finite, validate
-from pipeline.errors import InputError
-from pipeline.progress import Progress
+from runtime import finite
+from runtime.errors import InputError
+from runtime.progress import Progress
+from tasks import batching
 
 
 def hessian(stage: Any, params: Any) -> np.ndarray:
@@ -60,7 +61,7 @@ def hessian(stage: Any, params: Any) -> np.ndarray:
             indices = jnp.asarray(np.where(indices < p, indices, -1), jnp.int32)
             total = None
             for positions in batches:
-                batch = data.global_batch(stage.task, train, positions, stage.mesh)
+                batch = batching.global_batch(stage.task, train, positions, stage.mesh)
                 part = columns(params, batch, indices)
                 total = part if total is None else total + part
             guard.update(step, total)
@@ -111,7 +112,7 @@ def fit(stage: Any, params: Any) -> Fitted:
 def _check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     if config.method.chunk < 1:
         raise InputError(f"method.chunk={config.method.chunk} must be at least 1")
-    validate.check_hvp_batch(config, mesh)
+    checks.hvp_batch(config, mesh)
 
 
 def _check_size(config: ml_collections.ConfigDict, selected: Any) -> None:

@@ -12,7 +12,7 @@ not the public code's 5·10⁻⁵ I, which diverges once λ_max > 4·10⁴) unti
 ``method.tol`` (at most ``method.max_iters`` steps; not reaching it is a warning with the
 residual, also written to eigenvalues.json). P = blockdiag_l(I_r ⊗ X_l): a gradient's rows times
 X_l, leaf by leaf, so self-influence is Σ_l ⟨G_l X_l, G_l⟩ and the validation influence
-⟨∇ℓ(x), P v̄⟩ the papers' −Σ_l ⟨v̄_l X_l, G_l⟩ up to the sign (``pipeline/evaluate.py`` ranks by
+⟨∇ℓ(x), P v̄⟩ the papers' −Σ_l ⟨v̄_l X_l, G_l⟩ up to the sign (``stages/evaluate.py`` ranks by
 the harm, its negative).
 
 The fitted state (both A_l + λ_l I and X_l, replicated: d² floats each) is saved by the fit job
@@ -36,8 +36,8 @@ from influence.selection import leaf_paths
 from methods import checks, passes
 from methods.base import Method, config_fields, empty_fitted
 from parallel import sharding
-from pipeline import finite
-from pipeline.errors import InputError
+from runtime import finite
+from runtime.errors import InputError
 
 
 def check_leaves(

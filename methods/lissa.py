@@ -26,8 +26,9 @@ from influence import pytree, solvers, subspace
 from methods import checks
 from methods.base import Method, config_fields
 from parallel import sharding
-from pipeline import data, finite
-from pipeline.errors import InputError
+from runtime import finite
+from runtime.errors import InputError
+from tasks import batching
 
 LANCZOS_ITERATIONS = 30
 SCALE_MARGIN = 1.5  # s = margin × estimated λ_max: the batch Hessians' spread, the estimate's bias
@@ -104,7 +105,7 @@ class Lissa:
         m, train = self._stage.config.method, self._stage.split("train")
         rng = np.random.default_rng([m.seed, stream, j])
         positions = np.sort(rng.choice(train.num_examples, m.hvp_batch_size, replace=False))
-        return data.global_batch(self._stage.task, train, positions, self._stage.mesh)
+        return batching.global_batch(self._stage.task, train, positions, self._stage.mesh)
 
     def _spectrum(self, hvp: Any) -> tuple[float, float]:
         """(λ_max, λ_min) of H estimated by ``LANCZOS_ITERATIONS`` Lanczos steps on LiSSA's

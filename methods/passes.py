@@ -1,7 +1,7 @@
 """Passes over the data that several methods make: HVPs on blocks of vectors (LiSSA, CG, exact)
 and data-parallel statistics of per-example gradients (HyperINF's GFIM, DataInf).
 
-Every pass reads its batches with ``pipeline/data.py`` (each process its own rows) and runs one
+Every pass reads its batches with ``tasks/batching.py`` (each process its own rows) and runs one
 jitted, sharded program per batch from a Python loop (a conv HVP inside ``lax`` loops runs ~15×
 slower on the CPU; README, Speed).
 """
@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from influence.hvp import make_hvp
-from parallel import sharding, steps
+from parallel import programs, sharding
 from parallel.mesh import DATA_AXIS
-from pipeline import data
-from pipeline.errors import InputError
-from pipeline.progress import Progress
+from runtime.errors import InputError
+from runtime.progress import Progress
+from tasks import batching
 
 
 def full_batches(
@@ -78,7 +78,7 @@ class FullHessian:
 
     def _read(self, positions: np.ndarray) -> dict:
         stage = self._stage
-        return data.global_batch(stage.task, stage.split("train"), positions, stage.mesh)
+        return batching.global_batch(stage.task, stage.split("train"), positions, stage.mesh)
 
     def __call__(self, v: Any) -> Any:
         total = None
@@ -102,14 +102,14 @@ def gradient_statistics(
     gets a device's rows (stacked gradients over the selected leaves) and their 0/1 mask and
     returns per-row-summed statistics, added up over the devices by one all-reduce per leaf."""
     source = stage.split(split)
-    program = steps.jit_example_rows(
+    program = programs.jit_example_rows(
         stage.task.per_example_loss,
         stage.param_sh,
         stage.mesh,
         stage.selection,
         reduce=reduce,
     )
-    batches = list(data.padded_batches(0, source.num_examples, batch_size))
+    batches = list(batching.padded_batches(0, source.num_examples, batch_size))
     total = None
     with Progress(stage.workdir, name, len(batches), stage.config.log_every_secs) as progress:
         for step, (positions, mask) in enumerate(batches, start=1):

@@ -6,7 +6,7 @@ import importlib
 import ml_collections
 
 from methods.base import Method
-from pipeline.errors import InputError
+from runtime.errors import InputError
 
 BUILTIN = {
     "arnoldi": "methods.arnoldi:ARNOLDI",

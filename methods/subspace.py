@@ -22,11 +22,13 @@ from jax.sharding import Mesh
 
 from influence import pytree, subspace
 from influence.hvp import make_hvp
+from methods import checks
 from methods.base import Fitted, Method, config_fields, fitted
 from parallel import sharding
-from pipeline import data, finite, validate
-from pipeline.errors import InputError
-from pipeline.progress import Progress
+from runtime import finite
+from runtime.errors import InputError
+from runtime.progress import Progress
+from tasks import batching
 
 Rows = Callable[[ml_collections.ConfigDict, Any, int], Any]
 
@@ -65,10 +67,10 @@ def fit_subspace(stage: Any, params: Any, rows: Rows, name: str) -> Fitted:
     guard = finite.Guard(name, "an HVP", "check the trained params and the data")
     with Progress(stage.workdir, name, k, config.log_every_secs) as progress:
         for i in range(k):
-            positions = data.hvp_batch_indices(
+            positions = batching.hvp_batch_indices(
                 train.num_examples, a.hvp_batch_size, config.method.seed, i, a.fixed_batch
             )
-            batch = data.global_batch(stage.task, train, positions, stage.mesh)
+            batch = batching.global_batch(stage.task, train, positions, stage.mesh)
             hv = hvp(params, batch, row(basis, i))
             guard.update(i + 1, pytree.norm(hv))
             products = put(products, i, hv)
@@ -93,7 +95,7 @@ def fit_subspace(stage: Any, params: Any, rows: Rows, name: str) -> Fitted:
 def _check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     if config.distill.top_k < 1:
         raise InputError(f"distill.top_k={config.distill.top_k} must be at least 1")
-    validate.check_hvp_batch(config, mesh)
+    checks.hvp_batch(config, mesh)
 
 
 def _check_size(config: ml_collections.ConfigDict, selected: Any) -> None:

@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 
 from methods import checks
 from methods.base import Method
-from pipeline.errors import InputError
+from runtime.errors import InputError
 
 
 def _check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:

@@ -2,7 +2,7 @@
 reaches the user as the project's one line.
 
 When a process of a ``jax.distributed`` job dies, the others end in one of two ways: a collective
-they are in fails (a Python exception; ``pipeline/cli.py`` prints the project's line and exits 1),
+they are in fails (a Python exception; ``jobs/cli.py`` prints the project's line and exits 1),
 or JAX's coordination client learns of the failure first (the coordinator is gone, or the
 heartbeat timed out) and aborts the process from C++ (``LOG(QFATAL)``, SIGABRT), which no Python
 code in that process can intercept; which of the two comes first is a race. The supervisor,

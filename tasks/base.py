@@ -6,7 +6,7 @@ A task is a module named by ``config.task``, an import path (``tasks.translation
     get_task(config: ml_collections.ConfigDict, workdir: epath.Path) -> Task
 
 reading its own config fields (``config.model``, ``config.data`` and any block of its own; every
-field outside the stage blocks is part of the training fingerprint, ``pipeline/workdir.py``).
+field outside the stage blocks is part of the training fingerprint, ``stages/workdir.py``).
 ``workdir`` is where a task keeps what it derives from its data, e.g. a tokenizer trained on the
 training text. The influence math only sees ``per_example_loss(params, batch) -> (batch_size,)``
 over any batch structure (images, token ids with padding masks, ...); the pipeline only sees the
@@ -75,7 +75,7 @@ class Task:
       param_rank: leaf path → a sortable rank in the forward pass (stem < blocks < head), for
         ``params.last_fraction`` ("the last blocks"); None: the task offers no such order.
       describe: (params, host columns of some examples) → what a person looks at before they
-        believe a score (the report's galleries, ``pipeline/gallery.py``): 'caption' (one string
+        believe a score (the report's galleries, ``stages/gallery.py``): 'caption' (one string
         per example: the given label, the prediction ...) and 'image' ((n, H, W) or (n, H, W, C)
         arrays) or 'text' (strings); None: the report shows ids and scores only.
     """

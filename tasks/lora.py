@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from pipeline.errors import InputError
+from runtime.errors import InputError
 
 Adapters = dict[str, Any]
 _SHOWN = 8  # candidate paths listed when a pattern matches nothing

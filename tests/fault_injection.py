@@ -2,7 +2,7 @@
 
 Shared by tests/test_faults.py (a CI-sized suite) and tests/fault_sweep.py (a larger seeded sweep
 run by hand). A *kill chain* runs a job again and again on one workdir, each run SIGKILLed at the
-next of a list of points (``pipeline/failpoints.py``), then once more to completion: every run
+next of a list of points (``runtime/failpoints.py``), then once more to completion: every run
 must resume from what the killed ones left behind.
 """
 
@@ -13,8 +13,9 @@ import jax
 import numpy as np
 
 from launch import multiprocess
-from pipeline import artifacts, failpoints, validate
-from pipeline.stage import Stage
+from runtime import failpoints
+from stages import artifacts, checks
+from stages.setup import Stage
 from tests.pipeline_helpers import (
     REPO,
     eigvals,
@@ -110,7 +111,7 @@ def assert_same_scores(got: Path, want: Path, rtol: float = 0.0) -> None:
 
 def params(workdir: Path) -> list[np.ndarray]:
     """The trained params of a workdir (runlocal config) as numpy leaves."""
-    stage = Stage.setup(tiny_config(), workdir, validate.check_train)
+    stage = Stage.setup(tiny_config(), workdir, checks.check_train)
     restored, _ = artifacts.restore_params(stage)
     return [np.asarray(x) for x in jax.tree.leaves(restored)]
 

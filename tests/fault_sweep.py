@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from pipeline import train
+from stages import train
 from tests import fault_injection as fi
 from tests.pipeline_helpers import tiny_config
 

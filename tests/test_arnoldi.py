@@ -1,4 +1,4 @@
-"""Arnoldi iteration (influence/arnoldi.py) and distillation (influence/distill.py) against exact
+"""Arnoldi iteration (influence/krylov.py) and distillation (influence/distill.py) against exact
 linear algebra: orthonormal basis, the Arnoldi relation, Ritz pairs vs. the explicit Hessian's
 eigenpairs, breakdown on a low-rank problem, and bitwise determinism."""
 
@@ -12,7 +12,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 from threadpoolctl import threadpool_limits
 
-from influence import arnoldi, distill
+from influence import distill, krylov
 from influence.hvp import make_hvp
 from influence.types import Batch, Params, PerExampleLoss
 from tasks import mnist
@@ -28,14 +28,14 @@ HESSIAN_BATCH = 128
 HESSIAN_CHUNK = 8
 
 
-ORTHOGONALIZATIONS = sorted(arnoldi.ORTHOGONALIZATION)
+ORTHOGONALIZATIONS = sorted(krylov.ORTHOGONALIZATION)
 
 
-def make_step(loss: PerExampleLoss, l2: float, orthogonalization: str = "mgs2") -> arnoldi.StepFn:
+def make_step(loss: PerExampleLoss, l2: float, orthogonalization: str = "mgs2") -> krylov.StepFn:
     """The jitted Arnoldi step on the HVP of mean loss + (l2/2)‖θ‖², default breakdown_tol."""
     return jax.jit(
         functools.partial(
-            arnoldi.arnoldi_step, make_hvp(loss, l2), orthogonalization=orthogonalization
+            krylov.arnoldi_step, make_hvp(loss, l2), orthogonalization=orthogonalization
         )
     )
 
@@ -47,18 +47,18 @@ def run(
     batch: Batch,
     num_iters: int,
     seed: int = 0,
-    step: arnoldi.StepFn | None = None,
+    step: krylov.StepFn | None = None,
     orthogonalization: str = "mgs2",
-) -> arnoldi.ArnoldiResult:
+) -> krylov.ArnoldiResult:
     """Arnoldi on a fixed batch, the way the pipeline drives it (jitted step, Python outer loop).
 
     A fresh step is jitted (and compiled) unless an existing ``step`` is passed.
     """
     if step is None:
         step = make_step(loss, l2, orthogonalization)
-    # Jitted as in parallel/steps.py: eager, each leaf's random draw compiles separately (~6 s).
-    state = jax.jit(arnoldi.init_state, static_argnums=1)(params, num_iters, jax.random.key(seed))
-    return arnoldi.run_arnoldi(step, state, params, lambda k: batch, num_iters)
+    # Jitted as in parallel/programs.py: eager, each leaf's random draw compiles separately (~6 s).
+    state = jax.jit(krylov.init_state, static_argnums=1)(params, num_iters, jax.random.key(seed))
+    return krylov.run_arnoldi(step, state, params, lambda k: batch, num_iters)
 
 
 def flatten_rows(stacked: Params) -> np.ndarray:
@@ -268,12 +268,12 @@ def test_breakdown_on_low_rank_hessian(dim: int, seed: int) -> None:
     # a no-op, so its state is bit for bit that of exactly num_completed steps, and the state
     # itself records where it broke down (what a resumed run reads).
     step = make_step(quadratic_loss, 0.0)
-    exact = jax.jit(arnoldi.init_state, static_argnums=1)(params, num_iters, jax.random.key(seed))
+    exact = jax.jit(krylov.init_state, static_argnums=1)(params, num_iters, jax.random.key(seed))
     for k in range(result.num_completed):
         exact, _ = step(exact, params, batch, jnp.asarray(k, jnp.int32))
     for got, want in zip(jax.tree.leaves(result.state), jax.tree.leaves(exact), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    assert arnoldi.completed_iterations(hessenberg, num_iters) == result.num_completed
+    assert krylov.completed_iterations(hessenberg, num_iters) == result.num_completed
 
 
 def test_same_key_is_bitwise_deterministic(task: ClassificationTask, data: Batch) -> None:
@@ -302,7 +302,7 @@ def test_same_key_is_bitwise_deterministic(task: ClassificationTask, data: Batch
 
 def test_negative_mass_fraction_of_the_top_ritz_values() -> None:
     """Of the top-3 by |λ| of (5, -3, 1, -0.5): |−3| / (5 + 3 + 1); none negative: 0."""
-    from pipeline.arnoldi import negative_mass_fraction
+    from stages.arnoldi import negative_mass_fraction
 
     assert negative_mass_fraction(np.array([1.0, -0.5, 5.0, -3.0]), 3) == pytest.approx(1 / 3)
     assert negative_mass_fraction(np.array([2.0, 1.0, -0.1]), 2) == 0.0
@@ -324,8 +324,8 @@ def _noisy_diagonal_arnoldi(num_iters: int) -> tuple[float, np.ndarray]:
         noisy = {name: d * (1 + jax.random.normal(keys[name], d.shape)) for name, d in diag.items()}
         return jax.tree.map(jnp.multiply, noisy, v)
 
-    step = jax.jit(functools.partial(arnoldi.arnoldi_step, hvp, orthogonalization="dgks"))
-    state = arnoldi.init_state(diag, num_iters, jax.random.key(0))
+    step = jax.jit(functools.partial(krylov.arnoldi_step, hvp, orthogonalization="dgks"))
+    state = krylov.init_state(diag, num_iters, jax.random.key(0))
     flags = []
     for k in range(num_iters):
         k = jnp.asarray(k, jnp.int32)
@@ -345,7 +345,7 @@ def test_dgks_reorthogonalizes_only_when_the_first_pass_cancels(
     print(f"\ndgks: max|QᵀQ − I| = {loss:.2e}, second pass in {flags.mean():.0%} of steps")
     assert loss <= 1e-5
     assert 0 < flags.sum() < len(flags)
-    monkeypatch.setattr(arnoldi, "DGKS_ETA", 0.0)
+    monkeypatch.setattr(krylov, "DGKS_ETA", 0.0)
     loss_one_pass, flags = _noisy_diagonal_arnoldi(80)
     print(f"one pass: max|QᵀQ − I| = {loss_one_pass:.2e}")
     assert not flags.any()

@@ -6,8 +6,10 @@ import shutil
 import pytest
 
 from checkpoints.checkpointer import Checkpointer, CheckpointError
-from pipeline import arnoldi, cli, failpoints, preemption, score, train
-from pipeline.errors import InputError
+from jobs import cli
+from runtime import failpoints, preemption
+from runtime.errors import InputError
+from stages import arnoldi, score, train
 from tasks import mnist
 from tests.pipeline_helpers import run_job, steps, tiny_config
 

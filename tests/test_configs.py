@@ -7,8 +7,10 @@ import json
 import pytest
 
 from checkpoints.fingerprint import digest
+from methods import arnoldi as arnoldi_method
 from parallel.mesh import make_mesh
-from pipeline import data, validate
+from stages import checks
+from tasks import loading
 from tests import vision_data
 from tests.pipeline_helpers import REPO, run_job
 
@@ -72,10 +74,10 @@ def test_preset_is_valid_for_its_data(
         redirect_data(config, request.getfixturevalue("vision_data_dirs"))
     m = config.mesh
     mesh = make_mesh(m.data, m.model, m.num_devices, m.num_slices)
-    for check in (validate.check_train, validate.check_arnoldi, validate.check_score):
+    for check in (checks.check_train, arnoldi_method.check, checks.check_score):
         check(config, mesh)
-    task = data.load(config, task_workdirs(config))
-    validate.check_sizes(config, task)
+    task = loading.load(config, task_workdirs(config))
+    checks.check_sizes(config, task)
     want = config.data.num_train or task.splits["train"].num_examples  # 0: the whole split
     assert task.splits["train"].num_examples == want >= config.arnoldi.hvp_batch_size
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from checkpoints.checkpointer import CheckpointError
-from pipeline import arnoldi, failpoints, score, train
+from runtime import failpoints
+from stages import arnoldi, score, train
 from tests import fault_injection as fi
 from tests.pipeline_helpers import run_multiprocess, tiny_config
 

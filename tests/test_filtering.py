@@ -1,4 +1,4 @@
-"""Data filtering (pipeline/filtering.py): the kept examples are the lowest-scored ones of a
+"""Data filtering (tasks/filtering.py): the kept examples are the lowest-scored ones of a
 finished run (or a seeded random subset), every stage sees that subset, and bad filter input is
 one line before any compute."""
 
@@ -11,9 +11,10 @@ import pyarrow as pa
 import pytest
 
 from checkpoints.checkpointer import Checkpointer
-from pipeline import data, filtering, outputs
-from pipeline import workdir as wd
-from pipeline.errors import InputError
+from runtime import outputs
+from runtime.errors import InputError
+from stages import workdir as wd
+from tasks import filtering, loading
 from tests.pipeline_helpers import run_job, run_module, tiny_config
 
 
@@ -30,7 +31,7 @@ def fake_scores(workdir: Path, ids: np.ndarray, values: np.ndarray, parts: int =
 
 
 def train_ids(config, workdir: Path) -> np.ndarray:
-    train = data.load(config, workdir).splits["train"]
+    train = loading.load(config, workdir).splits["train"]
     return train.take(np.arange(train.num_examples))["id"]
 
 
@@ -44,7 +45,7 @@ def scored(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
 def test_keeps_the_lowest_scored_examples_in_position_order(scored, tmp_path: Path) -> None:
     directory, ids, values = scored
     config = tiny_config(filter__keep=0.25, filter__scores=str(directory))
-    task = data.load(config, tmp_path / "w")
+    task = loading.load(config, tmp_path / "w")
     kept = np.sort(np.argsort(values)[: round(0.25 * ids.size)])
     np.testing.assert_array_equal(train_ids(config, tmp_path / "w"), ids[kept])
     assert task.fingerprint["filter"].startswith(f"lowest self_influence {kept.size} of {ids.size}")
@@ -148,7 +149,7 @@ def test_bad_filter_input_is_one_clear_error(case: str, tmp_path: Path) -> None:
             **overrides,
         }
     with pytest.raises(InputError) as e:
-        data.load(tiny_config(**overrides), tmp_path / "w")
+        loading.load(tiny_config(**overrides), tmp_path / "w")
     assert message in str(e.value), str(e.value)
     assert filtering.active(tiny_config(**overrides)) == (overrides.get("filter__keep", 1) < 1)
 

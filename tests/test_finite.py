@@ -1,4 +1,4 @@
-"""Non-finite values (pipeline/finite.py) and a missing config file: one line, exit 2, nothing
+"""Non-finite values (runtime/finite.py) and a missing config file: one line, exit 2, nothing
 non-finite saved, nothing overwritten."""
 
 import shutil
@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipeline import arnoldi, score, train
-from pipeline.finite import NonFiniteError, check_config
+from runtime.finite import NonFiniteError, check_config
+from stages import arnoldi, score, train
 from tasks.base import ClassificationTask
 from tests.pipeline_helpers import run_job, steps, tiny_config
 

@@ -178,7 +178,7 @@ def test_tpu_run_detaches_logs_refuses_twice_and_stops(fake_pod: dict[str, str])
 def test_tpu_refuses_bad_runs_before_any_gcloud_call(fake_pod: dict[str, str]) -> None:
     local = tpu_pod(fake_pod, "run", "jobs.arnoldi", "--workdir=/tmp/w")
     assert local.returncode == 2 and "--workdir=gs://" in local.stderr
-    not_a_job = tpu_pod(fake_pod, "run", "pipeline.arnoldi", "--workdir=gs://b/w")
+    not_a_job = tpu_pod(fake_pod, "run", "stages.arnoldi", "--workdir=gs://b/w")
     assert not_a_job.returncode == 2 and "jobs.<name>" in not_a_job.stderr
     assert tpu_pod(fake_pod, "frobnicate").returncode == 2
     assert tpu_pod({**fake_pod, "TPU": ""}, "status").returncode != 0
@@ -209,7 +209,7 @@ def test_tpu_setup_installs_python_311_and_the_tpu_build(fake_pod: dict[str, str
         text=True,
         check=True,
     ).stdout.split()
-    assert "launch/setup_venv.sh" in listing and "pipeline/cli.py" in listing
+    assert "launch/setup_venv.sh" in listing and "jobs/cli.py" in listing
     script = next(a for a in ssh if a.startswith("--command=")).removeprefix("--command=")
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
     assert "command -v python3.11" in script and "python3.11-venv" in script

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipeline.errors import InputError
+from runtime.errors import InputError
 from tasks import lora
 from tasks.bert import BertConfig, BertEncoder
 

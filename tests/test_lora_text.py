@@ -17,9 +17,9 @@ import pytest
 
 from configs import lora_text
 from influence import scoring
-from pipeline import artifacts, evaluate, fit, score, train
-from pipeline.errors import InputError
-from pipeline.stage import Stage
+from runtime.errors import InputError
+from stages import artifacts, evaluate, fit, score, train
+from stages.setup import Stage
 from tests.pipeline_helpers import override, run_job
 
 CONFIG = "configs/lora_text.py:runlocal"

@@ -16,10 +16,11 @@ from jax.flatten_util import ravel_pytree
 
 from checkpoints.checkpointer import IncompatibleCheckpointError
 from influence import scoring, subspace
-from parallel import operator_scoring
-from pipeline import artifacts, evaluate, fit, queries, score, train
-from pipeline.errors import InputError
-from pipeline.stage import Stage
+from parallel import operator_products
+from runtime.errors import InputError
+from scoring import queries
+from stages import artifacts, evaluate, fit, score, train
+from stages.setup import Stage
 from tests.pipeline_helpers import override, run_job, tiny_config
 from tests.test_arnoldi import explicit_hessian
 
@@ -227,7 +228,7 @@ def test_cg_scores_are_the_damped_inverse_products(reference, tmp_path, caplog):
         score__self_influence=False,
     )
     caplog.set_level(logging.INFO)
-    with unittest.mock.patch.object(operator_scoring, "SLOW_SECONDS", 0.0):
+    with unittest.mock.patch.object(operator_products, "SLOW_SECONDS", 0.0):
         directory = _run(config, reference, tmp_path)
     slow = [r for r in caplog.records if "for the first batch of" in r.getMessage()]
     assert slow and slow[0].levelno == logging.WARNING, [r.getMessage() for r in caplog.records]

@@ -14,10 +14,11 @@ import jax
 import numpy as np
 import pytest
 
-from parallel import sharding, steps
+from parallel import programs, sharding
 from parallel.mesh import make_mesh
-from pipeline import arnoldi, artifacts, failpoints, score, train, validate
-from pipeline.stage import Stage
+from runtime import failpoints
+from stages import arnoldi, artifacts, checks, score, train
+from stages.setup import Stage
 from tasks import mnist
 from tests.pipeline_helpers import (
     REPO,
@@ -114,7 +115,7 @@ def test_train_two_processes_matches_single(reference, tmp_path):
     workdir = tmp_path / "train2"
     code, output = run_multiprocess("train", workdir, 2, 1, *_flags(UNEVEN))
     assert code == 0, output[-3000:]
-    stage = Stage.setup(tiny_config(**UNEVEN), workdir, validate.check_train)
+    stage = Stage.setup(tiny_config(**UNEVEN), workdir, checks.check_train)
     got, _ = artifacts.restore_params(stage)
     want, _ = artifacts.restore_params(dataclasses.replace(stage, workdir=reference))
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
@@ -199,7 +200,7 @@ def test_krylov_bytes_per_device_shrink_with_model_axis():
     for model in (1, 2, 4, 8):
         mesh = make_mesh(8 // model, model, 8)
         param_sh = sharding.param_shardings(params_like, mesh, 4096)
-        init = steps.jit_init_krylov_state(params_like, num_iters, param_sh, mesh)
+        init = programs.jit_init_krylov_state(params_like, num_iters, param_sh, mesh)
         state = init(jax.random.key(0))
         measured[model] = sharding.bytes_per_device(state["krylov_basis"])
     small = sum(x.size for x in jax.tree.leaves(params_like) if x.size < 4096)  # replicated leaves

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 from checkpoints.checkpointer import Checkpointer, IncompatibleCheckpointError
+from methods import arnoldi as arnoldi_method
+from parallel import programs as parallel_steps
 from parallel import sharding
-from parallel import steps as parallel_steps
-from pipeline import arnoldi, failpoints, train, validate
-from pipeline.stage import Stage
+from runtime import failpoints
+from stages import arnoldi, train
+from stages.setup import Stage
 from tests import fault_injection as fi
 from tests.pipeline_helpers import eigvals, run_job, steps, tiny_config
 from tests.test_sources import tfds_mnist  # noqa: F401 - the TFDS dataset fixture
@@ -33,7 +35,7 @@ def with_params(trained: Path, workdir: Path) -> Path:
 
 def hessenberg(workdir: Path) -> np.ndarray:
     """The Hessenberg matrix of the last Krylov checkpoint, read back from disk."""
-    stage = Stage.setup(tiny_config(), workdir, validate.check_arnoldi)
+    stage = Stage.setup(tiny_config(), workdir, arnoldi_method.check)
     init = parallel_steps.jit_init_krylov_state(stage.params_like, 12, stage.param_sh, stage.mesh)
     target = sharding.abstract_like(
         jax.eval_shape(init, jax.random.key(0)),

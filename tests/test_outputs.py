@@ -16,9 +16,10 @@ import pytest
 from sklearn import metrics as sk
 
 from influence import scoring
-from parallel import steps
-from pipeline import arnoldi, artifacts, evaluate, parts, score, train, validate
-from pipeline.stage import Stage
+from parallel import programs
+from scoring import parts
+from stages import arnoldi, artifacts, checks, evaluate, score, train
+from stages.setup import Stage
 from tasks.sources import read_all
 from tests.pipeline_helpers import eigvals, scores, tiny_config
 from tests.pipeline_helpers import steps as saved_steps
@@ -86,7 +87,7 @@ def test_stored_projections_are_the_projector_on_that_example(finished: Path) ->
     explicit gradients run directly, unsharded and unjitted, on the example with that id read
     from the source; a row/id misalignment anywhere in scoring or writing fails here."""
     config = tiny_config(**CONFIG)
-    stage = Stage.setup(config, finished, validate.check_score)
+    stage = Stage.setup(config, finished, checks.check_score)
     params, params_id = artifacts.restore_params(stage)
     eig_state, _ = artifacts.restore_eigenpairs(stage, params_id)
     project = scoring.make_projector(stage.task.per_example_loss)
@@ -191,7 +192,7 @@ def test_resumed_arnoldi_runs_only_the_missing_iterations(
     assert saved_steps(workdir / "krylov") == [8, 12]
     shutil.rmtree(workdir / "krylov" / "12")
     calls = []
-    make_step = steps.jit_arnoldi_step
+    make_step = programs.jit_arnoldi_step
 
     def counting_step(*args, **kwargs):
         step = make_step(*args, **kwargs)
@@ -202,7 +203,7 @@ def test_resumed_arnoldi_runs_only_the_missing_iterations(
 
         return counted
 
-    monkeypatch.setattr(steps, "jit_arnoldi_step", counting_step)
+    monkeypatch.setattr(programs, "jit_arnoldi_step", counting_step)
     arnoldi.run(tiny_config(**CONFIG), workdir)
     assert calls == [8, 9, 10, 11]
     np.testing.assert_array_equal(eigvals(workdir), eigvals(finished))

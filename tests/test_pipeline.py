@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import arnoldi, score, train
+from stages import arnoldi, score, train
 from tests.pipeline_helpers import eigvals, steps, tiny_config
 
 

@@ -1,4 +1,4 @@
-"""The score job's projector (parallel/projection.py): every plan it makes (forward mode in tangent
+"""The score job's projector (parallel/products.py): every plan it makes (forward mode in tangent
 chunks, reverse mode split into calls, auto's choice) gives the plain forward-mode projections,
 under a memory budget, on a mesh of fake CPU devices; and a budget nothing fits is one error."""
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from influence import scoring
-from parallel import projection, sharding
+from parallel import products, sharding
 from parallel.mesh import make_mesh
 from tasks import mnist
 from tasks.sources import read_all
@@ -35,7 +35,7 @@ def setup(model: str, devices: int, num_vectors: int):
 
 
 def projector(task, mesh, param_sh, mode: str, budget_mb: float, chunk: int = 0):
-    return projection.Projector(
+    return products.Projector(
         task.per_example_loss,
         param_sh,
         param_sh,
@@ -54,7 +54,7 @@ def reference(task, params, eigvecs, local) -> np.ndarray:
     )
 
 
-def assert_same(got: projection.Projected, want: np.ndarray) -> None:
+def assert_same(got: products.Projected, want: np.ndarray) -> None:
     assert got.all_finite()
     np.testing.assert_allclose(got.local(), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
@@ -62,13 +62,13 @@ def assert_same(got: projection.Projected, want: np.ndarray) -> None:
 def record_compiles(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int | None]]:
     """The (mode, tangent chunk) of every program the projectors compile from now on."""
     compiled: list[tuple[str, int | None]] = []
-    compile_ = projection.Projector._compile
+    compile_ = products.Projector._compile
 
     def recording(self, mode, chunk, *args):
         compiled.append((mode, chunk))
         return compile_(self, mode, chunk, *args)
 
-    monkeypatch.setattr(projection.Projector, "_compile", recording)
+    monkeypatch.setattr(products.Projector, "_compile", recording)
     return compiled
 
 
@@ -97,9 +97,9 @@ def test_auto_compiles_the_chunked_forward_program_when_forward_scores(caplog, m
     the first one included."""
     task, mesh, param_sh, params, eigvecs, local = setup("small_cnn", 4, 12)
     want = reference(task, params, eigvecs, local)
-    fit_reverse = projection.Projector._fit_reverse
+    fit_reverse = products.Projector._fit_reverse
     monkeypatch.setattr(
-        projection.Projector,
+        products.Projector,
         "_fit_reverse",
         lambda self, *args: dataclasses.replace(fit_reverse(self, *args), working_bytes=2**40),
     )
@@ -122,11 +122,11 @@ def test_budget_splits_reverse_into_calls_of_whole_device_rows() -> None:
     whole = projector(task, mesh, param_sh, "reverse", 4096)
     assert_same(whole(params, eigvecs, local), want)
     assert whole.plan.calls == 1
-    working_mb = whole.plan.working_bytes / projection.MIB
+    working_mb = whole.plan.working_bytes / products.MIB
     split = projector(task, mesh, param_sh, "reverse", working_mb / 3)
     assert_same(split(params, eigvecs, local), want)
     assert split.plan.calls > 1 and split.plan.rows % 4 == 0
-    assert split.plan.working_bytes <= working_mb / 3 * projection.MIB
+    assert split.plan.working_bytes <= working_mb / 3 * products.MIB
 
 
 def test_budget_chunks_forward_tangents() -> None:
@@ -136,11 +136,11 @@ def test_budget_chunks_forward_tangents() -> None:
     want = reference(task, params, eigvecs, local)
     roomy = projector(task, mesh, param_sh, "forward", 4096)
     assert_same(roomy(params, eigvecs, local), want)
-    assert roomy.plan.tangent_chunk == projection.FORWARD_CHUNK_CAP
-    working_mb = roomy.plan.working_bytes / projection.MIB
+    assert roomy.plan.tangent_chunk == products.FORWARD_CHUNK_CAP
+    working_mb = roomy.plan.working_bytes / products.MIB
     tight = projector(task, mesh, param_sh, "forward", working_mb / 3)
     assert_same(tight(params, eigvecs, local), want)
-    assert tight.plan.tangent_chunk < projection.FORWARD_CHUNK_CAP
+    assert tight.plan.tangent_chunk < products.FORWARD_CHUNK_CAP
     given = projector(task, mesh, param_sh, "forward", 4096, chunk=5)
     assert_same(given(params, eigvecs, local), want)
     assert given.plan.tangent_chunk == 5
@@ -150,7 +150,7 @@ def test_nothing_fitting_the_budget_is_one_error() -> None:
     """The Flax CNN's per-example gradients (3.3 MB each) and one tangent's activations over 64
     examples both exceed 1 MiB: the error names both needs and the two fixes."""
     task, mesh, param_sh, params, eigvecs, local = setup("flax_cnn", 1, 4)
-    with pytest.raises(projection.MemoryBudgetError) as error:
+    with pytest.raises(products.MemoryBudgetError) as error:
         projector(task, mesh, param_sh, "auto", 1)(params, eigvecs, local)
     message = str(error.value)
     assert "\n" not in message and "memory budget of 1 MiB per device" in message

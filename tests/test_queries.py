@@ -8,7 +8,8 @@ import pyarrow as pa
 import pytest
 
 from influence import scoring
-from pipeline import outputs, queries
+from runtime import outputs
+from scoring import queries
 
 P_TILDE, NUM_QUERIES, TOP_K = 5, 23, 7
 PART_ROWS = (37, 50, 13)

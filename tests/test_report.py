@@ -1,11 +1,11 @@
-"""The report job (pipeline/report.py) on the runlocal preset: its files, the paper's Figure 1
+"""The report job (stages/report.py) on the runlocal preset: its files, the paper's Figure 1
 finding, reuse, and bad input."""
 
 import json
 
 import pandas as pd
 
-from pipeline import report
+from stages import report
 from tests.pipeline_helpers import run_job, run_module, tiny_config
 
 

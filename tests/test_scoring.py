@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from influence import arnoldi, distill, factorised, scoring
+from influence import distill, factorised, krylov, scoring
 from influence.distill import Eigenpairs
 from influence.hvp import make_hvp
 from influence.types import Batch, Params
-from parallel import sharding, steps
+from parallel import programs, sharding
 from parallel.mesh import make_mesh
 from tasks import mnist
 from tasks.base import ClassificationTask
@@ -58,10 +58,10 @@ def eigenpairs(
 ) -> Eigenpairs:
     """Top-5 (by |λ|) eigenpairs distilled from 20 Arnoldi steps: realistic, unevenly spread λ."""
     hessian_batch = splits[0]
-    step = jax.jit(functools.partial(arnoldi.arnoldi_step, make_hvp(task.per_example_loss, L2)))
-    # Jitted as in parallel/steps.py: eager, each leaf's random draw compiles separately (~6 s).
-    state = jax.jit(arnoldi.init_state, static_argnums=1)(params, NUM_ITERS, jax.random.key(1))
-    result = arnoldi.run_arnoldi(step, state, params, lambda k: hessian_batch, NUM_ITERS)
+    step = jax.jit(functools.partial(krylov.arnoldi_step, make_hvp(task.per_example_loss, L2)))
+    # Jitted as in parallel/programs.py: eager, each leaf's random draw compiles separately (~6 s).
+    state = jax.jit(krylov.init_state, static_argnums=1)(params, NUM_ITERS, jax.random.key(1))
+    result = krylov.run_arnoldi(step, state, params, lambda k: hessian_batch, NUM_ITERS)
     assert result.num_completed == NUM_ITERS
     pairs = distill.distill(
         np.asarray(result.state["hessenberg"]), result.state["krylov_basis"], NUM_ITERS, TOP_K
@@ -224,7 +224,7 @@ def test_tail_corrected_scores_match_the_explicit_inverse_with_an_isotropic_comp
     sqnorm = with_norm(params, eigenpairs.eigvecs, train)[:, -1]
     mesh = make_mesh(1, 1, 1)
     param_sh = jax.tree.map(lambda _: sharding.replicated(mesh), params)
-    query_grads = steps.jit_example_grads(task.per_example_loss, param_sh, param_sh, mesh)(
+    query_grads = programs.jit_example_grads(task.per_example_loss, param_sh, param_sh, mesh)(
         params, test
     )
     dots = project(params, query_grads, train)

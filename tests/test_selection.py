@@ -9,13 +9,14 @@ import jax
 import numpy as np
 import pytest
 
-from influence import arnoldi, distill
+from influence import distill, krylov
 from influence.hvp import make_hvp
 from influence.selection import Selection, SelectionError
-from pipeline import arnoldi as arnoldi_job
-from pipeline import artifacts, data, train, validate
-from pipeline.stage import Stage
-from tasks import mnist
+from methods import arnoldi as arnoldi_method
+from stages import arnoldi as arnoldi_job
+from stages import artifacts, train
+from stages.setup import Stage
+from tasks import batching, mnist
 from tests.pipeline_helpers import eigvals, tiny_config
 
 SUBSET = "Conv_1/.*|Dense_0/.*"  # the small CNN without its first conv layer
@@ -61,14 +62,14 @@ def reference_eigvals(stage: Stage, loss, params) -> np.ndarray:
     a = config.arnoldi
 
     def get_batch(k: int) -> dict:
-        positions = data.hvp_batch_indices(
+        positions = batching.hvp_batch_indices(
             train_split.num_examples, a.hvp_batch_size, a.seed, k, a.fixed_batch
         )
         return stage.task.model_inputs(train_split.take(positions))
 
-    step = jax.jit(functools.partial(arnoldi.arnoldi_step, make_hvp(loss, config.l2)))
-    state = arnoldi.init_state(params, a.num_iters, jax.random.key(a.seed))
-    result = arnoldi.run_arnoldi(step, state, params, get_batch, a.num_iters)
+    step = jax.jit(functools.partial(krylov.arnoldi_step, make_hvp(loss, config.l2)))
+    state = krylov.init_state(params, a.num_iters, jax.random.key(a.seed))
+    result = krylov.run_arnoldi(step, state, params, get_batch, a.num_iters)
     hessenberg = np.asarray(result.state["hessenberg"])
     return distill.ritz_pairs(hessenberg, result.num_completed, config.distill.top_k).eigvals
 
@@ -84,7 +85,7 @@ def test_subset_arnoldi_equals_closed_over_model(tmp_path, caplog) -> None:
     assert "influence over 2,306 of 2,410 parameters (4 of 6 leaves)" in caplog.text
     assert "Krylov basis: 13 vectors x 2306 params, 0.1 MiB" in caplog.text
 
-    stage = Stage.setup(config, tmp_path, validate.check_arnoldi)
+    stage = Stage.setup(config, tmp_path, arnoldi_method.check)
     params = jax.device_get(artifacts.restore_params(stage)[0])
     conv_0 = params["Conv_0"]
 

@@ -1,11 +1,11 @@
-"""Example sources (tasks/sources.py, tasks/mnist.py) and the scoring plan (pipeline/data.py)."""
+"""Example sources (tasks/sources.py, tasks/mnist.py) and the scoring plan (scoring/schedule.py)."""
 
 import itertools
 
 import numpy as np
 import pytest
 
-from pipeline import data
+from scoring import parts, schedule
 from tasks import mnist
 from tasks.sources import ArraySource, DataError, TfdsSource, read_all
 
@@ -93,8 +93,8 @@ def test_scoring_plan_scores_each_example_once(sizes, per_shard, num_groups, loc
     of steps (none waits in a collective), batches never mix parts, and the unmasked rows of all
     groups cover every example of every split exactly once."""
     splits = {f"s{i}": n for i, n in enumerate(sizes)}
-    plan = [p for name, n in splits.items() for p in data.parts(name, n, per_shard)]
-    plans = [data.scoring_plan(plan, num_groups, g, local_batch) for g in range(num_groups)]
+    plan = [p for name, n in splits.items() for p in parts.parts(name, n, per_shard)]
+    plans = [schedule.scoring_plan(plan, num_groups, g, local_batch) for g in range(num_groups)]
     assert len({len(p) for p in plans}) == 1
     seen = {name: [] for name in splits}
     for batch in itertools.chain.from_iterable(plans):

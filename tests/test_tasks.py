@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from pipeline import train
+from stages import train
 from tasks.sources import DataError
 from tests.pipeline_helpers import run_job, tiny_config
 

@@ -11,7 +11,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from influence.hvp import make_hvp, make_mean_loss
-from pipeline import failpoints
+from runtime import failpoints
 from tasks import translation
 from tasks.sources import DataError, MappedSource, read_all
 from tasks.transformer import Transformer, TransformerConfig
@@ -221,13 +221,13 @@ def test_corpus_metrics_translate_every_pair_of_a_split(trained) -> None:
     import sacrebleu
 
     from configs import translation as translation_config
-    from pipeline import artifacts, validate
-    from pipeline.stage import Stage
+    from stages import artifacts, checks
+    from stages.setup import Stage
     from tasks.sources import MappedSource
 
     config = translation_config.get_config("runlocal")
     config.train.num_epochs = 1
-    stage = Stage.setup(config, trained, validate.check_train)
+    stage = Stage.setup(config, trained, checks.check_train)
     params, _ = artifacts.restore_params(stage)
     pairs = MappedSource(stage.split("eval"), np.arange(5))
     model = Transformer(translation.model_config(config, config.data.vocab_size))
@@ -245,12 +245,12 @@ def test_describe_shows_each_pair_as_text_for_the_galleries(trained) -> None:
     """The report's galleries of a text task: each pair as 'source → target trained on', the
     model's greedy translation, and a shuffled pair's own target; rendered as a Markdown row."""
     from configs import translation as translation_config
-    from pipeline import artifacts, gallery, validate
-    from pipeline.stage import Stage
+    from stages import artifacts, checks, gallery
+    from stages.setup import Stage
 
     config = translation_config.get_config("runlocal")
     config.train.num_epochs = 1
-    stage = Stage.setup(config, trained, validate.check_train)
+    stage = Stage.setup(config, trained, checks.check_train)
     params, _ = artifacts.restore_params(stage)
     train = stage.split("train")
     columns = train.take(np.arange(train.num_examples))

@@ -16,8 +16,10 @@ from jax.flatten_util import ravel_pytree
 from configs import vision as vision_config
 from influence.hvp import make_hvp
 from influence.selection import Selection
-from pipeline import arnoldi, artifacts, failpoints, train, validate
-from pipeline.stage import Stage
+from methods import arnoldi as arnoldi_method
+from runtime import failpoints
+from stages import arnoldi, artifacts, train
+from stages.setup import Stage
 from tasks import resnet, vision, vit
 from tasks.base import Task
 from tasks.sources import DataError, read_all
@@ -298,7 +300,7 @@ def test_trainable_leaves_alone_move() -> None:
     body under a trainable head, as under adapters)."""
     import optax
 
-    from parallel import sharding, steps
+    from parallel import programs, sharding
     from parallel.mesh import make_mesh
 
     model = vit.ViT(num_classes=3, patch_size=4, width=8, depth=1, mlp_dim=8, num_heads=2)
@@ -318,7 +320,7 @@ def test_trainable_leaves_alone_move() -> None:
     optimizer = optax.adam(0.1)
     start = {"params": params, "opt_state": optimizer.init(trainable.select(params))}
     state_sh = sharding.param_shardings(start, mesh, 2**20)
-    step = steps.jit_train_step(
+    step = programs.jit_train_step(
         train.objective(task, 1e-3, trainable, None), optimizer, trainable, state_sh, mesh
     )
     rng = np.random.default_rng(0)
@@ -343,7 +345,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, fashion_dir: str):
 
 
 def _saved_params(config, workdir):
-    stage = Stage.setup(config, workdir, validate.check_arnoldi)
+    stage = Stage.setup(config, workdir, arnoldi_method.check)
     return stage, jax.device_get(artifacts.restore_params(stage)[0])
 
 
@@ -422,7 +424,7 @@ def test_eight_devices_match_one(model, trained, one_device, fashion_dir, tmp_pa
     workdir = tmp_path / "eight"
     shutil.copytree(reference / "params", workdir / "params")
     arnoldi.run(config, workdir)
-    stage = Stage.setup(config, workdir, validate.check_arnoldi)
+    stage = Stage.setup(config, workdir, arnoldi_method.check)
     specs = [str(sh.spec) for sh in jax.tree.leaves(stage.vector_sh)]
     assert sum("model" in spec for spec in specs) >= 3, specs  # the test would be vacuous
     np.testing.assert_allclose(eigvals(workdir), eigvals(reference), rtol=1e-5)

@@ -38,7 +38,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from influence.selection import Selection
-from parallel import sharding, steps
+from parallel import programs, sharding
 from parallel.mesh import DATA_AXIS
 
 MODES = ("auto", "forward", "reverse")
@@ -137,7 +137,7 @@ class Projector:
     """``projector(params, eigvecs, local_batch) -> Projected`` for global batches of
     ``batch_size`` rows; the plan (mode, chunking, calls) is made at the first call, from the
     first batch's shapes (and, under auto, its timing). ``sqnorm``: each row has one more
-    column, ‖∇ℓ(x)‖² (``steps.jit_projector``)."""
+    column, ‖∇ℓ(x)‖² (``programs.jit_projector``)."""
 
     def __init__(
         self,
@@ -184,7 +184,7 @@ class Projector:
         """The projector of ``mode`` compiled for ``rows`` global rows (the shapes and layouts of
         ``params``, ``eigvecs`` and ``local``'s columns), and XLA's per-device working memory
         for it (nothing runs)."""
-        fn = steps.jit_projector(
+        fn = programs.jit_projector(
             self._loss,
             self._param_sh,
             self._vector_sh,

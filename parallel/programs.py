@@ -13,7 +13,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from influence import arnoldi, distill, factorised, scoring
+from influence import distill, factorised, krylov, scoring
 from influence.hvp import HVP
 from influence.selection import Selection
 from parallel.mesh import DATA_AXIS
@@ -51,17 +51,15 @@ def jit_train_step(
     )
 
 
-def krylov_shardings(param_sh: Any, mesh: Mesh) -> arnoldi.KrylovState:
-    return arnoldi.KrylovState(
-        krylov_basis=stacked_shardings(param_sh), hessenberg=replicated(mesh)
-    )
+def krylov_shardings(param_sh: Any, mesh: Mesh) -> krylov.KrylovState:
+    return krylov.KrylovState(krylov_basis=stacked_shardings(param_sh), hessenberg=replicated(mesh))
 
 
 def jit_init_krylov_state(
     params_like: Any, num_iters: int, param_sh: Any, mesh: Mesh
-) -> Callable[[jax.Array], arnoldi.KrylovState]:
+) -> Callable[[jax.Array], krylov.KrylovState]:
     """key → initial Krylov state, created directly in its sharded layout (never on one device)."""
-    fn = lambda key: arnoldi.init_state(params_like, num_iters, key)  # noqa: E731
+    fn = lambda key: krylov.init_state(params_like, num_iters, key)  # noqa: E731
     return jax.jit(fn, out_shardings=krylov_shardings(param_sh, mesh))
 
 
@@ -72,14 +70,14 @@ def jit_arnoldi_step(
     mesh: Mesh,
     breakdown_tol: float,
     orthogonalization: str,
-) -> arnoldi.StepFn:
+) -> krylov.StepFn:
     """Algorithm 1 lines 3–9 jitted over the mesh; the incoming state is donated (no second copy
     of the basis). ``param_sh`` lays out the full params, ``vector_sh`` the vectors the basis is
     made of (the selected leaves, ``influence/selection.py``)."""
     state_sh = krylov_shardings(vector_sh, mesh)
     repl = replicated(mesh)
     step = functools.partial(
-        arnoldi.arnoldi_step,
+        krylov.arnoldi_step,
         hvp,
         breakdown_tol=breakdown_tol,
         orthogonalization=orthogonalization,
@@ -121,7 +119,7 @@ def jit_projector(
     global batch is finite (replicated, computed in the same program, so reading it waits for
     this batch only). ``sqnorm``: one more column, ‖∇ℓ(x)‖² (the tail term's), in forward mode
     from a reverse pass in the same program (its memory counted with the rest).
-    ``parallel/projection.py`` chooses the mode and chunking."""
+    ``parallel/products.py`` chooses the mode and chunking."""
     # Each device computes its own rows' per-example gradients (shard_map over 'data'): left to
     # the SPMD partitioner, the vmapped conv weight gradients of a batch sharded over 'data' came
     # out wrong on every device but the first (JAX 0.10.2, CPU; off by up to 100% on the small

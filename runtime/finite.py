@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import traverse_util
 
-from pipeline.errors import InputError
+from runtime.errors import InputError
 
 
 class NonFiniteError(InputError):

@@ -13,7 +13,7 @@ cached and fingerprinted like a user's run and a second report reuses all of it.
 - ``report_eigenvalues.png`` (Figure 1): the Wasserstein-1 distance between each method's top-p̃
   eigenvalue estimates and the exact top p̃, against p̃;
 - ``report_retrieval.png`` (Figure 2): AUC and AP against p̃, the single-fit methods as lines;
-- Ritz diagnostics in words (``pipeline/report_text.py``): how many kept pairs converged, how far
+- Ritz diagnostics in words (``stages/report_text.py``): how many kept pairs converged, how far
   the top eigenvalues move under a second ``arnoldi.seed``, and what to raise.
 
 ``exact`` is skipped, with a note, when the model has more than ``method.max_params`` params.
@@ -32,21 +32,12 @@ from jax.sharding import Mesh
 from scipy import stats
 
 from methods import registry
-from pipeline import (
-    artifacts,
-    evaluate,
-    fit,
-    gallery,
-    outputs,
-    report_text,
-    score,
-    train,
-    validate,
-)
-from pipeline import workdir as wd
-from pipeline.errors import InputError
-from pipeline.report_text import SWEPT
-from pipeline.stage import Stage, check_all
+from runtime import outputs
+from runtime.errors import InputError
+from stages import artifacts, checks, evaluate, fit, gallery, report_text, score, train
+from stages import workdir as wd
+from stages.report_text import SWEPT
+from stages.setup import Stage, check_all
 
 
 def _feasible(config: ml_collections.ConfigDict, workdir: epath.Path, methods: list[str], p: int):
@@ -88,7 +79,7 @@ def check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         )
     if not 0 < r.converged_tol < 1:
         raise InputError(f"report.converged_tol={r.converged_tol} must be in (0, 1)")
-    validate.check_score(config, mesh)
+    checks.check_score(config, mesh)
 
 
 CHECK = check
@@ -201,7 +192,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str,
 
 
 def _gallery(config: ml_collections.ConfigDict, workdir: epath.Path, rows: list[dict]) -> str:
-    """Galleries (``pipeline/gallery.py``) of the configured method's run (its largest p̃)."""
+    """Galleries (``stages/gallery.py``) of the configured method's run (its largest p̃)."""
     name = config.method.name
     runs = [r for r in rows if r["method"] == name] or rows[:1]
     label = max(runs, key=lambda r: r["top_k"])["label"]

@@ -7,7 +7,7 @@ project's code, a task's or a library's, is a bug and keeps its traceback (exit 
 from checkpoints.checkpointer import IncompatibleCheckpointError, UnreadableCheckpointError
 from parallel.distributed import DistributedError
 from parallel.mesh import MeshError
-from parallel.projection import MemoryBudgetError
+from parallel.products import MemoryBudgetError
 from tasks.sources import DataError
 
 

@@ -19,10 +19,10 @@ from absl import logging
 from etils import epath
 
 from influence import metrics
-from pipeline import outputs
-from pipeline import workdir as wd
-from pipeline.errors import InputError
-from pipeline.tensorboard import ScalarWriter
+from runtime import outputs
+from runtime.errors import InputError
+from runtime.tensorboard import ScalarWriter
+from stages import workdir as wd
 
 INSPECT_FRACTIONS = (0.05, 0.1, 0.2, 0.3)
 # The rankings of the training examples a scores directory may hold, the first present the

@@ -22,12 +22,14 @@ from checkpoints.checkpointer import Checkpointer
 from checkpoints.fingerprint import meta_check
 from influence import pytree
 from influence.selection import Selection, SelectionError
-from parallel import sharding, steps
-from pipeline import data, failpoints, finite, outputs, preemption, validate
-from pipeline import workdir as wd
-from pipeline.errors import InputError
-from pipeline.progress import Progress
-from pipeline.stage import Stage
+from parallel import programs, sharding
+from runtime import failpoints, finite, outputs, preemption
+from runtime.errors import InputError
+from runtime.progress import Progress
+from stages import checks
+from stages import workdir as wd
+from stages.setup import Stage
+from tasks import batching
 from tasks.base import Task
 from tasks.sources import Source
 
@@ -49,7 +51,7 @@ def evaluate(
     total = jax.jit(sums, out_shardings=sharding.replicated(mesh))
     rows = sharding.local_rows(mesh, batch_size)
     result: dict[str, float] = {}
-    for positions, mask in data.padded_batches(0, source.num_examples, batch_size):
+    for positions, mask in batching.padded_batches(0, source.num_examples, batch_size):
         local = task.model_inputs(source.take(positions[rows]))
         batch = sharding.to_global(local, mesh, batch_size)
         real = sharding.to_global({"mask": mask[rows]}, mesh, batch_size)["mask"]
@@ -59,7 +61,7 @@ def evaluate(
 
 
 # The input checks of this stage; a job of several stages runs them all before the first.
-CHECK = validate.check_train
+CHECK = checks.check_train
 
 
 def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
@@ -126,7 +128,7 @@ def _train(stage: Stage, fingerprint: dict, fix: str) -> Any:
     # The size rule of the params applies leaf by leaf, so Adam's moments follow their params.
     state_like = jax.eval_shape(init_state, jax.random.key(config.seed))
     state_sh = sharding.param_shardings(state_like, mesh, config.mesh.min_shard_size)
-    step_fn = steps.jit_train_step(
+    step_fn = programs.jit_train_step(
         objective(task, config.l2, trainable, state_leaves), optimizer, trainable, state_sh, mesh
     )
     batch_size = config.train.batch_size
@@ -166,7 +168,7 @@ def _train(stage: Stage, fingerprint: dict, fix: str) -> Any:
             if task.augment is not None:  # per example, from (seed, step, position)
                 seeds = [np.random.SeedSequence([config.seed, step, int(p)]) for p in positions]
                 seeds = np.array([s.generate_state(1, np.uint64)[0] for s in seeds])
-            batch = data.global_batch(task, train, positions, mesh, augment_seeds=seeds)
+            batch = batching.global_batch(task, train, positions, mesh, augment_seeds=seeds)
             state, loss = step_fn(state, batch)
             done = step + 1
             guard.update(done, loss)

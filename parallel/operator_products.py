@@ -26,9 +26,9 @@ from jax.sharding import PartitionSpec as P
 
 from influence import solvers
 from influence.selection import Selection
-from parallel import sharding, steps
+from parallel import programs, sharding
 from parallel.mesh import DATA_AXIS
-from parallel.projection import Projected
+from parallel.products import Projected
 
 SLOW_SECONDS = 600.0  # an estimated scoring time above this is a warning
 
@@ -50,7 +50,7 @@ class OperatorProjector:
         num_steps: int,
         name: str,
     ) -> None:
-        self._rows = steps.jit_example_rows(per_example_loss, param_sh, mesh, selection)
+        self._rows = programs.jit_example_rows(per_example_loss, param_sh, mesh, selection)
         self._solve, self._mesh, self._batch_size = solve, mesh, batch_size
         self._num_steps, self._name = num_steps, name
         self._calls, self._seconds = 0, []

@@ -1,7 +1,7 @@
 """Progress of long loops: rate and ETA in the log, scalars in TensorBoard, process 0 only.
 
 Every process calls the same code; only process 0 logs and writes
-``<workdir>/tensorboard/<loop>/events.out.tfevents.*`` (``pipeline/tensorboard.py``).
+``<workdir>/tensorboard/<loop>/events.out.tfevents.*`` (``runtime/tensorboard.py``).
 """
 
 import time
@@ -11,7 +11,7 @@ import jax
 from absl import logging
 from etils import epath
 
-from pipeline.tensorboard import ScalarWriter
+from runtime.tensorboard import ScalarWriter
 
 
 class Progress:

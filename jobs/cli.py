@@ -25,9 +25,9 @@ from etils import epath
 from ml_collections import config_flags
 
 from parallel import distributed, supervisor
-from pipeline import preemption
-from pipeline import workdir as wd
-from pipeline.errors import USER_ERRORS
+from runtime import preemption
+from runtime.errors import USER_ERRORS
+from stages import workdir as wd
 
 Stage = Callable[[ml_collections.ConfigDict, epath.PathLike], Any]
 
@@ -199,7 +199,7 @@ def run_stages(
     preemption.install_handler()
     try:
         if checks:
-            from pipeline import stage as stage_lib  # heavy: not in the supervisor's imports
+            from stages import setup as stage_lib
 
             stage_lib.check_all(config, checks)
         wd.ensure_writable(workdir)
@@ -245,7 +245,7 @@ def _lost_peer(e: BaseException) -> None:
 
 def main(stage_modules: Sequence[str]) -> None:
     """The body of every ``jobs/*.py``: parse flags, then run the stages, each the ``run`` of a
-    module named here (``"pipeline.arnoldi"``).
+    module named here (``"stages.arnoldi"``).
 
     The stage modules are imported only once the process knows it runs them: a multi-process
     job's supervisor (``parallel/supervisor.py``) never does, so it stays a small process (1 s and

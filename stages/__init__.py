@@ -1,4 +1,5 @@
-"""Orchestration: each module is one job's logic, ``run(config, workdir)``; jobs/ only parses flags.
+"""The stages: each module is one job's logic, ``run(config, workdir)`` (train, fit, score,
+evaluate, report); ``jobs/`` only parses flags.
 
 TensorFlow (imported by tfds, for TFDS sources) reads these at import; set them before anything
 imports it.

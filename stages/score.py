@@ -1,22 +1,22 @@
 """The score job: projections g = G∇ℓ(x) of every example (Alg. 1, lines 19–27), in forward or
-reverse mode as ``score.mode`` says (``parallel/projection.py`` sizes and, under auto, times them).
+reverse mode as ``score.mode`` says (``parallel/products.py`` sizes and, under auto, times them).
 
-Each split is scored in fixed parts of ``score.examples_per_shard`` rows (``pipeline/parts.py``:
+Each split is scored in fixed parts of ``score.examples_per_shard`` rows (``scoring/parts.py``:
 one Parquet file each, the unit of resumption). Parts are dealt to the processes' row groups
-(``pipeline/data.py``): each reads and scores only its own examples. The loop keeps the device
-busy: Grain threads read and decode the next ``score.read_ahead`` batches (``pipeline/prefetch.py``),
+(``scoring/schedule.py``): each reads and scores only its own examples. The loop keeps the device
+busy: Grain threads read and decode the next ``score.read_ahead`` batches (``runtime/prefetch.py``),
 and batch i + 1 is dispatched before the projections of batch i are fetched to the host and
 written.
 
 With ``distill.tail`` each row also gets ‖∇ℓ(x)‖² (one more column of the projector) and, for
 train → test, its products with the query gradients ∇ℓ(z), computed once here and appended to G
-as extra tangents (forward) or GEMM columns (reverse); ``pipeline/parts.py`` derives the tail
+as extra tangents (forward) or GEMM columns (reverse); ``scoring/row_layout.py`` derives the tail
 columns from them.
 
 On SIGTERM every process stops at the same step and saves the rows its unfinished part has so far;
 the next run scores only the rest of that part. Then each of ``score.num_queries`` eval examples
 is traced back to its ``score.top_k`` strongest training proponents and opponents, streaming over
-the train parts (``pipeline/queries.py``).
+the train parts (``scoring/queries.py``).
 """
 
 import time
@@ -30,31 +30,21 @@ from jax.experimental import multihost_utils
 
 from checkpoints.fingerprint import check
 from influence import scoring
-from parallel import projection, sharding
-from pipeline import (
-    artifacts,
-    data,
-    failpoints,
-    finite,
-    outputs,
-    parts,
-    preemption,
-    prefetch,
-    queries,
-    tangents,
-    validate,
-)
-from pipeline import workdir as wd
-from pipeline.errors import InputError
-from pipeline.progress import Progress
-from pipeline.stage import Stage
+from parallel import products, sharding
+from runtime import failpoints, finite, outputs, preemption, prefetch
+from runtime.errors import InputError
+from runtime.progress import Progress
+from scoring import parts, queries, schedule, tangents
+from stages import artifacts, checks
+from stages import workdir as wd
+from stages.setup import Stage
 
 SPLITS = ("train", "eval")
 TOPK_FILE = queries.TOPK_FILE
 
 
 # The input checks of this stage; a job of several stages runs them all before the first.
-CHECK = validate.check_score
+CHECK = checks.check_score
 
 
 def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
@@ -92,13 +82,13 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
     plan = [
         part
         for name in SPLITS
-        for part in data.parts(name, stage.split(name).num_examples, s.examples_per_shard)
+        for part in parts.parts(name, stage.split(name).num_examples, s.examples_per_shard)
     ]
     remaining = parts.remaining(scores_dir, plan)
     rows = sharding.local_rows(stage.mesh, s.batch_size)
     num_groups, group, leader = sharding.row_groups(stage.mesh, s.batch_size)
     writer = parts.PartWriter(scores_dir, eigvals, layout, enabled=leader)
-    batches = data.scoring_plan(remaining, num_groups, group, rows.size)
+    batches = schedule.scoring_plan(remaining, num_groups, group, rows.size)
     logging.info(
         "scoring %d of %d parts (%d resumed) in %d steps of %d examples (%d row groups)",
         len(remaining),
@@ -126,20 +116,20 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
         outputs.write_json(stage.path(wd.SCORES_META), meta)
     project = tangents.projector(stage, operator, layout, len(batches))
 
-    def read(step: int) -> tuple[data.LocalBatch, dict]:
+    def read(step: int) -> tuple[schedule.LocalBatch, dict]:
         """Host work of one step (in a prefetch thread): its rows, read and decoded."""
         batch = batches[step]
         return batch, stage.split(batch.part.split if batch.part else "train").take(batch.positions)
 
     def score(
-        step: int, batch: data.LocalBatch, read: dict
-    ) -> tuple[int, data.LocalBatch, dict, projection.Projected]:
+        step: int, batch: schedule.LocalBatch, read: dict
+    ) -> tuple[int, schedule.LocalBatch, dict, products.Projected]:
         """Dispatch one batch to the devices (returns before they are done)."""
         inputs = stage.task.model_inputs(read)
         projected = [(project(at, vectors, inputs), w) for at, vectors, w in weighted]
-        return step, batch, read, projection.Weighted.of(projected)
+        return step, batch, read, products.Weighted.of(projected)
 
-    def collect(step: int, batch: data.LocalBatch, read: dict, g: projection.Projected) -> None:
+    def collect(step: int, batch: schedule.LocalBatch, read: dict, g: products.Projected) -> None:
         """Fetch a dispatched batch's projections (waits for it) and hand them to the writer,
         after checking the whole global batch is finite (the same answer on every process)."""
         if not g.all_finite():

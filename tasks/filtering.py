@@ -29,9 +29,9 @@ import numpy as np
 import pyarrow.parquet as pq
 from etils import epath
 
-from pipeline import outputs
-from pipeline import workdir as wd
-from pipeline.errors import InputError
+from runtime import outputs
+from runtime.errors import InputError
+from stages import workdir as wd
 from tasks.base import Task
 from tasks.sources import MappedSource, Source
 

@@ -3,7 +3,7 @@ writer and protos.
 
 clu's metric writers (and ``tf.summary``) import TensorFlow, which cost every job process 6 s and
 580 MB before its first step, for a few scalars per loop (measured on 2 CPU cores: importing
-``pipeline.arnoldi`` took 7.5 s and 814 MB with clu's writers, 1.4 s and 231 MB with this one). The format is TensorBoard's: a TFRecord file of
+``stages.arnoldi`` took 7.5 s and 814 MB with clu's writers, 1.4 s and 231 MB with this one). The format is TensorBoard's: a TFRecord file of
 ``Event`` protos named ``events.out.tfevents.<time>.<host>``, starting with the file version
 event, one ``simple_value`` per scalar (what ``tf.summary.scalar`` wrote in TF 1 and TensorBoard
 reads to this day).

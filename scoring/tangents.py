@@ -1,6 +1,6 @@
-"""What the score job projects every example onto, for each method (``pipeline/score.py``).
+"""What the score job projects every example onto, for each method (``stages/score.py``).
 
-Every row the projector computes for an example x is, in this order (``parts.Layout``):
+Every row the projector computes for an example x is, in this order (``row_layout.Layout``):
 
 - g(x) = G∇ℓ(x), the p̃ projections onto the method's eigenvectors (none for the others);
 - ⟨∇ℓ(x), t_q⟩ for each traced query z_q: t_q = ∇ℓ(z_q) where the tail or the method's own σ
@@ -11,7 +11,7 @@ Every row the projector computes for an example x is, in this order (``parts.Lay
   (I − GᵀG)/σ where set; ``influence.scoring.apply_inverse``): the influence of x on the mean
   validation loss, the protocol of DataInf and HyperINF (Kwon et al. 2023; Zhou et al. 2024);
 - ‖∇ℓ(x)‖² where a σ is set, or ⟨∇ℓ(x), P∇ℓ(x)⟩ for an ``Operator`` method (its
-  self-influence, ``parallel/operator_scoring.py``).
+  self-influence, ``parallel/operator_products.py``).
 
 TracIn repeats this at each kept checkpoint, its rows summed with the learning rates.
 """
@@ -25,9 +25,10 @@ import numpy as np
 from influence import scoring
 from methods import passes
 from methods.base import Operator
-from parallel import operator_scoring, projection, sharding
-from pipeline import artifacts, parts, queries
-from pipeline.stage import Stage
+from parallel import operator_products, products, sharding
+from scoring import queries, row_layout
+from stages import artifacts
+from stages.setup import Stage
 
 
 def mean_gradient(stage: Stage, params: Any) -> Any:
@@ -47,11 +48,13 @@ def mean_gradient(stage: Stage, params: Any) -> Any:
     )
 
 
-def layout(stage: Stage, num_vectors: int, sigma: float | None, intrinsic: bool) -> parts.Layout:
+def layout(
+    stage: Stage, num_vectors: int, sigma: float | None, intrinsic: bool
+) -> row_layout.Layout:
     """The columns of the projector's rows (module docstring); an ``Operator`` method's σ is 1
     (its products are the influences) and its last column its self-influence."""
     operator = stage.method.operator is not None
-    return parts.Layout(
+    return row_layout.Layout(
         0 if operator else num_vectors,
         min(stage.config.score.num_queries, stage.split("eval").num_examples)
         if stage.config.score.num_queries and (sigma is not None or operator)
@@ -69,7 +72,7 @@ def build(
     params: Any,
     eig_state: dict[str, Any],
     eigvals: np.ndarray,
-    rows: parts.Layout,
+    rows: row_layout.Layout,
 ) -> tuple[list[tuple[Any, Any, float]], Operator | None]:
     """([(params, tangents, weight)] of every scored model, the method's ``Operator`` or None):
     the tangents in the order of the ``rows`` layout (module docstring)."""
@@ -105,13 +108,13 @@ def build(
 
 
 def projector(
-    stage: Stage, operator: Operator | None, rows: parts.Layout, num_steps: int
-) -> projection.Projector | operator_scoring.OperatorProjector:
+    stage: Stage, operator: Operator | None, rows: row_layout.Layout, num_steps: int
+) -> products.Projector | operator_products.OperatorProjector:
     """The projector of the rows: per-example gradients and ``operator.solve`` for an
     ``Operator`` method, else forward or reverse mode as ``score.mode`` says."""
     s = stage.config.score
     if operator is not None:
-        return operator_scoring.OperatorProjector(
+        return operator_products.OperatorProjector(
             stage.task.per_example_loss,
             stage.param_sh,
             stage.mesh,
@@ -121,7 +124,7 @@ def projector(
             num_steps=num_steps,
             name=stage.method.name,
         )
-    return projection.Projector(
+    return products.Projector(
         stage.task.per_example_loss,
         stage.param_sh,
         stage.vector_sh,

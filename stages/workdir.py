@@ -25,7 +25,7 @@ from etils import epath
 
 from checkpoints import fingerprint
 from influence.selection import Selection
-from pipeline.errors import InputError
+from runtime.errors import InputError
 
 TRAIN_STATE = "train_state"
 PARAMS = "params"
@@ -95,7 +95,7 @@ NOT_TRAINING = (
 )
 """Config blocks that do not change the trained params (layout, and the stages after training);
 every other field does, including any block a task of its own reads (a new stage's block is
-added here). ``filter`` does change them, through what it keeps: ``pipeline/filtering.py`` puts
+added here). ``filter`` does change them, through what it keeps: ``tasks/filtering.py`` puts
 the digest of the kept examples into the task's fingerprint."""
 NOT_TRAINING_FIELDS = ("train.checkpoint_every", "train.keep_epochs")
 

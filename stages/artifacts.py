@@ -14,9 +14,9 @@ import numpy as np
 from checkpoints.checkpointer import Checkpointer, UnreadableCheckpointError
 from checkpoints.fingerprint import digest, meta_check
 from parallel import sharding
-from pipeline import workdir as wd
-from pipeline.errors import InputError
-from pipeline.stage import Stage
+from runtime.errors import InputError
+from stages import workdir as wd
+from stages.setup import Stage
 
 FIX = "use a new --workdir, or restore the config the saved state was computed with"
 

@@ -17,9 +17,10 @@ from absl import logging
 from etils import epath
 
 from influence import scoring
-from parallel import sharding, steps
-from pipeline import outputs, parts
-from pipeline.stage import Stage
+from parallel import programs, sharding
+from runtime import outputs
+from scoring import row_layout
+from stages.setup import Stage
 
 TOPK_FILE = "influence_topk.parquet"
 # Queries scored against a training part at once: the block is (part rows × QUERY_BLOCK) floats.
@@ -36,7 +37,7 @@ def query_gradients(stage: Stage, params: Any, num_queries: int) -> Any:
     batch = {
         k: jax.make_array_from_process_local_data(repl, np.asarray(v)) for k, v in columns.items()
     }
-    grads = steps.jit_example_grads(
+    grads = programs.jit_example_grads(
         stage.task.per_example_loss, stage.param_sh, stage.vector_sh, stage.mesh, stage.selection
     )
     return grads(params, batch)
@@ -62,15 +63,15 @@ def trace(
     """
     queries = outputs.read_parquet_dir(scores_dir / "eval")
     queries = queries.slice(0, min(num_queries, queries.num_rows))
-    g_query, query_ids = parts.projections(queries), queries.column("id").to_numpy()
+    g_query, query_ids = row_layout.projections(queries), queries.column("id").to_numpy()
     names = ("influence", "influence_tail") if sigma is not None else ("influence",)
     if intrinsic:
         names = ("influence",)
     best = {kind: _TopK(top_k, len(query_ids), len(names)) for kind in KINDS}
     for file in sorted((scores_dir / "train").glob("part-*.parquet")):
         part = outputs.read_parquet(file)
-        g, ids = parts.projections(part), part.column("id").to_numpy()
-        dots = parts.projections(part, "query_dots") if sigma is not None else None
+        g, ids = row_layout.projections(part), part.column("id").to_numpy()
+        dots = row_layout.projections(part, "query_dots") if sigma is not None else None
         for start in range(0, len(query_ids), query_block):
             block = slice(start, min(start + query_block, len(query_ids)))
             values = (

@@ -18,9 +18,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 from etils import epath
 
-from pipeline import evaluate, outputs
-from pipeline.queries import TOPK_FILE
-from pipeline.stage import Stage
+from runtime import outputs
+from scoring.queries import TOPK_FILE
+from stages import evaluate
+from stages.setup import Stage
 
 GALLERY_SIZE = 32
 NUM_QUERIES = 4

@@ -1,7 +1,7 @@
 """The fit job: the configured method's artifact (``methods/``), fitted once and cached.
 
 ``config.method.name`` selects the method (``methods/registry.py``). Arnoldi is fitted by its own
-stage (``pipeline/arnoldi.py``: Krylov checkpoints, resumption); every other method's ``fit``
+stage (``stages/arnoldi.py``: Krylov checkpoints, resumption); every other method's ``fit``
 runs here: its eigenpairs are saved in ``<workdir>/methods/<name>/eigenpairs`` with the method's
 fingerprint (``pipeline/workdir.fit_fingerprint``) and reused while it matches; a changed config
 is a one-line error naming the field, and the saved artifact stays as it was.
@@ -18,9 +18,10 @@ from jax.sharding import Mesh
 from checkpoints.checkpointer import Checkpointer, UnreadableCheckpointError
 from checkpoints.fingerprint import digest
 from methods import registry
-from pipeline import artifacts, outputs
-from pipeline import workdir as wd
-from pipeline.stage import Stage
+from runtime import outputs
+from stages import artifacts
+from stages import workdir as wd
+from stages.setup import Stage
 
 
 def check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:

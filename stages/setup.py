@@ -4,7 +4,7 @@ shardings.
 Each job's ``run(config, workdir)`` starts with ``Stage.setup``; the order matters: the mesh
 must exist before the checks (batch sizes must divide its 'data' axis), and the checks run before
 the task is built, so bad input costs nothing; checks that need the split sizes run right after
-(sources are lazy: nothing but the sizes and one example is read). Restoring saved results (``pipeline/artifacts.py``)
+(sources are lazy: nothing but the sizes and one example is read). Restoring saved results (``stages/artifacts.py``)
 comes next and takes the Stage.
 """
 
@@ -22,9 +22,11 @@ from methods import registry
 from methods.base import Method
 from parallel import sharding
 from parallel.mesh import make_mesh
-from pipeline import data, finite, validate
-from pipeline import workdir as wd
-from pipeline.errors import InputError
+from runtime import finite
+from runtime.errors import InputError
+from stages import checks
+from stages import workdir as wd
+from tasks import loading
 from tasks.base import Task
 from tasks.sources import Source
 
@@ -71,8 +73,8 @@ class Stage:
         m = config.mesh
         mesh = make_mesh(m.data, m.model, m.num_devices, m.num_slices)
         check(config, mesh)
-        task = data.load(config, workdir)
-        validate.check_sizes(config, task)
+        task = loading.load(config, workdir)
+        checks.check_sizes(config, task)
         params_like = jax.eval_shape(task.init_params, jax.random.key(0))
         param_sh = sharding.param_shardings(params_like, mesh, m.min_shard_size)
         try:
@@ -103,13 +105,13 @@ class Stage:
 
     @property
     def train_fingerprint(self) -> dict[str, Any]:
-        """What the trained params depend on (``pipeline/workdir.py``)."""
+        """What the trained params depend on (``stages/workdir.py``)."""
         return wd.train_fingerprint(self.config, dict(self.task.fingerprint))
 
     def split(self, name: str) -> Source:
         return self.task.splits[name]
 
     def path(self, name: str) -> epath.Path:
-        """A result's location inside the workdir (names in ``pipeline/workdir.py``; a method's
+        """A result's location inside the workdir (names in ``stages/workdir.py``; a method's
         own results under ``methods/<name>/`` unless it is Arnoldi)."""
         return self.workdir / wd.result(self.config, name)

@@ -1,4 +1,4 @@
-"""What the report job (``pipeline/report.py``) computes from its runs and how it shows them:
+"""What the report job (``stages/report.py``) computes from its runs and how it shows them:
 the Figure 1 errors, the Ritz diagnostics in words, the two PNGs and the Markdown."""
 
 import matplotlib
@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from pipeline import outputs
+from runtime import outputs
 
 SWEPT = ("arnoldi", "randproj", "randselect")  # the methods whose p̃ the report sweeps
 SEED_SPREAD_WARN = 0.05  # top eigenvalues moving more than this between seeds: say what to raise

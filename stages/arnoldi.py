@@ -14,17 +14,20 @@ from absl import logging
 
 from checkpoints.checkpointer import Checkpointer, UnreadableCheckpointError
 from checkpoints.fingerprint import digest, meta_check
-from influence import arnoldi, distill
+from influence import distill, krylov
 from influence.hvp import make_hvp
-from parallel import sharding, steps
-from pipeline import artifacts, data, failpoints, finite, outputs, preemption, validate
-from pipeline import workdir as wd
-from pipeline.errors import InputError
-from pipeline.progress import Progress
-from pipeline.stage import Stage
+from methods import arnoldi as arnoldi_method
+from parallel import programs, sharding
+from runtime import failpoints, finite, outputs, preemption
+from runtime.errors import InputError
+from runtime.progress import Progress
+from stages import artifacts
+from stages import workdir as wd
+from stages.setup import Stage
+from tasks import batching
 
 # The input checks of this stage; a job of several stages runs them all before the first.
-CHECK = validate.check_arnoldi
+CHECK = arnoldi_method.check
 
 
 def run(config, workdir) -> None:
@@ -58,17 +61,17 @@ def _summary(meta: dict) -> dict:
     return {k: v for k, v in meta.items() if k != "fingerprint"}
 
 
-def iterate(stage: Stage, params: Any, params_id: str) -> arnoldi.ArnoldiResult:
+def iterate(stage: Stage, params: Any, params_id: str) -> krylov.ArnoldiResult:
     """Alg. 1 lines 1–10 from the latest Krylov checkpoint (or from q_0), saving every
-    ``arnoldi.checkpoint_every`` iterations, at the last one and at a preemption."""
+    ``krylov.checkpoint_every`` iterations, at the last one and at a preemption."""
     config, mesh, a = stage.config, stage.mesh, stage.config.arnoldi
     fingerprint = wd.krylov_fingerprint(config, params_id, stage.selection)
-    init = steps.jit_init_krylov_state(stage.vectors_like, a.num_iters, stage.vector_sh, mesh)
+    init = programs.jit_init_krylov_state(stage.vectors_like, a.num_iters, stage.vector_sh, mesh)
     key = jax.random.key(a.seed)
     with Checkpointer(stage.path(wd.KRYLOV), save_interval_steps=a.checkpoint_every) as ckpt:
         found = ckpt.restore_latest(
             sharding.abstract_like(
-                jax.eval_shape(init, key), steps.krylov_shardings(stage.vector_sh, mesh)
+                jax.eval_shape(init, key), programs.krylov_shardings(stage.vector_sh, mesh)
             ),
             meta_check(fingerprint, f"the Krylov state in {ckpt.directory}", artifacts.FIX),
         )
@@ -76,9 +79,9 @@ def iterate(stage: Stage, params: Any, params_id: str) -> arnoldi.ArnoldiResult:
         if found:
             logging.info("resuming Arnoldi at iteration %d from %s", start, ckpt.directory)
             hessenberg = sharding.replicated_to_host(state["hessenberg"])
-            completed = arnoldi.completed_iterations(hessenberg, start)
+            completed = krylov.completed_iterations(hessenberg, start)
             if completed < start:
-                return arnoldi.ArnoldiResult(state, completed, "broke down in an earlier run")
+                return krylov.ArnoldiResult(state, completed, "broke down in an earlier run")
         logging.info("influence over %s", stage.selection.describe(stage.params_like))
         logging.info(
             "Krylov basis: %d vectors x %d params, %.1f MiB on the most loaded device (mesh %s)",
@@ -88,16 +91,16 @@ def iterate(stage: Stage, params: Any, params_id: str) -> arnoldi.ArnoldiResult:
             dict(mesh.shape),
         )
         if start == a.num_iters:
-            return arnoldi.ArnoldiResult(state, start, None)
+            return krylov.ArnoldiResult(state, start, None)
 
         train_split = stage.split("train")
         saved = {"step": start}
 
         def get_batch(k: int) -> dict:
-            positions = data.hvp_batch_indices(
+            positions = batching.hvp_batch_indices(
                 train_split.num_examples, a.hvp_batch_size, a.seed, k, a.fixed_batch
             )
-            return data.global_batch(stage.task, train_split, positions, mesh)
+            return batching.global_batch(stage.task, train_split, positions, mesh)
 
         guard = finite.Guard(
             "arnoldi",
@@ -105,7 +108,7 @@ def iterate(stage: Stage, params: Any, params_id: str) -> arnoldi.ArnoldiResult:
             "check the trained params and the data for non-finite values",
         )
 
-        def save(done: int, state: arnoldi.KrylovState, force: bool) -> None:
+        def save(done: int, state: krylov.KrylovState, force: bool) -> None:
             if force or done % a.checkpoint_every == 0:
                 guard.check(f"the last Krylov state is of iteration {saved['step']}")
             meta = {"fingerprint": fingerprint, "iteration": done}
@@ -114,7 +117,7 @@ def iterate(stage: Stage, params: Any, params_id: str) -> arnoldi.ArnoldiResult:
 
         with Progress(stage.workdir, "arnoldi", a.num_iters, config.log_every_secs) as progress:
 
-            def on_iteration(done: int, state: arnoldi.KrylovState, info: arnoldi.StepInfo):
+            def on_iteration(done: int, state: krylov.KrylovState, info: krylov.StepInfo):
                 guard.update(done, info["hvp_norm"])
                 failpoints.maybe_fail("arnoldi_iteration", done)
                 stop = preemption.reached(done)
@@ -127,7 +130,7 @@ def iterate(stage: Stage, params: Any, params_id: str) -> arnoldi.ArnoldiResult:
                         f"Arnoldi preempted; Krylov state saved at iteration {done}"
                     )
 
-            step_fn = steps.jit_arnoldi_step(
+            step_fn = programs.jit_arnoldi_step(
                 make_hvp(stage.task.per_example_loss, config.l2, stage.selection),
                 stage.param_sh,
                 stage.vector_sh,
@@ -136,7 +139,7 @@ def iterate(stage: Stage, params: Any, params_id: str) -> arnoldi.ArnoldiResult:
                 a.orthogonalization,
             )
             logging.info("running Arnoldi iterations %d to %d", start + 1, a.num_iters)
-            result = arnoldi.run_arnoldi(
+            result = krylov.run_arnoldi(
                 step_fn, state, params, get_batch, a.num_iters, start, on_iteration
             )
         if result.breakdown:
@@ -148,7 +151,7 @@ def iterate(stage: Stage, params: Any, params_id: str) -> arnoldi.ArnoldiResult:
 
 
 def distill_and_save(
-    stage: Stage, eig_ckpt: Checkpointer, result: arnoldi.ArnoldiResult, params_id: str
+    stage: Stage, eig_ckpt: Checkpointer, result: krylov.ArnoldiResult, params_id: str
 ) -> None:
     """Alg. 1 lines 11–18: the top-p̃ Ritz pairs, G = Uᵀ Q sharded like the params, saved with
     their fingerprint; eigenvalues.json for people."""
@@ -160,7 +163,7 @@ def distill_and_save(
         pairs = distill.ritz_pairs(hessenberg, m, d.top_k, d.positive_only, d.symmetric)
     except ValueError as e:
         raise InputError(f"distill: {e}") from e
-    eigvecs = steps.jit_to_parameter_space(stage.vector_sh, stage.mesh)(
+    eigvecs = programs.jit_to_parameter_space(stage.vector_sh, stage.mesh)(
         np.asarray(pairs.coords, np.float32), result.state["krylov_basis"]
     )
     block = hessenberg[:m, :m]
