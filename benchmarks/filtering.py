@@ -3,15 +3,16 @@
     .venv/bin/python -m benchmarks.filtering --config=configs/translation.py \
         --scored=workdirs/translation --keep=0.5,0.9 --out=workdirs/filtering
 
-``--scored`` is a finished pipeline run of the same config (``jobs.pipeline``): its scores rank
-the training split. For each x in ``--keep``, ``jobs.train`` trains, each in its own process as a
-user runs it, on the x fraction with the lowest self-influence (``filter.scores=<scored>``) and on
-a random x fraction (``filter.by=random``, seeded by ``--seed``), in ``<out>/<by>-<x>[-seed<s>]/``
-(reused when already trained, so a second ``--seed`` only adds random subsets). Then, for those
-and for the scored run itself (all the data), the held-out quality of the trained params: mean
-eval loss, the task's metrics and corpus metrics (BLEU and chrF of greedy translations for
-translation), and how many of the task's corrupted examples each training set kept. Prints one
-table and writes ``<out>/filtering-seed<s>.json``.
+``--scored`` is a finished pipeline run of the same config (``jobs.pipeline``): the configured
+method's scores (``<scored>/methods/<name>/scores``) rank the training split. For each x in
+``--keep``, ``jobs.train`` trains, each in its own process as a user runs it, on the x fraction
+with the lowest self-influence (``filter.scores=<scored>``) and on a random x fraction
+(``filter.by=random``, seeded by ``--seed``), in ``<out>/<by>-<x>[-seed<s>]/`` (reused when
+already trained, so a second ``--seed`` only adds random subsets). Then, for those and for the
+scored run itself (all the data), the held-out quality of the trained params: mean eval loss, the
+task's metrics and corpus metrics (BLEU and chrF of greedy translations for translation), and how
+many of the task's corrupted examples each training set kept. Prints one table and writes
+``<out>/filtering-seed<s>.json``.
 """
 
 import importlib.util
@@ -77,27 +78,27 @@ def train_filtered(workdir: Path, fields: dict[str, object]) -> float:
 def quality(config, workdir: Path) -> dict[str, float]:
     """Held-out quality of the params trained in ``workdir`` and the corrupted examples kept."""
     from runtime import outputs
-    from stages import artifacts, checks
+    from runtime import workdir as wd
+    from stages import checks, setup
     from stages import train as train_stage
-    from stages import workdir as wd
-    from stages.setup import Stage
+    from stages.artifacts import restore_params
 
-    stage = Stage.setup(config, workdir, checks.check_train)
-    params, _ = artifacts.restore_params(stage)
-    held_out = stage.split("eval")
+    params, ctx = restore_params(setup.context(config, workdir, checks.check_train))
+    held_out = ctx.split("eval")
     result = {
-        "num_train": stage.split("train").num_examples,
+        "num_train": ctx.split("train").num_examples,
         **{
             f"eval_{k}": v
             for k, v in train_stage.evaluate(
-                stage.task, params, held_out, stage.mesh, config.train.batch_size
+                ctx.task, params, held_out, ctx.mesh, config.train.batch_size
             ).items()
         },
     }
-    if stage.task.corpus_metrics is not None:
-        result.update(stage.task.corpus_metrics(params, held_out))
-    if stage.task.corruption_column and stage.path(wd.CORRUPTED).exists():
-        result["corrupted_kept"] = outputs.read_parquet(stage.path(wd.CORRUPTED)).num_rows
+    if ctx.task.corpus_metrics is not None:
+        result.update(ctx.task.corpus_metrics(params, held_out))
+    corrupted = ctx.workdir / wd.CORRUPTED
+    if ctx.task.corruption_column and corrupted.exists():
+        result["corrupted_kept"] = outputs.read_parquet(corrupted).num_rows
     return result
 
 

@@ -24,11 +24,11 @@ from ml_collections import config_flags
 from scipy import stats
 
 from influence import scoring
+from methods import registry
 from runtime import outputs
+from runtime import workdir as wd
 from scoring import row_layout
-from stages import artifacts, train
-from stages import workdir as wd
-from stages.setup import Stage
+from stages import artifacts, setup, train
 from tasks import filtering
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/mnist.py", "Config file[:presets].")
@@ -48,18 +48,17 @@ def subset_losses(
     sub.filter.by, sub.filter.keep, sub.filter.seed = filtering.RANDOM, _ALPHA.value, m
     workdir = out / f"subset-{m:03d}"
     train.run(sub, workdir)
-    stage = Stage.setup(sub, workdir, train.CHECK)
-    params, _ = artifacts.restore_params(stage)
-    evaluation = stage.split("eval")
-    inputs = stage.task.model_inputs(evaluation.take(np.arange(num_test)))
-    losses = jax.jit(stage.task.per_example_loss)(jax.device_get(params), inputs)
+    params, ctx = artifacts.restore_params(setup.context(sub, workdir, train.CHECK))
+    evaluation = ctx.split("eval")
+    inputs = ctx.task.model_inputs(evaluation.take(np.arange(num_test)))
+    losses = jax.jit(ctx.task.per_example_loss)(jax.device_get(params), inputs)
     return filtering.random_subset(n, round(_ALPHA.value * n), m), np.asarray(losses, np.float64)
 
 
 def influences(directory: epath.Path, config, num_test: int) -> np.ndarray:
     """(N, T) influence of every training example (in position order) on the first T eval
     examples, from a run's saved projections, as the score job's train → test computes it."""
-    scores = wd.result_path(config, directory, wd.SCORES)
+    scores = wd.results(directory, registry.of(config).name) / wd.SCORES
     meta = outputs.read_json(scores / "meta.json")
     eigvals = np.asarray(meta["eigvals"], np.float32)
     sigma, intrinsic = meta.get("tail_sigma"), meta.get("intrinsic_sigma", False)
@@ -97,7 +96,7 @@ def main(argv: list[str]) -> None:
     out = epath.Path(_OUT.value) if _OUT.value else report / "lds"
     rows = outputs.read_json(report / "report.json")["rows"]
     start = time.perf_counter()
-    n = Stage.setup(config, report, train.CHECK).split("train").num_examples
+    n = setup.context(config, report, train.CHECK).split("train").num_examples
     trained = [subset_losses(config, out, n, m, _NUM_TEST.value) for m in range(_NUM_MODELS.value)]
     kept, losses = [k for k, _ in trained], np.stack([loss for _, loss in trained])
     train_s = time.perf_counter() - start

@@ -35,8 +35,9 @@ import scipy.optimize
 import scipy.sparse.linalg
 from absl import app, flags
 
-from influence import distill, krylov, scoring
+from influence import distill, scoring
 from influence.hvp import make_hvp
+from influence.krylov import ArnoldiResult, arnoldi_step, init_state, run_arnoldi
 from tasks import mnist
 from tasks.base import ClassificationTask
 from tasks.models import SoftmaxRegression
@@ -272,18 +273,18 @@ def params_of(problem: Problem, theta: np.ndarray) -> dict:
     return {"Dense_0": {"kernel": t[:-1], "bias": t[-1]}}
 
 
-def krylov(problem: Problem, params: dict, num_iters: int, seed: int = 0) -> krylov.ArnoldiResult:
+def krylov(problem: Problem, params: dict, num_iters: int, seed: int = 0) -> ArnoldiResult:
     """Algorithm 1 lines 1–10 on the full training batch (the exact Hessian's Krylov space)."""
     step = jax.jit(
-        functools.partial(krylov.arnoldi_step, make_hvp(problem.task.per_example_loss, problem.l2))
+        functools.partial(arnoldi_step, make_hvp(problem.task.per_example_loss, problem.l2))
     )
-    state = jax.jit(krylov.init_state, static_argnums=1)(params, num_iters, jax.random.key(seed))
+    state = jax.jit(init_state, static_argnums=1)(params, num_iters, jax.random.key(seed))
     batch = {"image": problem.images, "label": problem.labels}
-    return krylov.run_arnoldi(step, state, params, lambda k: batch, num_iters)
+    return run_arnoldi(step, state, params, lambda k: batch, num_iters)
 
 
 def predict(
-    problem: Problem, params: dict, result: krylov.ArnoldiResult, found: Truth, top_k: int
+    problem: Problem, params: dict, result: ArnoldiResult, found: Truth, top_k: int
 ) -> dict[str, np.ndarray]:
     """(q, k) predicted loss changes for the pairs of ``found`` with each tail."""
     hessenberg = np.asarray(result.state["hessenberg"])
@@ -291,7 +292,7 @@ def predict(
     pairs = distill.distill(hessenberg, result.state["krylov_basis"], m, top_k)
     block = hessenberg[:m, :m]
     ritz = np.linalg.eigvalsh(0.5 * (block + block.T))
-    project = jax.jit(scoring.make_projector(problem.task.per_example_loss))
+    project = jax.jit(scoring.make_forward_products(problem.task.per_example_loss))
     queries = {
         "image": problem.test_images[found.test_rows],
         "label": problem.test_labels[found.test_rows],

@@ -1,11 +1,11 @@
-"""The score job's projector in its three modes, side by side on the same weights and examples.
+"""The score job's products program in its three modes, side by side on the same weights and examples.
 
     .venv/bin/python -m benchmarks.scoring_modes [--model=flax_cnn] [--num_examples=4000]
 
 For each p̃ in ``--top_k`` it scores ``--num_examples`` real MNIST examples in batches of
-``--batch_size`` with ``parallel.products.Projector`` (what ``jobs.score`` runs: compiled for
+``--batch_size`` with ``parallel.products.Program`` (what ``jobs.score`` runs: compiled for
 the job's shapes and sized to ``--memory_budget_mb``) three times: ``score.mode=forward``,
-``reverse`` and ``auto``. Each time is wall clock from a fresh projector (compiling, and under
+``reverse`` and ``auto``. Each time is wall clock from a fresh program (compiling, and under
 auto the probing, included) to the last batch's projections on the host, one batch fetched
 while the next runs as in the job. It prints the three times, the plan auto chose and auto's
 ratio to the faster of the other two (issue 11's target: <= 1.1), and checks that all three
@@ -33,7 +33,7 @@ _BUDGET = flags.DEFINE_float(
 )
 
 
-def score_all(project: products.Projector, params, eigvecs, batches: list[dict]) -> np.ndarray:
+def score_all(project: products.Program, params, eigvecs, batches: list[dict]) -> np.ndarray:
     """Every batch's projections on the host, fetching batch i while batch i + 1 runs."""
     out, pending = [], None
     for local in batches:
@@ -77,7 +77,7 @@ def main(argv: list[str]) -> None:
         )
         seconds, results, plans = {}, {}, {}
         for mode in ("forward", "reverse", "auto"):
-            project = products.Projector(
+            project = products.Program(
                 task.per_example_loss,
                 param_sh,
                 param_sh,

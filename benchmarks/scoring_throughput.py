@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.scoring_throughput [--model=small_cnn] [--top_k=20]
 
-Prepares one workdir (train + arnoldi on MNIST 5k, single process), then runs the score job on
+Prepares one workdir (train + fit, Arnoldi, on MNIST 5k, single process), then runs the score job on
 copies of it: once as 1 process with 1 CPU device, once as 2 processes with 1 CPU device each
 (launch/multiprocess.py). The score job logs its own throughput over all examples after its first
 (compiling) step; the ratio of the two is printed with the machine's core count. On one machine
@@ -61,9 +61,9 @@ def main(argv: list[str]) -> None:
     env.pop("XLA_FLAGS", None)
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
-        for stage in ("train", "arnoldi"):
+        for name in ("train", "fit"):
             subprocess.run(
-                job(stage, base, config), cwd=REPO, env=env, check=True, capture_output=True
+                job(name, base, config), cwd=REPO, env=env, check=True, capture_output=True
             )
         rates = {}
         for processes in (1, 2):

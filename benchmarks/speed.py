@@ -27,7 +27,7 @@ al. 2022, "Scaling up influence functions", Algorithm 1):
 
 By default the Arnoldi step donates its Krylov state, as parallel/programs.py does (``--nodonate``
 shows the cost of copying the whole basis every step); ``--orthogonalization`` picks DGKS, MGS2 or CGS2
-and ``--tangent_chunk`` the projector's chunking (default: one vmap over all p̃ tangents).
+and ``--tangent_chunk`` the products' chunking (default: one vmap over all p̃ tangents).
 """
 
 import functools
@@ -59,7 +59,9 @@ flags.DEFINE_integer("seed", 0, "Seed of the parameters and of the Arnoldi start
 flags.DEFINE_bool(
     "donate", True, "Donate the Krylov state to the Arnoldi step (in place), as the pipeline does."
 )
-flags.DEFINE_integer("tangent_chunk", 0, "make_projector tangent_chunk; 0 = None (one vmap).")
+flags.DEFINE_integer(
+    "tangent_chunk", 0, "make_forward_products tangent_chunk; 0 = None (one vmap)."
+)
 flags.DEFINE_enum(
     "orthogonalization", "mgs2", sorted(krylov.ORTHOGONALIZATION), "Arnoldi Gram–Schmidt variant."
 )
@@ -88,16 +90,21 @@ def time_call(fn: Callable[..., Any], *args: Any, repeats: int) -> float:
     return float(np.median(times))
 
 
+def arnoldi_step(hvp_fn: hvp.HVP) -> krylov.StepFn:
+    """The jitted Arnoldi step; it donates its Krylov state unless ``--nodonate``."""
+    donate = (0,) if FLAGS.donate else ()
+    return jax.jit(
+        functools.partial(krylov.arnoldi_step, hvp_fn, orthogonalization=FLAGS.orthogonalization),
+        donate_argnums=donate,
+    )
+
+
 def time_arnoldi(
     hvp_fn: hvp.HVP, params: Any, get_batch: Callable[[int], Any], num_iters: int, seed: int
 ) -> tuple[float, krylov.ArnoldiResult, float]:
     """(seconds, result, share of iterations that ran the second Gram–Schmidt pass) of
     ``run_arnoldi`` for ``num_iters`` steps, compile time excluded."""
-    donate = (0,) if FLAGS.donate else ()
-    step = jax.jit(
-        functools.partial(krylov.arnoldi_step, hvp_fn, orthogonalization=FLAGS.orthogonalization),
-        donate_argnums=donate,
-    )
+    step = arnoldi_step(hvp_fn)
     key = jax.random.key(seed)
     warm = krylov.init_state(params, num_iters, key)  # throwaway state: compiles the step
     jax.block_until_ready(step(warm, params, get_batch(0), jnp.asarray(0, jnp.int32)))
@@ -147,22 +154,11 @@ def arnoldi_synchronous(
     return state
 
 
-def time_lookahead(
-    hvp_fn: hvp.HVP, params: Any, source: dict, num_iters: int, project: Callable, eigvecs: Any
-) -> tuple[float, float]:
-    """[4]: the lookahead loops against the synchronous ones, batches read from host memory."""
-    n_rows = len(source["label"])
-    b = FLAGS.batch_size
-
-    def host_batch(k: int) -> dict:  # draws and ships a batch, as tasks/batching.py does
-        rows = np.random.default_rng([FLAGS.seed, k]).choice(n_rows, b, replace=False)
-        return jax.device_put({key: v[np.sort(rows)] for key, v in source.items()})
-
-    donate = (0,) if FLAGS.donate else ()
-    step = jax.jit(
-        functools.partial(krylov.arnoldi_step, hvp_fn, orthogonalization=FLAGS.orthogonalization),
-        donate_argnums=donate,
-    )
+def best_arnoldi_loops(
+    step: krylov.StepFn, params: Any, host_batch: Callable[[int], Any], num_iters: int
+) -> dict[str, float]:
+    """Seconds of the lookahead loop (``run_arnoldi``) and of the synchronous one, best of 2
+    each (alternating), each run after compiling the step on a throwaway state."""
     key = jax.random.key(FLAGS.seed)
     times = {}
     for name in ("synchronous", "lookahead", "synchronous", "lookahead"):  # each twice, alternating
@@ -177,7 +173,14 @@ def time_lookahead(
         jax.block_until_ready(out)
         times.setdefault(name, []).append(time.perf_counter() - start)
         del out, state
-    arn = {k: min(v) for k, v in times.items()}
+    return {k: min(v) for k, v in times.items()}
+
+
+def best_score_loops(
+    project: Callable, params: Any, eigvecs: Any, host_batch: Callable[[int], Any]
+) -> dict[str, float]:
+    """Seconds of ``--score_batches`` scoring batches, overlapped (batch i + 1 dispatched before
+    batch i is fetched) and synchronous, best of 2 each after a compiling run."""
 
     def score_loop(overlap: bool) -> float:
         start, pending, fetched = time.perf_counter(), None, 0
@@ -191,7 +194,7 @@ def time_lookahead(
             pending = g
         if pending is not None:
             fetched += np.asarray(pending).shape[0]
-        assert fetched == FLAGS.score_batches * b
+        assert fetched == FLAGS.score_batches * FLAGS.batch_size
         return time.perf_counter() - start
 
     score_loop(True)  # compile
@@ -199,7 +202,22 @@ def time_lookahead(
     for _ in range(2):
         score["synchronous"].append(score_loop(False))
         score["overlapped"].append(score_loop(True))
-    sc = {k: min(v) for k, v in score.items()}
+    return {k: min(v) for k, v in score.items()}
+
+
+def time_lookahead(
+    hvp_fn: hvp.HVP, params: Any, source: dict, num_iters: int, project: Callable, eigvecs: Any
+) -> tuple[float, float]:
+    """[4]: the lookahead loops against the synchronous ones, batches read from host memory."""
+    n_rows = len(source["label"])
+    b = FLAGS.batch_size
+
+    def host_batch(k: int) -> dict:  # draws and ships a batch, as tasks/batching.py does
+        rows = np.random.default_rng([FLAGS.seed, k]).choice(n_rows, b, replace=False)
+        return jax.device_put({key: v[np.sort(rows)] for key, v in source.items()})
+
+    arn = best_arnoldi_loops(arnoldi_step(hvp_fn), params, host_batch, num_iters)
+    sc = best_score_loops(project, params, eigvecs, host_batch)
     print(
         f"[4] arnoldi {num_iters} iterations: synchronous {arn['synchronous']:.2f} s, "
         f"lookahead {arn['lookahead']:.2f} s (best of 2 each)"
@@ -211,48 +229,59 @@ def time_lookahead(
     return arn["lookahead"] / arn["synchronous"], sc["overlapped"] / sc["synchronous"]
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    t_start = time.perf_counter()
-    n, p, b, r = FLAGS.num_iters, FLAGS.top_k, FLAGS.batch_size, FLAGS.repeats
-    if not 0 < p <= n:
-        raise app.UsageError(f"--top_k={p} must be in [1, --num_iters={n}]")
-    print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s)")
-    print(f"os.cpu_count() = {os.cpu_count()}")
-
+def fixed_batch(b: int) -> tuple[Any, Any, Any]:
+    """(the MNIST task of ``--model``, its first ``b`` training examples on the device, untrained
+    params seeded by ``--seed``)."""
     task = mnist.make_task(FLAGS.model)
     train = read_all(mnist.load_splits(num_train=b, num_eval=0, flip_fraction=0.0, seed=0)[0])
     batch = jax.device_put(task.model_inputs(train))
-    params = task.init_params(jax.random.key(FLAGS.seed))
-    print(f"model {FLAGS.model}: {pytree.num_params(params):,} parameters; batch {b}; n={n}, p̃={p}")
+    return task, batch, task.init_params(jax.random.key(FLAGS.seed))
 
-    # 1. HVP vs gradient of the mean loss.
+
+def hvp_vs_grad(task: Any, params: Any, batch: Any) -> tuple[hvp.HVP, float, float]:
+    """[1]: (the HVP, seconds of one gradient of the mean loss, seconds of one HVP)."""
     hvp_fn = hvp.make_hvp(task.per_example_loss, FLAGS.l2)
     grad_fn = jax.jit(jax.grad(hvp.make_mean_loss(task.per_example_loss, FLAGS.l2)))
     v = krylov.start_vector(params, jax.random.key(FLAGS.seed + 1))
-    t_grad = time_call(grad_fn, params, batch, repeats=r)
-    t_hvp = time_call(jax.jit(hvp_fn), params, batch, v, repeats=r)
+    t_grad = time_call(grad_fn, params, batch, repeats=FLAGS.repeats)
+    t_hvp = time_call(jax.jit(hvp_fn), params, batch, v, repeats=FLAGS.repeats)
     print(f"\n[1] grad {t_grad * 1e3:.1f} ms, hvp {t_hvp * 1e3:.1f} ms")
+    return hvp_fn, t_grad, t_hvp
 
-    # 2. Arnoldi vs n HVPs; the non-HVP part once more by replaying the run with its own H q_k,
-    # which isolates Gram-Schmidt + basis update + loop.
-    get_batch = lambda k: batch  # noqa: E731
-    # --fresh_batches: each HVP on its own draw, as the pipeline's default (fixed_batch=False).
-    if FLAGS.fresh_batches:
-        pool = task.model_inputs(read_all(mnist.load_splits(5000, 0, 0.0, seed=2)[0]))
-        draws = [
-            np.sort(np.random.default_rng([FLAGS.seed, k]).choice(5000, b, False)) for k in range(n)
-        ]
-        batches = [jax.device_put({key: v[rows] for key, v in pool.items()}) for rows in draws]
-        get_batch = batches.__getitem__
-    t_arn, result, second = time_arnoldi(hvp_fn, params, get_batch, n, FLAGS.seed)
-    if result.breakdown:
-        print(f"    note: {result.breakdown}")
+
+def hvp_batches(task: Any, batch: Any, n: int, b: int) -> Callable[[int], Any]:
+    """Batch k of the HVPs of [2]: the fixed batch, or with ``--fresh_batches`` its own draw from
+    5,000 MNIST examples (all on the device before the loop), as the pipeline's default
+    (fixed_batch=False)."""
+    if not FLAGS.fresh_batches:
+        return lambda k: batch
+    pool = task.model_inputs(read_all(mnist.load_splits(5000, 0, 0.0, seed=2)[0]))
+    draws = [
+        np.sort(np.random.default_rng([FLAGS.seed, k]).choice(5000, b, False)) for k in range(n)
+    ]
+    batches = [jax.device_put({key: v[rows] for key, v in pool.items()}) for rows in draws]
+    return batches.__getitem__
+
+
+def orthogonality(result: krylov.ArnoldiResult) -> float:
+    """max|QᵀQ - I| over the run's m + 1 basis vectors."""
     m = result.num_completed
     basis = jax.tree.map(lambda x: x[: m + 1].reshape(m + 1, -1), result.state["krylov_basis"])
     gram = sum(q @ q.T for q in jax.tree.leaves(basis))
-    orthogonality = float(jnp.abs(gram - jnp.eye(m + 1)).max())
-    del basis, gram
+    return float(jnp.abs(gram - jnp.eye(m + 1)).max())
+
+
+def arnoldi_vs_hvps(
+    hvp_fn: hvp.HVP, params: Any, get_batch: Callable, t_grad: float, t_hvp: float
+) -> tuple[krylov.ArnoldiResult, str]:
+    """[2]: Arnoldi vs n HVPs; the non-HVP part once more by replaying the run with its own
+    H q_k, which isolates Gram-Schmidt + basis update + loop. (The run's result, the summary
+    lines of [1] and [2].)"""
+    t_arn, result, second = time_arnoldi(hvp_fn, params, get_batch, FLAGS.num_iters, FLAGS.seed)
+    if result.breakdown:
+        print(f"    note: {result.breakdown}")
+    m = result.num_completed
+    q_error = orthogonality(result)
     t_replay, _, second_replay = time_arnoldi(
         replayed_hvp(result), params, lambda k: jnp.asarray(k, jnp.int32), m, FLAGS.seed
     )
@@ -263,36 +292,63 @@ def main(argv: list[str]) -> None:
         f"    direct, the run replayed with its own H q_k: {t_replay / m * 1e3:.1f} ms/iteration; "
         f"second Gram-Schmidt pass in {second:.0%} of iterations ({second_replay:.0%} replayed)"
     )
-    print(f"    max|QᵀQ - I| over the {m + 1} basis vectors = {orthogonality:.2e}")
-    fresh = "fresh batches" if FLAGS.fresh_batches else "fixed batch"
-    header = f"{FLAGS.model}, batch {b} ({fresh}), n={m}"
+    print(f"    max|QᵀQ - I| over the {m + 1} basis vectors = {q_error:.2e}")
     summary = "\n".join(
         [
             f"hvp/grad = {t_hvp / t_grad:.2f} (target <= 2)",
             f"arnoldi/(n*hvp) = {t_arn / (m * t_hvp):.3f} "
             f"(target <= 1.05; overhead {overhead_ms:.1f} ms/iter)",
-            f"max|QᵀQ - I| = {orthogonality:.2e} (target <= 1e-5)",
+            f"max|QᵀQ - I| = {q_error:.2e} (target <= 1e-5)",
             f"arnoldi/(n*hvp), direct = {1 + t_replay / (m * t_hvp):.3f} "
             "(1 + replayed step / hvp; less load-sensitive)",
         ]
     )
+    return result, summary
+
+
+def score_vs_forward(
+    task: Any, params: Any, eigvecs: Any, batch: Any
+) -> tuple[Callable, float, float]:
+    """[3]: scoring (p̃ JVPs through one linearisation) vs forward, per example: (the jitted
+    products, seconds to score the batch, seconds of its forward pass)."""
+    b = FLAGS.batch_size
+    project = jax.jit(
+        scoring.make_forward_products(task.per_example_loss, FLAGS.tangent_chunk or None)
+    )
+    forward = jax.jit(task.per_example_loss)
+    t_score = time_call(project, params, eigvecs, batch, repeats=FLAGS.repeats)
+    t_fwd = time_call(forward, params, batch, repeats=FLAGS.repeats)
+    print(f"[3] forward {t_fwd * 1e3:.1f} ms, score {t_score * 1e3:.1f} ms for {b} examples")
+    print(f"    per example: forward {t_fwd / b * 1e6:.1f} us, score {t_score / b * 1e6:.1f} us")
+    return project, t_score, t_fwd
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    t_start = time.perf_counter()
+    n, p, b = FLAGS.num_iters, FLAGS.top_k, FLAGS.batch_size
+    if not 0 < p <= n:
+        raise app.UsageError(f"--top_k={p} must be in [1, --num_iters={n}]")
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s)")
+    print(f"os.cpu_count() = {os.cpu_count()}")
+    task, batch, params = fixed_batch(b)
+    print(f"model {FLAGS.model}: {pytree.num_params(params):,} parameters; batch {b}; n={n}, p̃={p}")
+    hvp_fn, t_grad, t_hvp = hvp_vs_grad(task, params, batch)
+    get_batch = hvp_batches(task, batch, n, b)
+    result, summary = arnoldi_vs_hvps(hvp_fn, params, get_batch, t_grad, t_hvp)
+    del get_batch
+    m = result.num_completed
+    fresh = "fresh batches" if FLAGS.fresh_batches else "fixed batch"
+    header = f"{FLAGS.model}, batch {b} ({fresh}), n={m}"
     if FLAGS.arnoldi_only:
         print(f"\n--- {header}, {FLAGS.orthogonalization} ---\n{summary}")
         print(f"(benchmark wall time {time.perf_counter() - t_start:.0f} s)")
         return
-
-    # 3. Scoring (p̃ JVPs through one linearisation) vs forward, per example.
     pairs = distill.distill(
         np.asarray(result.state["hessenberg"]), result.state["krylov_basis"], m, p
     )
     del result
-    project = jax.jit(scoring.make_projector(task.per_example_loss, FLAGS.tangent_chunk or None))
-    forward = jax.jit(task.per_example_loss)
-    t_score = time_call(project, params, pairs.eigvecs, batch, repeats=r)
-    t_fwd = time_call(forward, params, batch, repeats=r)
-    print(f"[3] forward {t_fwd * 1e3:.1f} ms, score {t_score * 1e3:.1f} ms for {b} examples")
-    print(f"    per example: forward {t_fwd / b * 1e6:.1f} us, score {t_score / b * 1e6:.1f} us")
-
+    project, t_score, t_fwd = score_vs_forward(task, params, pairs.eigvecs, batch)
     # 4. Lookahead vs synchronous loops, data from host memory (a pool of 4 batches' worth).
     pool = read_all(
         mnist.load_splits(num_train=min(4 * b, 5000), num_eval=0, flip_fraction=0.0, seed=1)[0]
@@ -305,7 +361,6 @@ def main(argv: list[str]) -> None:
         project,
         pairs.eigvecs,
     )
-
     score_ratio = t_score / t_fwd
     opts = (
         f"{FLAGS.orthogonalization}, donate={FLAGS.donate}, "

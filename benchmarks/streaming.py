@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.streaming [--sizes=100000,1000000,10000000] [--busy_batches=6]
 
 [1] A synthetic random-access source (``benchmarks/synthetic.py``: features hashed from the example
-    index, a tiny MLP) of each size N: ``jobs.train`` + ``jobs.arnoldi`` in one process, then
+    index, a tiny MLP) of each size N: ``jobs.train`` and ``jobs.fit`` (Arnoldi), then
     ``jobs.score`` in a fresh process, whose own peak RSS (``os.wait4``) and logged throughput are
     printed per N, with the RSS ratio between the two largest sizes (flat = 1.0).
 [2] The translation ``small`` preset (Transformer, SentencePiece on the embedded corpus; untrained
@@ -52,9 +52,9 @@ def _job(name: str, workdir: Path, size: int) -> list[str]:
 def score_at(size: int, tmp: Path) -> tuple[float, float, float]:
     """(examples/s, peak RSS MiB of the score process, its wall seconds) at N = ``size``."""
     workdir = tmp / str(size)
-    for stage in ("train", "arnoldi"):
+    for job in ("train", "fit"):
         subprocess.run(
-            _job(stage, workdir, size), cwd=REPO, env=_env(), check=True, capture_output=True
+            _job(job, workdir, size), cwd=REPO, env=_env(), check=True, capture_output=True
         )
     with tempfile.TemporaryFile("w+") as log:
         start = time.perf_counter()
@@ -71,74 +71,91 @@ def score_at(size: int, tmp: Path) -> tuple[float, float, float]:
     return float(found[-1]) if found else float("nan"), usage.ru_maxrss / 1024, wall
 
 
-def device_busy(read_threads: int, tmp: Path) -> tuple[float, float, float]:
-    """(loop wall s, device-only s, busy fraction) of scoring ``--busy_batches`` batches."""
+def _random_eigvecs(ctx, top_k: int):
+    """``top_k`` random orthonormal vectors laid out like the selected params (host arrays)."""
     import jax
     import numpy as np
 
-    from configs import translation as translation_config
     from influence import pytree
-    from parallel import programs, sharding
-    from runtime import prefetch
-    from scoring import parts, schedule
-    from stages import checks
-    from stages.setup import Stage
 
-    config = translation_config.get_config(_PRESET.value or None)
-    config.score.read_threads = read_threads
-    stage = Stage.setup(config, tmp / "translation", checks.check_score)
-    b, top_k = config.score.batch_size, config.distill.top_k
-    params = jax.jit(stage.task.init_params, out_shardings=stage.param_sh)(jax.random.key(0))
-    leaves, treedef = jax.tree.flatten(stage.vectors_like)
+    leaves, treedef = jax.tree.flatten(ctx.vectors_like)
     flat = np.linalg.qr(
-        np.random.default_rng(0).standard_normal((pytree.num_params(stage.vectors_like), top_k))
+        np.random.default_rng(0).standard_normal((pytree.num_params(ctx.vectors_like), top_k))
     )[0].T
     cuts = np.cumsum([x.size for x in leaves])[:-1]
-    eigvecs = jax.tree.unflatten(
+    return jax.tree.unflatten(
         treedef,
         [
             c.reshape(top_k, *x.shape).astype(np.float32)
             for c, x in zip(np.split(flat, cuts, axis=1), leaves, strict=True)
         ],
     )
-    project = programs.jit_projector(
-        stage.task.per_example_loss,
-        stage.param_sh,
-        stage.vector_sh,
-        stage.mesh,
-        None,
-        stage.selection,
+
+
+def _loop_seconds(read, dispatch, num: int, read_threads: int, read_ahead: int) -> float:
+    """Wall seconds of the score job's loop over ``num`` batches (compile excluded): read ahead by
+    ``read_threads`` threads (inline with 0), dispatch, fetch the previous batch."""
+    import jax
+    import numpy as np
+
+    from runtime import prefetch
+
+    jax.block_until_ready(dispatch(read(0)))  # compile
+    start, pending = time.perf_counter(), None
+    for columns in prefetch.ahead(read, 0, num, read_threads, read_ahead):
+        current = dispatch(columns)
+        if pending is not None:
+            np.asarray(pending)
+        pending = current
+    np.asarray(pending)
+    return time.perf_counter() - start
+
+
+def _device_seconds(project, params, eigvecs, on_device: list) -> float:
+    """Seconds to score batches already on the device, dispatched back to back."""
+    import jax
+
+    jax.block_until_ready(on_device)
+    start = time.perf_counter()
+    outs = [project(params, eigvecs, batch) for batch in on_device]
+    jax.block_until_ready(outs)
+    return time.perf_counter() - start
+
+
+def device_busy(read_threads: int, tmp: Path) -> tuple[float, float, float]:
+    """(loop wall s, device-only s, busy fraction) of scoring ``--busy_batches`` batches."""
+    import jax
+
+    from configs import translation as translation_config
+    from parallel import programs, sharding
+    from scoring import parts, schedule
+    from stages import checks, setup
+
+    config = translation_config.get_config(_PRESET.value or None)
+    config.score.read_threads = read_threads
+    ctx = setup.context(config, tmp / "translation", checks.check_score)
+    b, top_k = config.score.batch_size, config.distill.top_k
+    params = jax.jit(ctx.task.init_params, out_shardings=ctx.param_sh)(jax.random.key(0))
+    eigvecs = _random_eigvecs(ctx, top_k)
+    project = programs.jit_products(
+        ctx.task.per_example_loss, ctx.param_sh, ctx.vector_sh, ctx.mesh, None, ctx.selection
     )
-    train = stage.split("train")
+    train = ctx.split("train")
     num = min(_BUSY_BATCHES.value, train.num_examples // b)
     plan = schedule.scoring_plan(parts.parts("train", num * b, num * b), 1, 0, b)
 
     def read(step: int) -> dict:
         return train.take(plan[step].positions)
 
+    def to_device(columns: dict) -> dict:
+        return sharding.to_global(ctx.task.model_inputs(columns), ctx.mesh, b)
+
     def dispatch(columns: dict) -> jax.Array:
-        return project(
-            params, eigvecs, sharding.to_global(stage.task.model_inputs(columns), stage.mesh, b)
-        )
+        return project(params, eigvecs, to_device(columns))
 
-    jax.block_until_ready(dispatch(read(0)))  # compile
-    start, pending = time.perf_counter(), None
-    for columns in prefetch.ahead(read, 0, num, read_threads, config.score.read_ahead):
-        current = dispatch(columns)
-        if pending is not None:
-            np.asarray(pending)
-        pending = current
-    np.asarray(pending)
-    wall = time.perf_counter() - start
-
-    on_device = [
-        sharding.to_global(stage.task.model_inputs(read(s)), stage.mesh, b) for s in range(num)
-    ]
-    jax.block_until_ready(on_device)
-    start = time.perf_counter()
-    outs = [project(params, eigvecs, batch) for batch in on_device]
-    jax.block_until_ready(outs)
-    device = time.perf_counter() - start
+    wall = _loop_seconds(read, dispatch, num, read_threads, config.score.read_ahead)
+    on_device = [to_device(read(s)) for s in range(num)]
+    device = _device_seconds(project, params, eigvecs, on_device)
     return wall, device, device / wall
 
 

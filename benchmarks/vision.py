@@ -50,8 +50,10 @@ sys.path.insert(0, str(REPO))
 from configs import vision as vision_config  # noqa: E402
 from influence.hvp import make_hvp  # noqa: E402
 from influence.selection import Selection  # noqa: E402
+from methods.arnoldi import KRYLOV  # noqa: E402
 from parallel import programs, sharding  # noqa: E402
 from parallel.mesh import make_mesh  # noqa: E402
+from runtime import workdir as wd  # noqa: E402
 from tasks import vision  # noqa: E402
 
 _SECTIONS = flags.DEFINE_list("sections", ["memory", "time"], "memory, time, retrieval.")
@@ -200,8 +202,78 @@ def time_models() -> list[dict]:
     return rows
 
 
+def _seeded(source: epath.Path, target: epath.Path, method: str, krylov: bool) -> None:
+    """Make ``target`` a workdir holding ``source``'s trained params and, with ``krylov``, the
+    method's Krylov state (``methods/<method>/krylov``); nothing when it already holds them."""
+    done = wd.results(target, method) / KRYLOV if krylov else target / wd.PARAMS
+    if done.exists():
+        return
+    wd.claim(target)  # a new workdir of this layout (its layout.json)
+    if not (target / wd.PARAMS).exists():
+        shutil.copytree(source / wd.PARAMS, target / wd.PARAMS)
+    if krylov:
+        shutil.copytree(wd.results(source, method) / KRYLOV, done)
+
+
+def _variant(config, workdir: epath.Path, name: str, times: dict[str, float]) -> dict:
+    """Distil (the Krylov state is complete), score and evaluate one run of [retrieval]; its row."""
+    from methods import registry
+    from stages import evaluate, fit, score
+
+    start = time.perf_counter()
+    fit.run(config, workdir)  # the Krylov state is complete: distils only
+    score.run(config, workdir)
+    evaluate.run(config, workdir)
+    t_score = time.perf_counter() - start
+    results = wd.results(workdir, registry.of(config).name)
+    metrics = json.loads((results / wd.METRICS_JSON).read_text())
+    summary = json.loads((results / wd.FIT_JSON).read_text())
+    print(
+        f"  {name:18s} AUC {metrics['auc']:.3f} AP {metrics['ap']:.3f}  negative "
+        f"|λ| mass {100 * summary['negative_mass_fraction']:.1f}%  "
+        f"({summary['influence_over']}; distil+score+evaluate {t_score:.0f} s)",
+        flush=True,
+    )
+    return {
+        "run": name,
+        "influence_over": summary["influence_over"],
+        "top_k": config.distill.top_k,
+        "positive_only": config.distill.positive_only,
+        "auc": metrics["auc"],
+        "ap": metrics["ap"],
+        "negative_mass_fraction": summary["negative_mass_fraction"],
+        **times,
+        "distill_score_evaluate_s": t_score,
+    }
+
+
+def _subset(base_config, out: epath.Path, subset: str, fraction: float, t_train: float):
+    """Arnoldi over the leaves of ``params.last_fraction=fraction`` (in ``<out>/<subset>-krylov``)
+    and the rows of its runs, one per p̃ of ``--top_ks`` and |λ| or ``distill.positive_only``."""
+    from methods import registry
+    from stages import fit
+
+    krylov_dir = out / f"{subset}-krylov"
+    config = base_config.copy_and_resolve_references()
+    config.params.last_fraction = fraction
+    config.distill.top_k = min(int(k) for k in _TOP_KS.value)
+    method = registry.of(config).name
+    _seeded(out / "trained", krylov_dir, method, krylov=False)
+    start = time.perf_counter()
+    fit.run(config, krylov_dir)
+    times = {"train_s": t_train, "arnoldi_s": time.perf_counter() - start}
+    rows = []
+    for top_k in (int(k) for k in _TOP_KS.value):
+        for positive in (False, True):
+            name = f"{subset}-p{top_k}-{'pos' if positive else 'abs'}"
+            _seeded(krylov_dir, out / name, method, krylov=True)
+            config.distill.top_k, config.distill.positive_only = top_k, positive
+            rows.append(_variant(config, out / name, name, times))
+    return rows
+
+
 def retrieval() -> list[dict]:
-    from stages import arnoldi, evaluate, score, train
+    from stages import train
 
     out = epath.Path(_OUT.value).resolve()
     base_config = vision_config.get_config(_PRESET.value or None)
@@ -209,56 +281,12 @@ def retrieval() -> list[dict]:
     if _NUM_EVAL.value >= 0:
         base_config.data.num_eval = _NUM_EVAL.value
     base_config.log_every_secs = 60.0
-    trained = out / "trained"
     start = time.perf_counter()
-    train.run(base_config, trained)
+    train.run(base_config, out / "trained")
     t_train = time.perf_counter() - start
     rows = []
     for subset, fraction in (("full", 0.0), ("top20", 0.2)):
-        krylov_dir = out / f"{subset}-krylov"
-        config = base_config.copy_and_resolve_references()
-        config.params.last_fraction = fraction
-        config.distill.top_k = min(int(k) for k in _TOP_KS.value)
-        if not (krylov_dir / "params").exists():
-            shutil.copytree(trained / "params", krylov_dir / "params")
-        start = time.perf_counter()
-        arnoldi.run(config, krylov_dir)
-        t_arnoldi = time.perf_counter() - start
-        for top_k in (int(k) for k in _TOP_KS.value):
-            for positive in (False, True):
-                name = f"{subset}-p{top_k}-{'pos' if positive else 'abs'}"
-                workdir = out / name
-                if not (workdir / "krylov").exists():
-                    shutil.copytree(krylov_dir / "params", workdir / "params")
-                    shutil.copytree(krylov_dir / "krylov", workdir / "krylov")
-                config.distill.top_k, config.distill.positive_only = top_k, positive
-                start = time.perf_counter()
-                arnoldi.run(config, workdir)  # the Krylov state is complete: distils only
-                score.run(config, workdir)
-                evaluate.run(config, workdir)
-                t_score = time.perf_counter() - start
-                metrics = json.loads((workdir / "metrics.json").read_text())
-                summary = json.loads((workdir / "eigenvalues.json").read_text())
-                rows.append(
-                    {
-                        "run": name,
-                        "influence_over": summary["influence_over"],
-                        "top_k": top_k,
-                        "positive_only": positive,
-                        "auc": metrics["auc"],
-                        "ap": metrics["ap"],
-                        "negative_mass_fraction": summary["negative_mass_fraction"],
-                        "train_s": t_train,
-                        "arnoldi_s": t_arnoldi,
-                        "distill_score_evaluate_s": t_score,
-                    }
-                )
-                print(
-                    f"  {name:18s} AUC {metrics['auc']:.3f} AP {metrics['ap']:.3f}  negative "
-                    f"|λ| mass {100 * summary['negative_mass_fraction']:.1f}%  "
-                    f"({summary['influence_over']}; distil+score+evaluate {t_score:.0f} s)",
-                    flush=True,
-                )
+        rows += _subset(base_config, out, subset, fraction, t_train)
     print(
         f"  train {t_train:.0f} s; Arnoldi n={_NUM_ITERS.value}: "
         + ", ".join(

@@ -24,11 +24,13 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from influence.errors import UserError
+
 STATE = "state"
 META = "meta"
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A saved state the job cannot use; the message says how to fix it."""
 
 

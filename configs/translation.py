@@ -48,63 +48,68 @@ PRESETS = {"model": "small", "top_k": 20, "runlocal": False, "pod": False}
 CHOICES = {"model": tuple(MODELS)}
 
 
+# A run of a minute or two on 2 CPU cores (tiny model unless model= is given, 512 pairs).
+RUNLOCAL = {
+    "data.num_train": 512,
+    "data.num_eval": 64,
+    "data.vocab_size": 512,
+    "data.max_len": 64,
+    "train.num_epochs": 3,
+    "train.batch_size": 32,
+    "arnoldi.num_iters": 12,
+    "arnoldi.hvp_batch_size": 64,
+    "arnoldi.checkpoint_every": 4,
+    "score.batch_size": 64,
+    "score.examples_per_shard": 256,
+    "score.num_queries": 8,
+}
+POD = {
+    **common.POD,
+    "data.num_train": 4096 * 6,  # fits the embedded corpus; set it to your corpus size
+    "data.num_eval": 4096,
+    "data.vocab_size": 16000,  # the Bible has ~26k distinct pieces; WMT: set 32000
+    "data.max_len": 256,
+    "train.batch_size": 512,
+    "score.examples_per_shard": 8192,
+}
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     preset = common.parse_preset(arg, PRESETS)
     if preset["pod"] and "model" not in preset.given:
         preset["model"] = "base"
     common.check_choice(preset, "model", CHOICES["model"])
     config = common.base_config()
-    config.task = "translation"
-    config.model = preset["model"]
-    config.seed = 0
-    config.l2 = 1e-4
-
-    config.data.source = "bible:e:4"
+    common.apply(
+        config,
+        {
+            "task": "translation",
+            "model": preset["model"],
+            "seed": 0,
+            "l2": 1e-4,
+            "data.source": "bible:e:4",
+            "data.num_train": 4096,  # the paper samples folds of 4,096 pairs, 256 shuffled
+            "data.num_eval": 512,
+            "train.num_epochs": 10,
+            "train.batch_size": 64,
+            "train.learning_rate": 2e-3,
+            "arnoldi.num_iters": 100,
+            "arnoldi.hvp_batch_size": 256,
+            "distill.top_k": int(preset["top_k"]),
+            "score.batch_size": 128,
+            "score.examples_per_shard": 2048,
+        },
+    )
     config.data.source_lang = "de"  # TFDS feature names of the two sides
     config.data.target_lang = "en"
-    config.data.num_train = 4096  # the paper samples folds of 4,096 pairs, 256 shuffled
-    config.data.num_eval = 512
     config.data.shuffle_fraction = 0.0625
     config.data.vocab_size = 2000
     config.data.max_len = 96  # tokens, EOS included: ~1% of the Bible pairs are longer (truncated)
     del config.data["flip_fraction"]
-
-    config.train.num_epochs = 10
-    config.train.batch_size = 64
-    config.train.learning_rate = 2e-3
-
-    config.arnoldi.num_iters = 100
-    config.arnoldi.hvp_batch_size = 256
-    config.distill.top_k = int(preset["top_k"])
-    config.score.batch_size = 128
-    config.score.examples_per_shard = 2048
-
     if preset["runlocal"]:
         config.model = preset["model"] if "model" in preset.given else "tiny"
-        config.data.num_train = 512
-        config.data.num_eval = 64
-        config.data.vocab_size = 512
-        config.data.max_len = 64
-        config.train.num_epochs = 3
-        config.train.batch_size = 32
-        config.arnoldi.num_iters = 12
-        config.arnoldi.hvp_batch_size = 64
-        config.arnoldi.checkpoint_every = 4
+        common.apply(config, RUNLOCAL)
         config.distill.top_k = min(config.distill.top_k, 8)
-        config.score.batch_size = 64
-        config.score.examples_per_shard = 256
-        config.score.num_queries = 8
     if preset["pod"]:
-        config.data.num_train = 4096 * 6  # fits the embedded corpus; set it to your corpus size
-        config.data.num_eval = 4096
-        config.data.vocab_size = 16000  # the Bible has ~26k distinct pieces; WMT: set 32000
-        config.data.max_len = 256
-        config.train.batch_size = 512
-        config.arnoldi.num_iters = 200
-        config.arnoldi.hvp_batch_size = 4096
-        config.mesh.data = 1
-        config.mesh.model = -1
-        config.mesh.min_shard_size = 2**16
-        config.score.batch_size = 1024
-        config.score.examples_per_shard = 8192
+        common.apply(config, POD)
     return config

@@ -33,7 +33,7 @@ from flax import traverse_util
 from influence.selection import Selection, restricted
 from influence.types import Batch, Params, PerExampleLoss
 
-Projector = Any  # (params, eigvecs, batch) -> (batch, p̃); influence.scoring.Projector
+Products = Any  # (params, eigvecs, batch) -> (batch, p̃); influence.scoring.Products
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,12 +152,12 @@ def _sqnorm(rows: jax.Array) -> jax.Array:
     return jnp.sum(jnp.square(rows.reshape(rows.shape[0], -1)), axis=1)
 
 
-def make_factorised_projector(
+def make_factorised_products(
     per_example_loss: PerExampleLoss,
     selection: Selection | None = None,
     vary: Callable[[jax.Array], jax.Array] | None = None,
     sqnorm: bool = False,
-) -> Projector:
+) -> Products:
     """``project(params, eigvecs, batch) -> (batch_size, p̃)``: reverse mode's projections, the
     dense and conv layers' in the factorised form above (the same numbers to float32 round-off).
 
@@ -178,48 +178,65 @@ def make_factorised_projector(
         calls, outputs = _calls(loss, primal, one(first), set(flat))
         factorised = {c.kernel for c in calls} | {c.bias for c in calls if c.bias}
         rest = {p: v for p, v in flat.items() if p not in factorised}
-        by_index = {c.index: i for i, c in enumerate(calls)}
-
-        def example_loss(eps: list, rest: dict, example: Batch) -> tuple[jax.Array, list]:
-            inputs: list = [None] * len(calls)
-            count = [0]
-
-            def perturb(next_fun, args, kwargs, context):
-                if context.method_name != "__call__" or not isinstance(
-                    context.module, nn.Dense | nn.Conv
-                ):
-                    return next_fun(*args, **kwargs)
-                index, count[0] = count[0], count[0] + 1
-                out = next_fun(*args, **kwargs)
-                if index not in by_index:
-                    return out
-                inputs[by_index[index]] = args[0]
-                return out + eps[by_index[index]]
-
-            tree = traverse_util.unflatten_dict(
-                {tuple(p.split("/")): v for p, v in {**flat, **rest}.items()}
-            )
-            with nn.intercept_methods(perturb):
-                value = loss(tree, one(example))[0]
-            return value, inputs
-
+        example_loss = _perturbed_loss(loss, flat, calls, one)
         eps = [vary(jnp.zeros(s.shape, s.dtype)) for s in outputs]
         grad = jax.grad(example_loss, argnums=(0, 1), has_aux=True)
         (deltas, rest_grads), inputs = jax.vmap(grad, in_axes=(None, None, 0))(eps, rest, batch)
-        rows, num_vectors = jax.tree.leaves(batch)[0].shape[0], jax.tree.leaves(eigvecs)[0].shape[0]
-        g, norms = jnp.zeros((rows, num_vectors)), jnp.zeros((rows,))
-        for p, gr in rest_grads.items():
-            flat_g = gr.reshape(gr.shape[0], -1)
-            g = g + jnp.tensordot(flat_g, flat_v[p].reshape(num_vectors, flat_g.shape[1]), (1, 1))
-            norms = norms + _sqnorm(flat_g)
-        for call, x, delta in zip(calls, inputs, deltas, strict=True):
-            projected, sq = _project_call(call, x, delta, flat_v[call.kernel])
-            g, norms = g + projected, norms + sq
-            if call.bias:
-                sums = delta.reshape(delta.shape[0], -1, delta.shape[-1]).sum(1)
-                g, norms = g + sums @ flat_v[call.bias].T, norms + _sqnorm(sums)
+        rows = jax.tree.leaves(batch)[0].shape[0]
+        g, norms = _products(calls, inputs, deltas, rest_grads, flat_v, rows)
         if sqnorm:
             g = jnp.concatenate([g, norms[:, None]], axis=1)
         return jnp.asarray(g, jnp.float32)
 
     return project
+
+
+def _perturbed_loss(loss: Callable, flat: dict, calls: list, one: Callable) -> Callable:
+    """(ε per factorised call, the other leaves, one example) → (its loss with each call's output
+    shifted by its ε, each call's input): ∂ℓ/∂ε is the output gradient of that call."""
+    by_index = {c.index: i for i, c in enumerate(calls)}
+
+    def example_loss(eps: list, rest: dict, example: Batch) -> tuple[jax.Array, list]:
+        inputs: list = [None] * len(calls)
+        count = [0]
+
+        def perturb(next_fun, args, kwargs, context):
+            if context.method_name != "__call__" or not isinstance(
+                context.module, nn.Dense | nn.Conv
+            ):
+                return next_fun(*args, **kwargs)
+            index, count[0] = count[0], count[0] + 1
+            out = next_fun(*args, **kwargs)
+            if index not in by_index:
+                return out
+            inputs[by_index[index]] = args[0]
+            return out + eps[by_index[index]]
+
+        tree = traverse_util.unflatten_dict(
+            {tuple(p.split("/")): v for p, v in {**flat, **rest}.items()}
+        )
+        with nn.intercept_methods(perturb):
+            value = loss(tree, one(example))[0]
+        return value, inputs
+
+    return example_loss
+
+
+def _products(
+    calls: list, inputs: list, deltas: list, rest_grads: dict, flat_v: dict, rows: int
+) -> tuple[jax.Array, jax.Array]:
+    """((rows, p̃) products with the eigenvectors, (rows,) ‖∇ℓ(x)‖²): the plain gradients of the
+    other leaves, and each factorised call's from its inputs and output gradients."""
+    num_vectors = next(iter(flat_v.values())).shape[0]
+    g, norms = jnp.zeros((rows, num_vectors)), jnp.zeros((rows,))
+    for p, gr in rest_grads.items():
+        flat_g = gr.reshape(gr.shape[0], -1)
+        g = g + jnp.tensordot(flat_g, flat_v[p].reshape(num_vectors, flat_g.shape[1]), (1, 1))
+        norms = norms + _sqnorm(flat_g)
+    for call, x, delta in zip(calls, inputs, deltas, strict=True):
+        projected, sq = _project_call(call, x, delta, flat_v[call.kernel])
+        g, norms = g + projected, norms + sq
+        if call.bias:
+            sums = delta.reshape(delta.shape[0], -1, delta.shape[-1]).sum(1)
+            g, norms = g + sums @ flat_v[call.bias].T, norms + _sqnorm(sums)
+    return g, norms

@@ -1,9 +1,9 @@
 """Influence scores from projections onto the distilled eigenvectors: Algorithm 1, lines 19–27.
 
 For an example x, g(x) = G ∇ℓ(x) ∈ R^p̃ are the directional derivatives of its loss along the p̃
-distilled eigenvectors: from JVPs (``make_projector``, one linearisation vmapped over the p̃
+distilled eigenvectors: from JVPs (``make_forward_products``, one linearisation vmapped over the p̃
 tangents, no per-example gradient materialised) or from per-example gradients and one GEMM
-(``make_reverse_projector``; ``influence/factorised.py`` for dense and conv layers). Then
+(``make_reverse_products``; ``influence/factorised.py`` for dense and conv layers). Then
 
     self-influence   I(x, x) ≈ Σ_i g_i(x)² / λ_i               (line 24)
     train → test     I(x, z) ≈ ⟨g(x) / λ, g(z)⟩               (line 26)
@@ -21,14 +21,14 @@ import numpy as np
 from influence.selection import Selection, restricted
 from influence.types import Batch, Params, PerExampleLoss
 
-Projector = Callable[[Params, Params, Batch], jax.Array]
+Products = Callable[[Params, Params, Batch], jax.Array]
 
 
-def make_projector(
+def make_forward_products(
     per_example_loss: PerExampleLoss,
     tangent_chunk: int | None = None,
     selection: Selection | None = None,
-) -> Projector:
+) -> Products:
     """Return ``project(params, eigvecs, batch) -> (batch_size, p̃)`` matrix of g(x).
 
     With a ``selection`` the eigenvectors span the selected leaves only and ``params`` is the
@@ -69,16 +69,16 @@ def example_grads(
     return jax.vmap(grad)(batch)
 
 
-def make_reverse_projector(
+def make_reverse_products(
     per_example_loss: PerExampleLoss, selection: Selection | None = None
-) -> Projector:
+) -> Products:
     """The same ``project(params, eigvecs, batch) -> (batch_size, p̃)`` in reverse mode: the
     per-example gradients ∇ℓ(x) (``vmap`` of ``grad`` over examples), then g = G ∇ℓ(x) for all
     rows at once: one (rows × P) · (P × p̃) GEMM, summed over the leaves.
 
     Cost: about one forward + backward pass per example plus the p̃ × P product, whatever p̃; it
     holds rows × P gradient values, so it is the mode for large p̃ on models whose per-example
-    gradients fit, and forward mode (``make_projector``) is the one for models too large for that.
+    gradients fit, and forward mode (``make_forward_products``) is the one for models too large for that.
     Memory is bounded by calling it on fewer rows (``parallel/products.py`` splits a batch into
     calls), not by ``lax.map`` inside: on the Flax CNN (2 CPU cores, p̃ = 100) a ``lax.map`` over
     chunks of 64 ran 3.7× slower than separate calls of 64 rows, and contracting inside the

@@ -23,10 +23,11 @@ from typing import Any
 import jax
 from flax import traverse_util
 
+from influence.errors import UserError
 from influence.types import Params, PerExampleLoss
 
 
-class SelectionError(ValueError):
+class SelectionError(UserError):
     """A parameter pattern that is not a valid regex or selects no parameter."""
 
 
@@ -197,7 +198,7 @@ def restricted(
     per_example_loss: PerExampleLoss, params: Params, selection: Selection | None
 ) -> tuple[PerExampleLoss, Params]:
     """(loss over the selected leaves, the selected leaves of ``params``): what the HVP and the
-    projector differentiate. ``selection=None`` means every leaf."""
+    products differentiate. ``selection=None`` means every leaf."""
     if selection is None:
         return per_example_loss, params
     return selection.restrict(per_example_loss, params), selection.select(params)

@@ -26,8 +26,8 @@ from ml_collections import config_flags
 
 from parallel import distributed, supervisor
 from runtime import preemption
-from runtime.errors import USER_ERRORS
-from stages import workdir as wd
+from runtime import workdir as wd
+from runtime.errors import UserError
 
 Stage = Callable[[ml_collections.ConfigDict, epath.PathLike], Any]
 
@@ -205,7 +205,7 @@ def run_stages(
         wd.ensure_writable(workdir)
         for stage in stages:
             stage(config, workdir)
-    except USER_ERRORS as e:
+    except UserError as e:
         _fail(str(e))
     except preemption.Preempted as e:
         logging.warning("%s; exiting 0: run the same command again to continue", e)
@@ -245,7 +245,7 @@ def _lost_peer(e: BaseException) -> None:
 
 def main(stage_modules: Sequence[str]) -> None:
     """The body of every ``jobs/*.py``: parse flags, then run the stages, each the ``run`` of a
-    module named here (``"stages.arnoldi"``).
+    module named here (``"stages.fit"``).
 
     The stage modules are imported only once the process knows it runs them: a multi-process
     job's supervisor (``parallel/supervisor.py``) never does, so it stays a small process (1 s and

@@ -13,4 +13,4 @@ if [[ "$CONFIG" == configs/vision.py* && " $* " != *"--config.data.dir="* ]]; th
   source launch/fashion_mnist.sh
 fi
 .venv/bin/python -m jobs.pipeline --config="$CONFIG" --workdir="$WORKDIR" "$@"
-echo "results: $WORKDIR/metrics.json, $WORKDIR/scores/, $WORKDIR/roc_pr.png, $WORKDIR/spectrum.png"
+echo "results: $WORKDIR/methods/<method>/ (metrics.json, scores/, roc_pr.png, spectrum.png)"

@@ -1,14 +1,66 @@
 """Arnoldi (Schioppa et al. 2022, Algorithm 1): the top-p̃ eigenpairs of H from n Krylov
-iterations over HVPs, H⁻¹ ≈ Gᵀ diag(1/λ) G. Fitted by its own stage, ``stages/arnoldi.py``,
-which checkpoints the Krylov state so a preempted run resumes."""
+iterations over HVPs, H⁻¹ ≈ Gᵀ diag(1/λ) G.
 
+Its fit is the iteration (Alg. 1, lines 1–10) over sharded HVPs, checkpointed every
+``arnoldi.checkpoint_every`` iterations and at a preemption in ``<results>/krylov`` (so a killed
+run resumes from its last Krylov state, on any mesh), then distillation (lines 11–18): the top-p̃
+Ritz pairs of the Hessenberg matrix mapped back to parameter space once, G = Uᵀ Q. The Krylov
+state does not depend on ``distill.*``: one Krylov run serves every p̃ (the report's sweep).
+"""
+
+from typing import Any
+
+import jax
 import ml_collections
+import numpy as np
+from absl import logging
 from jax.sharding import Mesh
 
-from influence import krylov as krylov
+from checkpoints.checkpointer import Checkpointer
+from checkpoints.fingerprint import meta_check
+from influence import distill, krylov
+from influence.hvp import make_hvp
 from methods import checks
-from methods.base import Method
+from methods.base import Context, Fitted, Kind, Method, fitted
+from parallel import programs, sharding
+from runtime import failpoints, finite, preemption
+from runtime.config import Block
 from runtime.errors import InputError
+
+KRYLOV = "krylov"
+FIX = "use a new --workdir, or restore the config the saved state was computed with"
+
+ARNOLDI_BLOCK = Block(
+    "arnoldi",
+    {
+        "num_iters": 100,  # n, Arnoldi iterations (Alg. 1)
+        "hvp_batch_size": 512,  # b, examples per HVP (global)
+        "fixed_batch": False,  # True: every HVP on the same batch (exact Krylov space)
+        "seed": 0,  # start vector and HVP batch draws
+        "breakdown_tol": 1e-4,  # ‖w‖/‖Hq‖ below this: invariant subspace, stop early
+        # Gram–Schmidt: "mgs2" or "cgs2" (twice), "dgks" (MGS, second pass when needed)
+        "orthogonalization": "mgs2",
+        "checkpoint_every": 10,  # save the Krylov state every k iterations
+    },
+)
+DISTILL_BLOCK = Block(
+    "distill",
+    {
+        "top_k": 20,  # p̃, eigenpairs kept
+        "positive_only": False,  # keep the p̃ largest positive λ instead of largest |λ|
+        "symmetric": True,  # eigh of the symmetrised Hessenberg block (else general eig)
+    },
+)
+# What the Krylov state depends on (beyond the params, the selection and l2).
+KRYLOV_FIELDS = (
+    "arnoldi.num_iters",
+    "arnoldi.hvp_batch_size",
+    "arnoldi.fixed_batch",
+    "arnoldi.seed",
+    "arnoldi.breakdown_tol",
+    "arnoldi.orthogonalization",
+)
+DISTILL_FIELDS = ("distill.top_k", "distill.positive_only", "distill.symmetric")
 
 
 def check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
@@ -30,11 +82,193 @@ def check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         raise InputError(f"arnoldi.checkpoint_every={a.checkpoint_every} must be at least 1")
 
 
+def fit(ctx: Context, params: Any) -> Fitted:
+    """Run or resume the iteration, then distill its eigenpairs."""
+    return distill_pairs(ctx, iterate(ctx, params))
+
+
+def _restore(ctx: Context, ckpt: Checkpointer, init: Any) -> tuple[int, krylov.KrylovState]:
+    """(iterations done, state) of the latest Krylov checkpoint of this config, or (0, q_0)."""
+    key = jax.random.key(ctx.config.arnoldi.seed)
+    target = sharding.abstract_like(
+        jax.eval_shape(init, key), programs.krylov_shardings(ctx.vector_sh, ctx.mesh)
+    )
+    what = f"the Krylov state in {ckpt.directory}"
+    found = ckpt.restore_latest(target, meta_check(ctx.fingerprint(*KRYLOV_FIELDS), what, FIX))
+    if not found:
+        return 0, init(key)
+    logging.info("resuming Arnoldi at iteration %d from %s", found[0], ckpt.directory)
+    return found[0], found[1]
+
+
+def iterate(ctx: Context, params: Any) -> krylov.ArnoldiResult:
+    """Alg. 1 lines 1–10 from the latest Krylov checkpoint (or from q_0), saving every
+    ``arnoldi.checkpoint_every`` iterations, at the last one and at a preemption."""
+    a = ctx.config.arnoldi
+    init = programs.jit_init_krylov_state(ctx.vectors_like, a.num_iters, ctx.vector_sh, ctx.mesh)
+    with ctx.checkpointer(KRYLOV, save_interval_steps=a.checkpoint_every) as ckpt:
+        start, state = _restore(ctx, ckpt, init)
+        if start:
+            hessenberg = sharding.replicated_to_host(state["hessenberg"])
+            completed = krylov.completed_iterations(hessenberg, start)
+            if completed < start:
+                return krylov.ArnoldiResult(state, completed, "broke down in an earlier run")
+        logging.info("influence over %s", ctx.selection.describe(ctx.params_like))
+        logging.info(
+            "Krylov basis: %d vectors x %d params, %.1f MiB on the most loaded device (mesh %s)",
+            a.num_iters + 1,
+            sum(x.size for x in jax.tree.leaves(ctx.vectors_like)),
+            sharding.bytes_per_device(state["krylov_basis"]) / 2**20,
+            dict(ctx.mesh.shape),
+        )
+        if start == a.num_iters:
+            return krylov.ArnoldiResult(state, start, None)
+        result = _loop(ctx, params, ckpt, start, state)
+        ckpt.wait_until_finished()
+    return result
+
+
+def _loop(
+    ctx: Context, params: Any, ckpt: Checkpointer, start: int, state: krylov.KrylovState
+) -> krylov.ArnoldiResult:
+    """Iterations start + 1 … n, each followed by a save when due; a preemption saves and stops."""
+    a = ctx.config.arnoldi
+    fingerprint = ctx.fingerprint(*KRYLOV_FIELDS)
+    saved = {"step": start}
+    guard = finite.Guard(
+        "arnoldi", "the HVP norm", "check the trained params and the data for non-finite values"
+    )
+
+    def save(done: int, state: krylov.KrylovState, force: bool) -> None:
+        if force or done % a.checkpoint_every == 0:
+            guard.check(f"the last Krylov state is of iteration {saved['step']}")
+        if ckpt.save(done, state, {"fingerprint": fingerprint, "iteration": done}, force=force):
+            saved["step"] = done
+
+    with ctx.progress("arnoldi", a.num_iters) as progress:
+
+        def on_iteration(done: int, state: krylov.KrylovState, info: krylov.StepInfo) -> None:
+            guard.update(done, info["hvp_norm"])
+            failpoints.maybe_fail("arnoldi_iteration", done)
+            stop = ctx.reached_preemption(done)
+            save(done, state, force=stop or done == a.num_iters)
+            failpoints.maybe_fail("arnoldi_saved", done)  # killed while a save is in flight
+            progress(done, residual_norm=info["residual_norm"], hvp_norm=info["hvp_norm"])
+            if stop:
+                ckpt.wait_until_finished()
+                raise preemption.Preempted(
+                    f"Arnoldi preempted; Krylov state saved at iteration {done}"
+                )
+
+        step_fn = programs.jit_arnoldi_step(
+            make_hvp(ctx.task.per_example_loss, ctx.config.l2, ctx.selection),
+            ctx.param_sh,
+            ctx.vector_sh,
+            ctx.mesh,
+            a.breakdown_tol,
+            a.orthogonalization,
+        )
+        logging.info("running Arnoldi iterations %d to %d", start + 1, a.num_iters)
+        result = krylov.run_arnoldi(
+            step_fn,
+            state,
+            params,
+            lambda k: ctx.hvp_batch(a.seed, k),
+            a.num_iters,
+            start,
+            on_iteration,
+        )
+    if result.breakdown:
+        logging.warning("%s", result.breakdown)
+        if saved["step"] != result.num_completed:  # learnt one step late: save it now
+            save(result.num_completed, result.state, force=True)
+    return result
+
+
+def distill_pairs(ctx: Context, result: krylov.ArnoldiResult) -> Fitted:
+    """Alg. 1 lines 11–18: the top-p̃ Ritz pairs, G = Uᵀ Q sharded like the params."""
+    d = ctx.config.distill
+    hessenberg = sharding.replicated_to_host(result.state["hessenberg"])
+    m = result.num_completed
+    try:
+        pairs = distill.ritz_pairs(hessenberg, m, d.top_k, d.positive_only, d.symmetric)
+    except ValueError as e:
+        raise InputError(f"distill: {e}") from e
+    eigvecs = programs.jit_to_parameter_space(ctx.vector_sh, ctx.mesh)(
+        np.asarray(pairs.coords, np.float32), result.state["krylov_basis"]
+    )
+    block = hessenberg[:m, :m]
+    ritz_values = np.linalg.eigvalsh(0.5 * (block + block.T))
+    negative = negative_mass_fraction(ritz_values, d.top_k)
+    logging.info(
+        "distilled %d eigenpairs: λ = %s; max relative Ritz residual %.2e; %.1f%% of the top-%d "
+        "|λ| mass is negative",
+        d.top_k,
+        np.array2string(pairs.eigvals[:10], precision=4),
+        float(np.max(pairs.ritz_residuals / np.abs(pairs.eigvals))),
+        100 * negative,
+        d.top_k,
+    )
+    return fitted(
+        eigvecs,
+        pairs.eigvals,
+        pairs.ritz_residuals,
+        num_hvps=m,
+        all_ritz_values=ritz_values.tolist(),
+        negative_mass_fraction=negative,
+        num_iters_completed=m,
+        breakdown=result.breakdown,
+    )
+
+
+def negative_mass_fraction(ritz_values: np.ndarray, top_k: int) -> float:
+    """Σ|λ| over the negative of the top-p̃ Ritz values by |λ|, over Σ|λ| of all of them: how far
+    from a minimum the trained params are (the paper's fine-tuned ViT-L/32: 7% of the top-100
+    mass negative, a saddle point, hence ``distill.positive_only``; Schioppa et al. 2022, §5.3)."""
+    top = ritz_values[np.argsort(-np.abs(ritz_values))[:top_k]]
+    total = float(np.abs(top).sum())
+    return float(np.abs(top[top < 0]).sum() / total) if total > 0 else 0.0
+
+
+def advice(
+    config: ml_collections.ConfigDict, converged: int, kept: int, move: float | None
+) -> list[str]:
+    """What the fit was, and what to raise when the kept Ritz pairs have not converged or move
+    between seeds."""
+    a = config.arnoldi
+    batches = "one fixed batch" if a.fixed_batch else "a fresh batch per HVP"
+    words = [f"Arnoldi ran n = {a.num_iters} iterations, b = {a.hvp_batch_size}, {batches}."]
+    if converged < kept / 2:
+        words.append(
+            f"Fewer than half converged: raise arnoldi.num_iters (n = {a.num_iters}); the "
+            "unconverged pairs mix eigenvectors and their 1/λ weights are unreliable."
+        )
+    if move is not None and move > SEED_SPREAD_WARN:
+        words.append(
+            f"That is more than {100 * SEED_SPREAD_WARN:.0f}%: "
+            + (
+                f"raise arnoldi.hvp_batch_size (b = {a.hvp_batch_size}) or set "
+                "arnoldi.fixed_batch=true: the fresh batches' sampling noise dominates."
+                if not a.fixed_batch
+                else f"raise arnoldi.num_iters (n = {a.num_iters})."
+            )
+        )
+    return words
+
+
+SEED_SPREAD_WARN = 0.05  # top eigenvalues moving more than this between seeds: say what to raise
+
+
 ARNOLDI = Method(
     name="arnoldi",
+    kind=Kind.EIGENPAIR,
     equation="H⁻¹ ≈ Gᵀ diag(1/λ) G, (λ, G) the top-p̃ Ritz pairs of n Arnoldi iterations",
-    num_vectors=lambda config, num_params: config.distill.top_k,
-    # its fingerprint: pipeline/workdir.eigenpairs_fingerprint, as before methods
+    config=(ARNOLDI_BLOCK, DISTILL_BLOCK),
+    fingerprint=KRYLOV_FIELDS + DISTILL_FIELDS,
+    fit=fit,
     check=check,
-    stage="stages.arnoldi",
+    keeps_top_k=True,
+    state=(KRYLOV,),
+    seed_field="arnoldi.seed",
+    advice=advice,
 )

@@ -1,45 +1,65 @@
 """The method contract: what a way of approximating H⁻¹ gives the pipeline.
 
-Every built-in method but one approximates H⁻¹ on a subspace by eigenpairs (G with orthonormal
-rows, eigenvalues λ), and may add an isotropic term σ on the rest:
+Three kinds of method (``Kind``), scored by one scorer (``stages/score.py``) with the same
+fan-out, resumption and outputs:
 
-    H⁻¹ ≈ Gᵀ diag(1/λ) G + (I − GᵀG) / σ
+- ``EIGENPAIR`` (arnoldi, randproj, randselect, exact): a ``fit`` produces eigenpairs (G with
+  orthonormal rows, eigenvalues λ) and H⁻¹ ≈ Gᵀ diag(1/λ) G, plus (I − GᵀG)/σ where
+  ``distill.tail`` sets a σ; self-influence Σᵢ gᵢ²/λᵢ and train → test ⟨g(x)/λ, g(z)⟩ with
+  g = G∇ℓ (Schioppa et al. 2022, Alg. 1 lines 24–26).
+- ``OPERATOR`` (lissa, cg, hyperinf, datainf): P ≈ (H + λI)⁻¹ applied to vectors (iterative
+  solves over HVPs, or per-layer inverses a ``fit`` computes once); train → test ⟨∇ℓ(x), P∇ℓ(z)⟩
+  with the solved query gradients as tangents, self-influence ⟨∇ℓ(x), P∇ℓ(x)⟩ from each example's
+  gradient (``parallel/operator_products.py``).
+- ``GRADIENT`` (graddot, tracin): H ≈ σI, full-gradient products; nothing to fit.
 
-so each of them is a ``fit`` that produces eigenpairs, and the score job (``stages/score.py``),
-its fan-out, resumption and outputs are the same for all: self-influence Σᵢ gᵢ²/λᵢ, train → test
-⟨g(x)/λ, g(z)⟩ with g = G∇ℓ (Schioppa et al. 2022, Alg. 1 lines 24–26), plus the σ term where a
-method (``sigma``) or ``distill.tail`` sets one. ``graddot`` (H = I) is the degenerate case: no
-eigenpairs, σ = 1.
+Influence on the mean validation loss (``score.validation``), ⟨∇ℓ(x), P v̄⟩, is one more tangent
+for every kind. A method of one's own is a module holding a ``Method`` (``config.method.name =
+"my_package.my_method:METHOD"``, ``methods/registry.py``); what its ``fit`` returns is saved by
+the fit stage with the method's fingerprint and reused while it matches.
 
-A method of one's own is a module holding a ``Method`` (``config.method.name =
-"my_package.my_method:METHOD"``, ``methods/registry.py``); its ``fit`` returns ``Fitted``, which
-the fit job (``stages/fit.py``) saves with the method's fingerprint and reuses while it matches.
-
-The other methods apply their approximation P ≈ (H + λI)⁻¹ to vectors instead (an ``Operator``:
-iterative solves over HVPs for ``lissa`` and ``cg``, per-layer inverses for ``hyperinf`` and
-``datainf``). The same scorer serves them: train → test ⟨∇ℓ(x), P∇ℓ(z)⟩ with the solved query
-gradients P∇ℓ(z) as its tangents, and self-influence ⟨∇ℓ(x), P∇ℓ(x)⟩ from each example's gradient
-(``parallel/operator_products.py``). Influence on the mean validation loss (``score.validation``),
-⟨∇ℓ(x), P v̄⟩, is one more such tangent for every method, eigenpair methods included
-(``EigenOperator``).
+What a method receives is a ``Context`` (the stages build it, ``stages/setup.py``): the config,
+mesh, task, parameter selection and shardings, and the means to read batches, report progress,
+checkpoint its own resumable state and notice a preemption, so a method of one's own is one
+module that imports nothing above ``methods/``.
 """
 
 import dataclasses
+import enum
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.sharding import Mesh
+
+from checkpoints import fingerprint
+from checkpoints.checkpointer import Checkpointer
+from influence.selection import Selection
+from runtime import preemption, workdir
+from runtime.config import Block
+from runtime.progress import Progress
+from tasks import batching
+from tasks.base import Task
+from tasks.sources import Source
+
+
+class Kind(enum.Enum):
+    """How a method's approximation of H⁻¹ is scored (module docstring)."""
+
+    EIGENPAIR = "eigenpair"
+    OPERATOR = "operator"
+    GRADIENT = "gradient"
 
 
 class Fitted(NamedTuple):
     """A method's artifact: ``eigvecs`` stacked like the selected params ((k, …) leaves,
     orthonormal rows, sharded like them), ``eigvals`` (k,), ``ritz_residuals`` (k,) estimates
-    of ‖H vᵢ − λᵢ vᵢ‖, and ``summary`` (JSON: written to eigenvalues.json and the meta);
-    ``operator``: the state an ``Operator`` method fitted (per-layer inverses), saved beside
-    them (k = 0 eigenpairs), or None."""
+    of ‖H vᵢ − λᵢ vᵢ‖, and ``summary`` (JSON: written to fit.json and the meta);
+    ``operator``: the state an ``OPERATOR`` method fitted (per-layer inverses), saved instead
+    of eigenpairs, or None."""
 
     eigvecs: Any
     eigvals: np.ndarray
@@ -58,9 +78,10 @@ class Operator(Protocol):
 def fitted(
     eigvecs: Any, eigvals: np.ndarray, residuals: np.ndarray, num_hvps: int, **extra: Any
 ) -> Fitted:
-    """``Fitted`` with the summary every eigenpair method writes (eigenvalues.json): λ, the
-    residuals ‖Hv − λv‖ absolute and relative to |λ|, all Ritz values (the tail's ``ritz`` σ
-    reads those beyond the kept ones), the HVPs it took, and ``extra``."""
+    """``Fitted`` with the summary every eigenpair method writes (fit.json): λ, the residuals
+    ‖Hv − λv‖ absolute and relative to |λ|, the Ritz values (the tail's ``ritz`` σ reads those
+    beyond the kept ones; the kept ones unless ``extra`` gives ``all_ritz_values``), the HVPs it
+    took, and ``extra``."""
     eigvals, residuals = np.asarray(eigvals, np.float64), np.asarray(residuals, np.float64)
     summary = {
         "eigvals": eigvals.tolist(),
@@ -84,30 +105,86 @@ def _no_check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     del config, mesh
 
 
-def _keeps_no_eigenpairs(config: ml_collections.ConfigDict, num_params: int) -> int:
-    del config, num_params
-    return 0
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """One stage's view of the run.
 
+    Attributes:
+      config: the whole config (a method reads its own fields: ``method.*``, ``arnoldi.*``, ...).
+      workdir: the run's workdir; a method's own files go under ``results``.
+      mesh: the device mesh ('data', 'model').
+      task: the task (``tasks/base.py``), its splits restricted by ``config.filter``.
+      params_like: ShapeDtypeStructs of the task's params (no array is allocated).
+      param_sh: a NamedSharding per param leaf (``parallel/sharding.py`` rules).
+      selection: the leaves influence covers (``config.params``, else the task's default).
+      method: the configured method.
+      params_id: the digest of the trained params' fingerprint, once they are restored ("" before).
+      reached_preemption: step → whether to save and stop there, the same on every process
+        (``runtime/preemption.py``); a loop calls it once per step.
+    """
 
-def _no_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    del config
-    return {}
+    config: ml_collections.ConfigDict
+    workdir: epath.Path
+    mesh: Mesh
+    task: Task
+    params_like: Any
+    param_sh: Any
+    selection: Selection
+    method: "Method"
+    params_id: str = ""
+    reached_preemption: Callable[[int], bool] = lambda step: preemption.reached(step)
 
+    @property
+    def vectors_like(self) -> Any:
+        """The selected leaves of ``params_like``: the shape of every Krylov vector, eigenvector
+        and gradient influence is taken over."""
+        return self.selection.select(self.params_like)
 
-def config_fields(*names: str) -> Callable[[ml_collections.ConfigDict], dict[str, Any]]:
-    """A method's ``fingerprint``: the values of the named config fields (dotted paths, e.g.
-    ``"method.damping"``), keyed by their paths."""
+    @property
+    def vector_sh(self) -> Any:
+        return self.selection.select(self.param_sh)
 
-    def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
-        values = {}
-        for name in names:
-            value = config
-            for part in name.split("."):
-                value = value[part]
-            values[name] = value
-        return values
+    @property
+    def results(self) -> epath.Path:
+        """The method's own directory in the workdir (``runtime/workdir.py``)."""
+        return workdir.results(self.workdir, self.method.name)
 
-    return fingerprint
+    def with_params_id(self, params_id: str) -> "Context":
+        return dataclasses.replace(self, params_id=params_id)
+
+    def split(self, name: str) -> Source:
+        return self.task.splits[name]
+
+    def batch(self, split: str, positions: np.ndarray) -> dict:
+        """Examples ``positions`` of ``split`` as one global batch of model inputs, sharded over
+        'data' (this process reads only its own rows)."""
+        return batching.global_batch(self.task, self.split(split), positions, self.mesh)
+
+    def hvp_batch(self, seed: int, iteration: int) -> dict:
+        """The training batch of HVP number ``iteration`` as Arnoldi draws them (Alg. 1, line 4):
+        ``arnoldi.hvp_batch_size`` examples, seeded by (seed, iteration), or one fixed batch
+        with ``arnoldi.fixed_batch``."""
+        a = self.config.arnoldi
+        positions = batching.hvp_batch_indices(
+            self.split("train").num_examples, a.hvp_batch_size, seed, iteration, a.fixed_batch
+        )
+        return self.batch("train", positions)
+
+    def progress(self, name: str, total: int) -> Progress:
+        """Progress of a loop of the method: log lines, and TensorBoard scalars in its results."""
+        return Progress(self.results, name, total, self.config.log_every_secs)
+
+    def checkpointer(self, name: str, **options: Any) -> Checkpointer:
+        """A ``Checkpointer`` for the method's own resumable state in ``results / name``."""
+        return Checkpointer(self.results / name, **options)
+
+    def fingerprint(self, *names: str) -> fingerprint.Fingerprint:
+        """What a result of the method computed from the trained params depends on: the params,
+        the selected leaves, l2, the method's name and the config fields ``names``."""
+        if not self.params_id:
+            raise RuntimeError("Context.fingerprint before the trained params are restored")
+        selected = fingerprint.selection(self.selection.selected, len(self.selection.paths))
+        return fingerprint.fit(self.config, self.params_id, selected, self.method.name, names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,39 +193,76 @@ class Method:
 
     Attributes:
       name: its ``config.method.name``.
-      equation: the approximation of H⁻¹ it makes, for logs and the README.
-      num_vectors: (config, p) → k, the eigenpairs it keeps, p the number of selected params
-        (default: none).
-      fingerprint: config → the fields its artifact depends on beyond the trained params, the
-        parameter selection and l2 (which every fit depends on); ``config_fields`` names them
-        (default: none).
-      fit: (stage, params) → ``Fitted``; None: nothing to fit (k = 0).
+      kind: how it is scored (``Kind``).
+      equation: the approximation of H⁻¹ it makes, for logs and docs.
+      config: the config fields it reads, with their defaults (``runtime/config.py``); the base
+        config assembles every method's.
+      fingerprint: the config fields (dotted) its artifact depends on beyond the trained params,
+        the parameter selection and l2, which every fit depends on.
+      fit: (context, params) → ``Fitted``; None: nothing to fit.
       check: (config, mesh) → None, raising ``InputError``: input checks before any work.
       check_size: (config, the selected leaves as ShapeDtypeStructs) → None, raising
         ``InputError``: checks that need the model's size or shapes, run by every stage's
         set-up (the train job's included), before any params are trained or restored.
-      sigma: the isotropic curvature of the method itself (graddot: 1), or None.
-      stage: the module of a pipeline stage that fits it end to end with resumption of its own
-        (Arnoldi: ``stages.arnoldi``, whose Krylov state is checkpointed), instead of ``fit``.
+      keeps_top_k: it keeps p̃ = ``distill.top_k`` eigenpairs (the report sweeps p̃).
+      num_vectors: (config, p) → the eigenpairs it keeps otherwise, p the number of selected
+        params (default: none).
+      sigma: H ≈ σI outside its eigenpairs, its own (a ``GRADIENT`` method: 1).
       checkpoints: scores are the sum over the params the train job kept after each epoch of
         ``train.keep_epochs``, each weighted by its learning rate (TracIn), instead of the
         final params alone.
-      operator: (stage, params, fitted operator state or None) → the ``Operator`` P the score
-        job applies; set for the methods scored by ⟨∇ℓ(x), P∇ℓ(x)⟩ per example instead of by
-        eigenpairs (``parallel/operator_products.py``).
-      operator_like: stage → the fitted operator state as ShapeDtypeStructs with shardings
-        (its restore target), for an ``operator`` method whose ``fit`` saves one.
+      operator: (context, params, fitted operator state or None) → the ``Operator`` P the score
+        job applies (an ``OPERATOR`` method).
+      operator_like: context → the fitted operator state as ShapeDtypeStructs with shardings
+        (its restore target), for an ``OPERATOR`` method whose ``fit`` saves one.
+      state: subdirectories of its results holding resumable state of its fit that a run with
+        other ``distill.*`` fields can share (Arnoldi's ``krylov``: one Krylov run serves every
+        p̃ of the report).
+      reference: exact: the reference the report compares eigenvalues and rankings against.
+      seed_field: the config field that seeds its fit (the report's spread between two seeds).
+      advice: (config, converged pairs, kept pairs, max relative move between seeds or None) →
+        sentences on what to raise when its fit has not converged (the report's words).
     """
 
     name: str
+    kind: Kind
     equation: str
-    num_vectors: Callable[[ml_collections.ConfigDict, int], int] = _keeps_no_eigenpairs
-    fingerprint: Callable[[ml_collections.ConfigDict], dict[str, Any]] = _no_fields
-    fit: Callable[[Any, Any], Fitted] | None = None
+    config: tuple[Block, ...] = ()
+    fingerprint: tuple[str, ...] = ()
+    fit: Callable[[Context, Any], Fitted] | None = None
     check: Callable[[ml_collections.ConfigDict, Mesh], None] = _no_check
     check_size: Callable[[ml_collections.ConfigDict, Any], None] | None = None
+    keeps_top_k: bool = False
+    num_vectors: Callable[[ml_collections.ConfigDict, int], int] | None = None
     sigma: float | None = None
-    stage: str | None = None
     checkpoints: bool = False
-    operator: Callable[[Any, Any, Any], Operator] | None = None
-    operator_like: Callable[[Any], Any] | None = None
+    operator: Callable[[Context, Any, Any], Operator] | None = None
+    operator_like: Callable[[Context], Any] | None = None
+    state: tuple[str, ...] = ()
+    reference: bool = False
+    seed_field: str | None = None
+    advice: Callable[[ml_collections.ConfigDict, int, int, float | None], list[str]] | None = None
+
+    def __post_init__(self) -> None:
+        wrong = {
+            Kind.EIGENPAIR: self.fit is None or self.operator is not None,
+            Kind.OPERATOR: self.operator is None,
+            Kind.GRADIENT: self.sigma is None or self.fit is not None,
+        }[self.kind]
+        if wrong:
+            raise TypeError(
+                f"method {self.name!r} of kind {self.kind.value}: an eigenpair method has a fit "
+                "and no operator, an operator method an operator, a gradient method a sigma and "
+                "no fit"
+            )
+
+    def vectors(self, config: ml_collections.ConfigDict, num_params: int) -> int:
+        """k, the eigenpairs its fit keeps (0 but for ``EIGENPAIR`` methods)."""
+        if self.keeps_top_k:
+            return int(config.distill.top_k)
+        return self.num_vectors(config, num_params) if self.num_vectors else 0
+
+    @property
+    def saves_fit(self) -> bool:
+        """Whether the fit stage computes and saves an artifact (else scoring needs none)."""
+        return self.fit is not None

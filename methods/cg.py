@@ -22,20 +22,21 @@ from jax.sharding import Mesh
 
 from influence import solvers
 from methods import checks, passes
-from methods.base import Method, config_fields
+from methods.base import Context, Kind, Method
 from methods.lissa import chunks, unchunk
 from parallel import sharding
+from runtime.config import Block
 from runtime.errors import InputError
 
 
 class ConjugateGradient:
     """The ``Operator`` of CG at ``params`` (module docstring)."""
 
-    def __init__(self, stage: Any, params: Any) -> None:
-        self._config = stage.config.method
-        self._stacked = sharding.stacked_shardings(stage.vector_sh)
-        self._hessian = passes.FullHessian(stage, params)
-        repl = sharding.replicated(stage.mesh)
+    def __init__(self, ctx: Context, params: Any) -> None:
+        self._config = ctx.config.method
+        self._stacked = sharding.stacked_shardings(ctx.vector_sh)
+        self._hessian = passes.FullHessian(ctx, params)
+        repl = sharding.replicated(ctx.mesh)
         s = self._stacked
         self._update = jax.jit(
             solvers.cg_update,
@@ -83,7 +84,20 @@ def _check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
 CG = Method(
     name="cg",
     equation="(H + λI)⁻¹v by conjugate gradient on the full-data H",
-    fingerprint=config_fields("method.damping", "method.tol", "method.max_iters"),
+    kind=Kind.OPERATOR,
+    config=(
+        Block(
+            "method",
+            {
+                "damping": 1e-3,  # λ: it solves (H + λI) x = v (H includes l2)
+                "hvp_batch_size": 512,  # examples per HVP call of the full-data H
+                "block": 64,  # vectors solved by one vmapped HVP call
+                "tol": 1e-4,  # relative residual
+                "max_iters": 200,  # iteration cap (a warning if hit)
+            },
+        ),
+    ),
+    fingerprint=("method.damping", "method.tol", "method.max_iters"),
     check=_check,
-    operator=lambda stage, params, state: ConjugateGradient(stage, params),
+    operator=lambda ctx, params, state: ConjugateGradient(ctx, params),
 )

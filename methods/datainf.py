@@ -22,8 +22,9 @@ from absl import logging
 
 from influence.selection import leaf_paths
 from methods import checks, hyperinf, passes
-from methods.base import Method, config_fields, empty_fitted
+from methods.base import Context, Kind, Method, empty_fitted
 from parallel import sharding
+from runtime.config import Block
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -32,11 +33,11 @@ def _flat(g: jax.Array) -> jax.Array:
     return g.reshape(g.shape[0], -1).astype(jnp.float32)
 
 
-def fit(stage: Any, params: Any) -> Any:
-    config, m = stage.config, stage.config.method
+def fit(ctx: Context, params: Any) -> Any:
+    config, m = ctx.config, ctx.config.method
     batch_size = config.score.batch_size
     squares, count = passes.gradient_statistics(
-        stage,
+        ctx,
         params,
         lambda grads, mask: jax.tree.map(
             lambda g: jnp.tensordot(mask, jnp.sum(jnp.square(_flat(g)), axis=1), axes=1), grads
@@ -44,7 +45,7 @@ def fit(stage: Any, params: Any) -> Any:
         "datainf damping",
         batch_size,
     )
-    sizes = jax.tree.map(lambda x: x.size, stage.vectors_like)
+    sizes = jax.tree.map(lambda x: x.size, ctx.vectors_like)
     damping = jax.tree.map(
         lambda sq, p: jnp.float32(
             m.damping_ratio * float(sq) / (count * p) + m.damping + config.l2
@@ -62,15 +63,15 @@ def fit(stage: Any, params: Any) -> Any:
         return jax.tree.map(leaf, grads, damping)
 
     sums, _ = passes.gradient_statistics(
-        stage, params, weighted_outer, "datainf matrices", batch_size
+        ctx, params, weighted_outer, "datainf matrices", batch_size
     )
-    repl = sharding.replicated(stage.mesh)
+    repl = sharding.replicated(ctx.mesh)
     matrices = jax.jit(lambda s: jax.tree.map(lambda x: x / count, s), out_shardings=repl)(sums)
     layers = [
         {"leaf": path, "p": int(like.size), "damping": float(lam)}
         for path, like, lam in zip(
-            leaf_paths(stage.vectors_like),
-            jax.tree.leaves(stage.vectors_like),
+            leaf_paths(ctx.vectors_like),
+            jax.tree.leaves(ctx.vectors_like),
             jax.tree.leaves(damping),
             strict=True,
         )
@@ -82,19 +83,19 @@ def fit(stage: Any, params: Any) -> Any:
         max(x["damping"] for x in layers),
     )
     state = {"matrix": matrices, "damping": jax.device_put(damping, repl)}
-    return empty_fitted(stage.vectors_like, {"num_examples": count, "layers": layers}, state)
+    return empty_fitted(ctx.vectors_like, {"num_examples": count, "layers": layers}, state)
 
 
-def operator_like(stage: Any) -> Any:
+def operator_like(ctx: Context) -> Any:
     """The saved state's restore target: C_l (p_l, p_l) and λ_l per leaf, replicated."""
-    repl = sharding.replicated(stage.mesh)
+    repl = sharding.replicated(ctx.mesh)
     return {
         "matrix": jax.tree.map(
             lambda x: jax.ShapeDtypeStruct((x.size, x.size), jnp.float32, sharding=repl),
-            stage.vectors_like,
+            ctx.vectors_like,
         ),
         "damping": jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct((), jnp.float32, sharding=repl), stage.vectors_like
+            lambda x: jax.ShapeDtypeStruct((), jnp.float32, sharding=repl), ctx.vectors_like
         ),
     }
 
@@ -122,10 +123,12 @@ class ShermanMorrison:
 DATAINF = Method(
     name="datainf",
     equation="(A_l + λ_l I)⁻¹ ≈ (I − C_l)/λ_l, C_l = (1/N) Σ g gᵀ/(λ_l + ‖g‖²), per layer",
-    fingerprint=config_fields("method.damping", "method.damping_ratio"),
+    kind=Kind.OPERATOR,
+    config=(Block("method", hyperinf.LAYER_FIELDS),),
+    fingerprint=("method.damping", "method.damping_ratio"),
     fit=fit,
     check=checks.layerwise,
-    operator=lambda stage, params, state: ShermanMorrison(state),
+    operator=lambda ctx, params, state: ShermanMorrison(state),
     operator_like=operator_like,
     check_size=lambda config, selected: hyperinf.check_leaves(config, selected, math.prod),
 )

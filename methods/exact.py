@@ -19,23 +19,22 @@ from jax.sharding import Mesh
 from influence import pytree, subspace
 from influence.hvp import make_hvp
 from methods import checks, passes
-from methods.base import Fitted, Method, fitted
+from methods.base import Context, Fitted, Kind, Method, fitted
 from parallel import sharding
 from parallel.mesh import DATA_AXIS
 from runtime import finite
+from runtime.config import Block
 from runtime.errors import InputError
-from runtime.progress import Progress
-from tasks import batching
 
 
-def hessian(stage: Any, params: Any) -> np.ndarray:
+def hessian(ctx: Context, params: Any) -> np.ndarray:
     """The p × p Hessian of the mean training loss over the selected params (+ l2 I), float64
     on the host; columns ``method.chunk`` at a time (a vmap of HVPs along coordinate vectors)."""
-    config = stage.config
-    like = stage.vectors_like
+    config = ctx.config
+    like = ctx.vectors_like
     p = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(like))
-    hvp = make_hvp(stage.task.per_example_loss, config.l2, stage.selection)
-    repl = sharding.replicated(stage.mesh)
+    hvp = make_hvp(ctx.task.per_example_loss, config.l2, ctx.selection)
+    repl = sharding.replicated(ctx.mesh)
 
     def columns(params: Any, batch: dict, indices: jax.Array) -> jax.Array:
         basis = subspace.coordinate_rows(indices, like)
@@ -44,25 +43,23 @@ def hessian(stage: Any, params: Any) -> np.ndarray:
 
     columns = jax.jit(
         columns,
-        in_shardings=(stage.param_sh, sharding.batch_sharding(stage.mesh), repl),
+        in_shardings=(ctx.param_sh, sharding.batch_sharding(ctx.mesh), repl),
         out_shardings=repl,
     )
-    train = stage.split("train")
     batches = passes.full_batches(
-        train.num_examples, config.arnoldi.hvp_batch_size, stage.mesh.shape[DATA_AXIS]
+        ctx.split("train").num_examples, config.arnoldi.hvp_batch_size, ctx.mesh.shape[DATA_AXIS]
     )
     chunk = config.method.chunk
     starts = range(0, p, chunk)
     matrix = np.zeros((p, p), np.float64)
     guard = finite.Guard("exact", "a Hessian column", "check the trained params and the data")
-    with Progress(stage.workdir, "exact", len(starts), config.log_every_secs) as progress:
+    with ctx.progress("exact", len(starts)) as progress:
         for step, start in enumerate(starts, start=1):
             indices = np.arange(start, start + chunk)
             indices = jnp.asarray(np.where(indices < p, indices, -1), jnp.int32)
             total = None
             for positions in batches:
-                batch = batching.global_batch(stage.task, train, positions, stage.mesh)
-                part = columns(params, batch, indices)
+                part = columns(params, ctx.batch("train", positions), indices)
                 total = part if total is None else total + part
             guard.update(step, total)
             guard.check("nothing of this fit was saved")
@@ -73,8 +70,8 @@ def hessian(stage: Any, params: Any) -> np.ndarray:
     return matrix
 
 
-def fit(stage: Any, params: Any) -> Fitted:
-    matrix = hessian(stage, params)
+def fit(ctx: Context, params: Any) -> Fitted:
+    matrix = hessian(ctx, params)
     asymmetry = float(np.abs(matrix - matrix.T).max() / max(np.abs(matrix).max(), 1e-30))
     matrix = 0.5 * (matrix + matrix.T)
     eigvals, eigvecs = np.linalg.eigh(matrix)
@@ -82,11 +79,11 @@ def fit(stage: Any, params: Any) -> Fitted:
     eigvals, eigvecs = eigvals[order], eigvecs[:, order]
     residuals = np.linalg.norm(matrix @ eigvecs - eigvecs * eigvals, axis=0)
     g = jax.jit(
-        lambda m: subspace.unflatten_rows(m, stage.vectors_like),
-        out_shardings=sharding.stacked_shardings(stage.vector_sh),
-    )(jax.device_put(eigvecs.T.astype(np.float32), sharding.replicated(stage.mesh)))
-    floor = stage.config.l2 + stage.config.distill.damping
-    nonpositive = int((eigvals + stage.config.distill.damping <= 0).sum())
+        lambda m: subspace.unflatten_rows(m, ctx.vectors_like),
+        out_shardings=sharding.stacked_shardings(ctx.vector_sh),
+    )(jax.device_put(eigvecs.T.astype(np.float32), sharding.replicated(ctx.mesh)))
+    floor = ctx.config.l2 + ctx.config.distill.damping
+    nonpositive = int((eigvals + ctx.config.distill.damping <= 0).sum())
     if nonpositive:
         logging.warning(
             "exact: %d of %d eigenvalues of H + damping are <= 0 (smallest %.3e): the trained "
@@ -94,7 +91,7 @@ def fit(stage: Any, params: Any) -> Fitted:
             "raise distill.damping",
             nonpositive,
             eigvals.size,
-            eigvals.min() + stage.config.distill.damping,
+            eigvals.min() + ctx.config.distill.damping,
         )
     logging.info(
         "exact: %d eigenvalues in [%.3e, %.3e] (l2 + damping = %.3e); relative asymmetry %.1e",
@@ -127,10 +124,24 @@ def _check_size(config: ml_collections.ConfigDict, selected: Any) -> None:
         )
 
 
+CONFIG = (
+    Block(
+        "method",
+        {
+            "max_params": 20_000,  # exact: the largest p whose p × p Hessian it builds
+            "chunk": 64,  # exact: Hessian columns per vmapped HVP call
+        },
+    ),
+    Block("arnoldi", {"hvp_batch_size": 512}),  # the batches its full-data Hessian sums over
+)
+
 EXACT = Method(
     name="exact",
+    kind=Kind.EIGENPAIR,
     equation="H⁻¹ = V diag(1/λ) Vᵀ, every eigenpair of the explicit full-data Hessian",
+    config=CONFIG,
     num_vectors=lambda config, num_params: num_params,
+    reference=True,
     fit=fit,
     check=_check,
     check_size=_check_size,

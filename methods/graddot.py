@@ -6,10 +6,11 @@ computes ‖∇ℓ(x)‖² (one reverse pass per example) and the products with 
 GEMM columns), as it does for the tail term."""
 
 from methods import checks
-from methods.base import Method
+from methods.base import Kind, Method
 
 GRADDOT = Method(
     name="graddot",
+    kind=Kind.GRADIENT,
     equation="H⁻¹ ≈ I: I(x, z) = ⟨∇ℓ(x), ∇ℓ(z)⟩",
     check=checks.full_products,
     sigma=1.0,

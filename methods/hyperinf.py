@@ -34,9 +34,10 @@ from jax.sharding import Mesh
 from influence import gfim, schulz
 from influence.selection import leaf_paths
 from methods import checks, passes
-from methods.base import Method, config_fields, empty_fitted
+from methods.base import Context, Kind, Method, empty_fitted
 from parallel import sharding
 from runtime import finite
+from runtime.config import Block
 from runtime.errors import InputError
 
 
@@ -77,13 +78,13 @@ def _statistics(grads: Any, mask: jax.Array) -> Any:
     return jax.tree.map(leaf, grads)
 
 
-def fit(stage: Any, params: Any) -> Any:
-    config, m = stage.config, stage.config.method
+def fit(ctx: Context, params: Any) -> Any:
+    config, m = ctx.config, ctx.config.method
     sums, count = passes.gradient_statistics(
-        stage, params, _statistics, "hyperinf GFIM", config.score.batch_size
+        ctx, params, _statistics, "hyperinf GFIM", config.score.batch_size
     )
-    paths = leaf_paths(stage.vectors_like)
-    repl = sharding.replicated(stage.mesh)
+    paths = leaf_paths(ctx.vectors_like)
+    repl = sharding.replicated(ctx.mesh)
     damped, inverses, layers = [], [], []
     invert = jax.jit(
         lambda a: schulz.schulz_inverse(a, tol=m.tol, max_iters=m.max_iters),
@@ -91,7 +92,7 @@ def fit(stage: Any, params: Any) -> Any:
     )
     pairs = jax.tree.leaves(sums, is_leaf=lambda x: isinstance(x, tuple))
     for path, like, (outer, sq) in zip(
-        paths, jax.tree.leaves(stage.vectors_like), pairs, strict=True
+        paths, jax.tree.leaves(ctx.vectors_like), pairs, strict=True
     ):
         d = rows_side(like.shape)
         mean_square = float(sq) / (count * like.size)
@@ -125,25 +126,25 @@ def fit(stage: Any, params: Any) -> Any:
         max(x["iterations"] for x in layers),
         max(x["residual"] for x in layers),
     )
-    treedef = jax.tree.structure(stage.vectors_like)
+    treedef = jax.tree.structure(ctx.vectors_like)
     state = {
         "damped_gfim": jax.tree.unflatten(treedef, damped),
         "inverse": jax.tree.unflatten(treedef, inverses),
     }
     summary = {"num_examples": count, "layers": layers, "converged": all_converged(layers, m.tol)}
-    return empty_fitted(stage.vectors_like, summary, state)
+    return empty_fitted(ctx.vectors_like, summary, state)
 
 
 def all_converged(layers: list[dict], tol: float) -> bool:
     return all(x["residual"] <= tol for x in layers)
 
 
-def operator_like(stage: Any) -> Any:
+def operator_like(ctx: Context) -> Any:
     """The saved state's restore target: (d, d) float32 per leaf, twice, replicated."""
-    repl = sharding.replicated(stage.mesh)
+    repl = sharding.replicated(ctx.mesh)
     square = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct((rows_side(x.shape),) * 2, jnp.float32, sharding=repl),
-        stage.vectors_like,
+        ctx.vectors_like,
     )
     return {"damped_gfim": square, "inverse": square}
 
@@ -151,7 +152,7 @@ def operator_like(stage: Any) -> Any:
 class RowInverse:
     """The ``Operator``: each stacked vector's leaves, as rows, times their X_l."""
 
-    def __init__(self, stage: Any, state: dict[str, Any]) -> None:
+    def __init__(self, ctx: Context, state: dict[str, Any]) -> None:
         self._inverse = state["inverse"]
 
         def solve(vectors: Any, inverse: Any) -> Any:
@@ -172,15 +173,32 @@ def _check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     checks.tolerance(config)
 
 
+# The fields of the per-layer methods (hyperinf, datainf).
+LAYER_FIELDS = {
+    # λ_l = damping_ratio · mean of the layer's squared gradient entries + damping
+    "damping": 1e-3,
+    "damping_ratio": 0.1,  # the papers' 0.1
+    "max_layer_params": 16_384,  # the largest GFIM side d (hyperinf), layer size p_l (datainf)
+}
+
 HYPERINF = Method(
     name="hyperinf",
     equation="P = blockdiag_l(I_r ⊗ (A_l + λ_l I)⁻¹), A_l the GFIM, inverted by Schulz",
-    fingerprint=config_fields(
-        "method.damping", "method.damping_ratio", "method.tol", "method.max_iters"
+    kind=Kind.OPERATOR,
+    config=(
+        Block(
+            "method",
+            {
+                **LAYER_FIELDS,
+                "tol": 1e-4,  # Schulz's residual ‖I − AX‖
+                "max_iters": 200,  # Schulz's iteration cap (a warning if hit)
+            },
+        ),
     ),
+    fingerprint=("method.damping", "method.damping_ratio", "method.tol", "method.max_iters"),
     fit=fit,
     check=_check,
-    operator=lambda stage, params, state: RowInverse(stage, state),
+    operator=lambda ctx, params, state: RowInverse(ctx, state),
     operator_like=operator_like,
     check_size=lambda config, selected: check_leaves(config, selected, rows_side),
 )

@@ -24,19 +24,19 @@ from jax.sharding import Mesh
 from influence import hvp as hvp_lib
 from influence import pytree, solvers, subspace
 from methods import checks
-from methods.base import Method, config_fields
+from methods.base import Context, Kind, Method
 from parallel import sharding
 from runtime import finite
+from runtime.config import Block
 from runtime.errors import InputError
-from tasks import batching
 
 LANCZOS_ITERATIONS = 30
 SCALE_MARGIN = 1.5  # s = margin × estimated λ_max: the batch Hessians' spread, the estimate's bias
 
 
-def check_batch(stage: Any) -> None:
+def check_batch(ctx: Context) -> None:
     """``method.hvp_batch_size`` fits in the training split (checked before any HVP)."""
-    b, n = stage.config.method.hvp_batch_size, stage.split("train").num_examples
+    b, n = ctx.config.method.hvp_batch_size, ctx.split("train").num_examples
     if b > n:
         raise InputError(f"method.hvp_batch_size={b} exceeds the {n} training examples; lower it")
 
@@ -67,11 +67,11 @@ def unchunk(blocks: list[Any], count: int) -> Any:
 class Lissa:
     """The ``Operator`` of LiSSA at ``params`` (module docstring)."""
 
-    def __init__(self, stage: Any, params: Any) -> None:
-        check_batch(stage)
-        self._stage, self._params, m = stage, params, stage.config.method
-        self._stacked = sharding.stacked_shardings(stage.vector_sh)
-        hvp = hvp_lib.make_hvp(stage.task.per_example_loss, stage.config.l2, stage.selection)
+    def __init__(self, ctx: Context, params: Any) -> None:
+        check_batch(ctx)
+        self._ctx, self._params, m = ctx, params, ctx.config.method
+        self._stacked = sharding.stacked_shardings(ctx.vector_sh)
+        hvp = hvp_lib.make_hvp(ctx.task.per_example_loss, ctx.config.l2, ctx.selection)
         self._scale = self._scale_for(hvp)
         damping, scale = float(m.damping), self._scale
 
@@ -82,8 +82,8 @@ class Lissa:
         self._step = jax.jit(
             step,
             in_shardings=(
-                stage.param_sh,
-                sharding.batch_sharding(stage.mesh),
+                ctx.param_sh,
+                sharding.batch_sharding(ctx.mesh),
                 self._stacked,
                 self._stacked,
             ),
@@ -102,23 +102,23 @@ class Lissa:
     def _batch(self, stream: int, j: int) -> dict:
         """Step j's batch of stream 0 (the power iteration) or 1 + repeat: drawn without
         replacement, seeded by (method.seed, stream, j)."""
-        m, train = self._stage.config.method, self._stage.split("train")
+        m, train = self._ctx.config.method, self._ctx.split("train")
         rng = np.random.default_rng([m.seed, stream, j])
         positions = np.sort(rng.choice(train.num_examples, m.hvp_batch_size, replace=False))
-        return batching.global_batch(self._stage.task, train, positions, self._stage.mesh)
+        return self._ctx.batch("train", positions)
 
     def _spectrum(self, hvp: Any) -> tuple[float, float]:
         """(λ_max, λ_min) of H estimated by ``LANCZOS_ITERATIONS`` Lanczos steps on LiSSA's
         kind of batches (``influence.solvers.lanczos_extremes``)."""
-        stage, m = self._stage, self._stage.config.method
+        ctx, m = self._ctx, self._ctx.config.method
         product = jax.jit(
             hvp,
-            in_shardings=(stage.param_sh, sharding.batch_sharding(stage.mesh), stage.vector_sh),
-            out_shardings=stage.vector_sh,
+            in_shardings=(ctx.param_sh, sharding.batch_sharding(ctx.mesh), ctx.vector_sh),
+            out_shardings=ctx.vector_sh,
         )
         start = jax.jit(
-            lambda key: pytree.stacked_get(subspace.gaussian_rows(key, stage.vectors_like, 1), 0),
-            out_shardings=stage.vector_sh,
+            lambda key: pytree.stacked_get(subspace.gaussian_rows(key, ctx.vectors_like, 1), 0),
+            out_shardings=ctx.vector_sh,
         )(jax.random.key(m.seed))
         batch = self._batch(0, 0)  # one batch: a fixed operator, as Lanczos needs
         top, bottom = solvers.lanczos_extremes(
@@ -135,7 +135,7 @@ class Lissa:
         """``method.scale``, or 1.5 × (λ_max + λ) estimated (other batches' Hessians may exceed
         this one's); a one-line error, before any solve, when H + λI has a negative eigenvalue
         (the recursion would diverge)."""
-        m = self._stage.config.method
+        m = self._ctx.config.method
         top, bottom = self._spectrum(hvp)
         logging.info("lissa: Lanczos: λ_max(H) ≈ %.4g, λ_min(H) ≈ %.4g", top, bottom)
         if bottom + m.damping <= 0:
@@ -149,7 +149,7 @@ class Lissa:
     def solve(self, vectors: Any) -> Any:
         """(H + λI)⁻¹ for every row, in blocks of ``method.block`` rows; the same batches for
         every block (each is read once per step)."""
-        m = self._stage.config.method
+        m = self._ctx.config.method
         blocks = chunks(vectors, m.block, self._stacked)
         total = [jax.tree.map(lambda x: x * 0, v) for v in blocks]
         for repeat in range(m.repeats):
@@ -188,7 +188,22 @@ def _check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
 LISSA = Method(
     name="lissa",
     equation="(H + λI)⁻¹v ≈ h_depth / s, h_j = v + h_{j−1} − (H_j + λI) h_{j−1} / s",
-    fingerprint=config_fields(
+    kind=Kind.OPERATOR,
+    config=(
+        Block(
+            "method",
+            {
+                "seed": 0,  # its HVP batches and the Lanczos start
+                "damping": 1e-3,  # λ: it solves (H + λI) x = v (H includes l2)
+                "hvp_batch_size": 512,  # examples per recursion step
+                "depth": 1000,  # recursion steps per repeat
+                "repeats": 1,  # independent recursions averaged
+                "scale": 0.0,  # s ≥ λ_max(H + λ); 0: estimated (Lanczos)
+                "block": 64,  # vectors solved by one vmapped HVP call
+            },
+        ),
+    ),
+    fingerprint=(
         "method.damping",
         "method.hvp_batch_size",
         "method.depth",
@@ -197,5 +212,5 @@ LISSA = Method(
         "method.seed",
     ),
     check=_check,
-    operator=lambda stage, params, state: Lissa(stage, params),
+    operator=lambda ctx, params, state: Lissa(ctx, params),
 )

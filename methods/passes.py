@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from influence.hvp import make_hvp
+from methods.base import Context
 from parallel import programs, sharding
 from parallel.mesh import DATA_AXIS
 from runtime.errors import InputError
-from runtime.progress import Progress
 from tasks import batching
 
 
@@ -41,14 +41,14 @@ def full_batches(
     return [np.arange(s, s + r) for s in range(0, num_examples, r)]
 
 
-def jit_block_hvp(stage: Any) -> Callable[[Any, dict, Any], Any]:
+def jit_block_hvp(ctx: Context) -> Callable[[Any, dict, Any], Any]:
     """(params, batch, V) → H V for the k stacked rows of V at once (a vmap of the
     forward-over-reverse HVP, + l2 V), V and the result laid out like the eigenvectors."""
-    hvp = make_hvp(stage.task.per_example_loss, stage.config.l2, stage.selection)
-    stacked = sharding.stacked_shardings(stage.vector_sh)
+    hvp = make_hvp(ctx.task.per_example_loss, ctx.config.l2, ctx.selection)
+    stacked = sharding.stacked_shardings(ctx.vector_sh)
     return jax.jit(
         lambda params, batch, v: jax.vmap(lambda row: hvp(params, batch, row))(v),
-        in_shardings=(stage.param_sh, sharding.batch_sharding(stage.mesh), stacked),
+        in_shardings=(ctx.param_sh, sharding.batch_sharding(ctx.mesh), stacked),
         out_shardings=stacked,
     )
 
@@ -61,13 +61,13 @@ class FullHessian:
 
     RESIDENT_BYTES = 512 * 2**20
 
-    def __init__(self, stage: Any, params: Any) -> None:
-        self._stage, self._params, self._hvp = stage, params, jit_block_hvp(stage)
+    def __init__(self, ctx: Context, params: Any) -> None:
+        self._ctx, self._params, self._hvp = ctx, params, jit_block_hvp(ctx)
         self._positions = full_batches(
-            stage.split("train").num_examples,
-            stage.config.method.hvp_batch_size,
-            stage.mesh.shape[DATA_AXIS],
-            f"method.name={stage.method.name}",
+            ctx.split("train").num_examples,
+            ctx.config.method.hvp_batch_size,
+            ctx.mesh.shape[DATA_AXIS],
+            f"method.name={ctx.method.name}",
         )
         first = self._read(self._positions[0])
         size = sum(x.nbytes for x in jax.tree.leaves(first)) * len(self._positions)
@@ -77,8 +77,8 @@ class FullHessian:
         self.num_batches = len(self._positions)
 
     def _read(self, positions: np.ndarray) -> dict:
-        stage = self._stage
-        return batching.global_batch(stage.task, stage.split("train"), positions, stage.mesh)
+        ctx = self._ctx
+        return ctx.batch("train", positions)
 
     def __call__(self, v: Any) -> Any:
         total = None
@@ -90,7 +90,7 @@ class FullHessian:
 
 
 def gradient_statistics(
-    stage: Any,
+    ctx: Context,
     params: Any,
     reduce: Callable[[Any, jax.Array], Any],
     name: str,
@@ -101,23 +101,23 @@ def gradient_statistics(
     data-parallel pass over the split in padded batches of ``batch_size``; ``reduce``
     gets a device's rows (stacked gradients over the selected leaves) and their 0/1 mask and
     returns per-row-summed statistics, added up over the devices by one all-reduce per leaf."""
-    source = stage.split(split)
+    source = ctx.split(split)
     program = programs.jit_example_rows(
-        stage.task.per_example_loss,
-        stage.param_sh,
-        stage.mesh,
-        stage.selection,
+        ctx.task.per_example_loss,
+        ctx.param_sh,
+        ctx.mesh,
+        ctx.selection,
         reduce=reduce,
     )
     batches = list(batching.padded_batches(0, source.num_examples, batch_size))
     total = None
-    with Progress(stage.workdir, name, len(batches), stage.config.log_every_secs) as progress:
+    with ctx.progress(name, len(batches)) as progress:
         for step, (positions, mask) in enumerate(batches, start=1):
-            rows = sharding.local_rows(stage.mesh, batch_size)
-            columns = stage.task.model_inputs(source.take(positions[rows]))
-            batch = sharding.to_global(columns, stage.mesh, batch_size)
+            rows = sharding.local_rows(ctx.mesh, batch_size)
+            columns = ctx.task.model_inputs(source.take(positions[rows]))
+            batch = sharding.to_global(columns, ctx.mesh, batch_size)
             weights = sharding.to_global(
-                {"mask": mask[rows].astype(np.float32)}, stage.mesh, batch_size
+                {"mask": mask[rows].astype(np.float32)}, ctx.mesh, batch_size
             )
             sums = program(params, batch, weights["mask"])
             total = sums if total is None else jax.tree.map(jnp.add, total, sums)

@@ -1,13 +1,19 @@
 """Finding a method: ``config.method.name`` is a built-in name or ``module:ATTRIBUTE`` (default
-attribute ``METHOD``) of a method of one's own; a name that is neither is a one-line error."""
+attribute ``METHOD``) of a method of one's own; a name that is neither is a one-line error.
+
+The one place a method is known by its name: nothing else in the project compares one.
+"""
 
 import importlib
+from collections.abc import Iterator
 
 import ml_collections
 
 from methods.base import Method
+from runtime.config import Block
 from runtime.errors import InputError
 
+DEFAULT = "arnoldi"  # the paper's method, for a config that names none
 BUILTIN = {
     "arnoldi": "methods.arnoldi:ARNOLDI",
     "randproj": "methods.subspace:RANDPROJ",
@@ -45,6 +51,12 @@ def get(name: str) -> Method:
 
 
 def of(config: ml_collections.ConfigDict) -> Method:
-    """The configured method (Arnoldi for a config without a ``method`` block)."""
+    """The configured method (``DEFAULT`` for a config without a ``method`` block)."""
     block = config.get("method")
-    return get(block.name if block is not None else "arnoldi")
+    return get(block.name if block is not None else DEFAULT)
+
+
+def blocks() -> Iterator[Block]:
+    """The config fields every built-in method declares (``Method.config``)."""
+    for name in BUILTIN:
+        yield from get(name).config

@@ -23,22 +23,21 @@ from jax.sharding import Mesh
 from influence import pytree, subspace
 from influence.hvp import make_hvp
 from methods import checks
-from methods.base import Fitted, Method, config_fields, fitted
+from methods.base import Context, Fitted, Kind, Method, fitted
 from parallel import sharding
 from runtime import finite
+from runtime.config import Block
 from runtime.errors import InputError
-from runtime.progress import Progress
-from tasks import batching
 
 Rows = Callable[[ml_collections.ConfigDict, Any, int], Any]
 
 
-def jit_hvp(stage: Any) -> Callable[[Any, dict, Any], Any]:
+def jit_hvp(ctx: Context) -> Callable[[Any, dict, Any], Any]:
     """(params, batch, v) → H v over the selected leaves (+ l2 v), laid out like the params."""
     return jax.jit(
-        make_hvp(stage.task.per_example_loss, stage.config.l2, stage.selection),
-        in_shardings=(stage.param_sh, sharding.batch_sharding(stage.mesh), stage.vector_sh),
-        out_shardings=stage.vector_sh,
+        make_hvp(ctx.task.per_example_loss, ctx.config.l2, ctx.selection),
+        in_shardings=(ctx.param_sh, sharding.batch_sharding(ctx.mesh), ctx.vector_sh),
+        out_shardings=ctx.vector_sh,
     )
 
 
@@ -52,39 +51,35 @@ def _coordinates(config: ml_collections.ConfigDict, like: Any, num: int) -> Any:
     return subspace.coordinate_rows(jnp.asarray(np.sort(picked), jnp.int32), like)
 
 
-def fit_subspace(stage: Any, params: Any, rows: Rows, name: str) -> Fitted:
+def fit_subspace(ctx: Context, params: Any, rows: Rows, name: str) -> Fitted:
     """Rayleigh–Ritz of H on the span of ``rows``' p̃ vectors (module docstring)."""
-    config, a, k = stage.config, stage.config.arnoldi, stage.config.distill.top_k
-    stacked_sh = sharding.stacked_shardings(stage.vector_sh)
+    config, k = ctx.config, ctx.config.distill.top_k
+    stacked_sh = sharding.stacked_shardings(ctx.vector_sh)
     basis = jax.jit(
-        lambda: subspace.orthonormal_rows(rows(config, stage.vectors_like, k)),
+        lambda: subspace.orthonormal_rows(rows(config, ctx.vectors_like, k)),
         out_shardings=stacked_sh,
     )()
-    row = jax.jit(pytree.stacked_get, out_shardings=stage.vector_sh, static_argnums=1)
+    row = jax.jit(pytree.stacked_get, out_shardings=ctx.vector_sh, static_argnums=1)
     put = jax.jit(pytree.stacked_set, out_shardings=stacked_sh, donate_argnums=0)
-    hvp, train = jit_hvp(stage), stage.split("train")
+    hvp = jit_hvp(ctx)
     products = jax.jit(lambda b: jax.tree.map(jnp.zeros_like, b), out_shardings=stacked_sh)(basis)
     guard = finite.Guard(name, "an HVP", "check the trained params and the data")
-    with Progress(stage.workdir, name, k, config.log_every_secs) as progress:
+    with ctx.progress(name, k) as progress:
         for i in range(k):
-            positions = batching.hvp_batch_indices(
-                train.num_examples, a.hvp_batch_size, config.method.seed, i, a.fixed_batch
-            )
-            batch = batching.global_batch(stage.task, train, positions, stage.mesh)
-            hv = hvp(params, batch, row(basis, i))
+            hv = hvp(params, ctx.hvp_batch(config.method.seed, i), row(basis, i))
             guard.update(i + 1, pytree.norm(hv))
             products = put(products, i, hv)
             progress(i + 1)
     guard.check("nothing of this fit was saved")
     restricted = sharding.replicated_to_host(
-        jax.jit(subspace.gram, out_shardings=sharding.replicated(stage.mesh))(basis, products)
+        jax.jit(subspace.gram, out_shardings=sharding.replicated(ctx.mesh))(basis, products)
     )
     eigvals, coords = subspace.subspace_pairs(restricted, k)
     coords = jnp.asarray(coords, jnp.float32)
     combine = jax.jit(pytree.stacked_combine, out_shardings=stacked_sh)
     eigvecs, hvps = combine(coords, basis), combine(coords, products)
     residuals = sharding.replicated_to_host(
-        jax.jit(subspace.residual_norms, out_shardings=sharding.replicated(stage.mesh))(
+        jax.jit(subspace.residual_norms, out_shardings=sharding.replicated(ctx.mesh))(
             jnp.asarray(eigvals, jnp.float32), eigvecs, hvps
         )
     )
@@ -107,15 +102,27 @@ def _check_size(config: ml_collections.ConfigDict, selected: Any) -> None:
         )
 
 
+CONFIG = (
+    Block("method", {"seed": 0}),  # randproj's Gaussian G, randselect's coordinates, their HVPs
+    Block("distill", {"top_k": 20}),
+    Block("arnoldi", {"hvp_batch_size": 512, "fixed_batch": False}),  # their HVP batches
+)
+
+
 def _method(name: str, equation: str, rows: Rows) -> Method:
     return Method(
         name=name,
+        kind=Kind.EIGENPAIR,
         equation=equation,
-        num_vectors=lambda config, num_params: config.distill.top_k,
-        fingerprint=config_fields(
-            "method.seed", "distill.top_k", "arnoldi.hvp_batch_size", "arnoldi.fixed_batch"
+        config=CONFIG,
+        fingerprint=(
+            "method.seed",
+            "distill.top_k",
+            "arnoldi.hvp_batch_size",
+            "arnoldi.fixed_batch",
         ),
-        fit=lambda stage, params: fit_subspace(stage, params, rows, name),
+        keeps_top_k=True,
+        fit=lambda ctx, params: fit_subspace(ctx, params, rows, name),
         check=_check,
         check_size=_check_size,
     )

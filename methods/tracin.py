@@ -7,13 +7,11 @@ job with the weights η_c; it costs C reverse passes per example. Run the train 
 ``train.keep_epochs`` set; params trained without them are a one-line error before scoring.
 """
 
-from typing import Any
-
 import ml_collections
 from jax.sharding import Mesh
 
 from methods import checks
-from methods.base import Method
+from methods.base import Kind, Method
 from runtime.errors import InputError
 
 
@@ -34,14 +32,11 @@ def _check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     checks.full_products(config, mesh)
 
 
-def _fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    return {"train.keep_epochs": sorted(config.train.keep_epochs)}
-
-
 TRACIN = Method(
     name="tracin",
     equation="I(x, z) = Σ_c η_c ⟨∇ℓ_c(x), ∇ℓ_c(z)⟩ over the kept checkpoints",
-    fingerprint=_fingerprint,
+    kind=Kind.GRADIENT,
+    fingerprint=("train.keep_epochs",),
     check=_check,
     sigma=1.0,
     checkpoints=True,

@@ -26,6 +26,8 @@ import os
 
 import jax
 
+from influence.errors import UserError
+
 ENV_COORDINATOR = "INFLUENCE_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "INFLUENCE_NUM_PROCESSES"
 ENV_PROCESS_ID = "INFLUENCE_PROCESS_ID"
@@ -33,7 +35,7 @@ ENV_NUM_CPU_DEVICES = "INFLUENCE_NUM_CPU_DEVICES"
 MODES = ("auto", "on", "off")
 
 
-class DistributedError(Exception):
+class DistributedError(UserError):
     """A distributed set-up that cannot work (missing or contradictory settings)."""
 
 

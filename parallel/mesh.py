@@ -19,12 +19,14 @@ import jax
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
+from influence.errors import UserError
+
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
 AXES = (DATA_AXIS, MODEL_AXIS)
 
 
-class MeshError(Exception):
+class MeshError(UserError):
     """A mesh shape that does not fit the devices."""
 
 

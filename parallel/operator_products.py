@@ -6,7 +6,7 @@ batch needs its per-example gradients (one vmapped backward pass, each device it
 applied to all of them (``Operator.solve``: a per-layer product for HyperINF and DataInf, an
 iterative solve over HVPs for LiSSA and CG), and the row-wise products; the products with the
 query and validation tangents (P∇ℓ(z), P v̄) come from the same gradients. The rows have the
-projector's shape, (dots with the tangents, the quadratic form), so the score job's parts,
+products' shape, (dots with the tangents, the quadratic form), so the score job's parts,
 resumption and outputs are shared with every other method.
 
 LiSSA and CG cost a whole solve per example (depth or CG steps × a block of HVPs): the first two
@@ -28,13 +28,13 @@ from influence import solvers
 from influence.selection import Selection
 from parallel import programs, sharding
 from parallel.mesh import DATA_AXIS
-from parallel.products import Projected
+from parallel.products import Rows
 
 SLOW_SECONDS = 600.0  # an estimated scoring time above this is a warning
 
 
-class OperatorProjector:
-    """``projector(params, tangents, local_batch) -> Projected``: rows [⟨∇ℓ(x), t_j⟩ for the k
+class OperatorProgram:
+    """``program(params, tangents, local_batch) -> Rows``: rows [⟨∇ℓ(x), t_j⟩ for the k
     stacked tangents | ⟨∇ℓ(x), P∇ℓ(x)⟩], P = ``solve`` (None: no self-influence, the products
     alone); ``num_steps`` batches are to be scored (for the time estimate of the first)."""
 
@@ -64,12 +64,12 @@ class OperatorProjector:
 
         self._finish = jax.jit(finish, out_shardings=(rows_sh, sharding.replicated(mesh)))
 
-    def __call__(self, params: Any, tangents: Any, local: dict) -> Projected:
+    def __call__(self, params: Any, tangents: Any, local: dict) -> Rows:
         start = time.perf_counter()
         batch = sharding.to_global(local, self._mesh, self._batch_size)
         grads, dots = self._rows(params, tangents, batch)
         solved = self._solve(grads) if self._solve is not None else None
-        projected = Projected([self._finish(dots, grads, solved)])
+        projected = Rows([self._finish(dots, grads, solved)])
         self._calls += 1
         if self._calls <= 2:  # the second batch runs compiled: it times the rest
             projected.wait()

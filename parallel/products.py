@@ -37,6 +37,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from influence.errors import UserError
 from influence.selection import Selection
 from parallel import programs, sharding
 from parallel.mesh import DATA_AXIS
@@ -48,7 +49,7 @@ FORWARD_CHUNK_CAP = 8
 MIB = 2**20
 
 
-class MemoryBudgetError(Exception):
+class MemoryBudgetError(UserError):
     """No way to score the configured batches fits ``score.memory_budget_mb`` (a user error)."""
 
 
@@ -95,7 +96,7 @@ class Plan:
 
 
 @dataclasses.dataclass
-class Projected:
+class Rows:
     """A dispatched batch's projections, one (g, all finite) pair per device call."""
 
     pieces: list[tuple[jax.Array, jax.Array]]
@@ -116,10 +117,10 @@ class Projected:
 class Weighted:
     """Σ_c w_c · projections_c of one batch (TracIn's checkpoints); one term is as it is."""
 
-    terms: list[tuple[Projected, float]]
+    terms: list[tuple[Rows, float]]
 
     @classmethod
-    def of(cls, terms: list[tuple[Projected, float]]) -> "Projected | Weighted":
+    def of(cls, terms: list[tuple[Rows, float]]) -> "Rows | Weighted":
         return terms[0][0] if len(terms) == 1 and terms[0][1] == 1.0 else cls(terms)
 
     def wait(self) -> None:
@@ -133,11 +134,11 @@ class Weighted:
         return sum(np.float32(w) * projected.local() for projected, w in self.terms)
 
 
-class Projector:
-    """``projector(params, eigvecs, local_batch) -> Projected`` for global batches of
+class Program:
+    """``program(params, eigvecs, local_batch) -> Rows`` for global batches of
     ``batch_size`` rows; the plan (mode, chunking, calls) is made at the first call, from the
     first batch's shapes (and, under auto, its timing). ``sqnorm``: each row has one more
-    column, ‖∇ℓ(x)‖² (``programs.jit_projector``)."""
+    column, ‖∇ℓ(x)‖² (``programs.jit_products``)."""
 
     def __init__(
         self,
@@ -159,16 +160,16 @@ class Projector:
         self._sqnorm = sqnorm
         self.plan: Plan | None = None
 
-    def __call__(self, params: Any, eigvecs: Any, local: dict[str, np.ndarray]) -> Projected:
+    def __call__(self, params: Any, eigvecs: Any, local: dict[str, np.ndarray]) -> Rows:
         if self.plan is None:
             self.plan, first = self._choose(params, eigvecs, local)
             if first is not None:
                 return first
         return self._run(self.plan, params, eigvecs, local)
 
-    def _run(self, plan: Plan, params: Any, eigvecs: Any, local: dict) -> Projected:
+    def _run(self, plan: Plan, params: Any, eigvecs: Any, local: dict) -> Rows:
         """Dispatch ``plan.calls`` calls, each on consecutive local rows (every process' i-th
-        slice together form the i-th global sub-batch; ``Projected.local`` undoes the split)."""
+        slice together form the i-th global sub-batch; ``Rows.local`` undoes the split)."""
         size = len(next(iter(local.values()))) // plan.calls
         pieces = []
         for i in range(plan.calls):
@@ -176,15 +177,15 @@ class Projector:
             pieces.append(
                 plan.executable(params, eigvecs, sharding.to_global(piece, self._mesh, plan.rows))
             )
-        return Projected(pieces)
+        return Rows(pieces)
 
     def _compile(
         self, mode: str, chunk: int | None, rows: int, params: Any, eigvecs: Any, local: dict
     ) -> tuple[Callable, int]:
-        """The projector of ``mode`` compiled for ``rows`` global rows (the shapes and layouts of
+        """The program of ``mode`` compiled for ``rows`` global rows (the shapes and layouts of
         ``params``, ``eigvecs`` and ``local``'s columns), and XLA's per-device working memory
         for it (nothing runs)."""
-        fn = programs.jit_projector(
+        fn = programs.jit_products(
             self._loss,
             self._param_sh,
             self._vector_sh,
@@ -273,9 +274,11 @@ class Projector:
                 return plan
             k = next((s for s in larger if s >= wanted), larger[-1])
 
-    def _choose(self, params: Any, eigvecs: Any, local: dict) -> tuple[Plan, Projected | None]:
-        budget = budget_bytes(self._budget_mb)
-        num_vectors = jax.tree.leaves(eigvecs)[0].shape[0]
+    def _plans(
+        self, params: Any, eigvecs: Any, local: dict, budget: int, num_vectors: int
+    ) -> tuple[dict[str, Plan], Any]:
+        """({mode: its plan under the budget} of the modes to consider, the eigenvectors forward
+        mode was planned on: all of them, or auto's one-chunk probe)."""
         plans, head = {}, eigvecs
         if num_vectors == 0:  # no tangents (graddot without queries): ‖∇ℓ‖² alone, reverse
             self._mode = "reverse"
@@ -293,6 +296,13 @@ class Projector:
             plans["forward"], _ = self._fit_forward(num_vectors, params, eigvecs, local, budget)
         else:
             plans["reverse"] = self._fit_reverse(params, eigvecs, local, budget)
+        return plans, head
+
+    def _choose(self, params: Any, eigvecs: Any, local: dict) -> tuple[Plan, Rows | None]:
+        """The plan for every batch (and, under auto, the first batch's rows the timing made)."""
+        budget = budget_bytes(self._budget_mb)
+        num_vectors = jax.tree.leaves(eigvecs)[0].shape[0]
+        plans, head = self._plans(params, eigvecs, local, budget, num_vectors)
         fitting = {m: p for m, p in plans.items() if p.working_bytes <= budget}
         if not fitting:
             needs = ", ".join(
@@ -311,6 +321,23 @@ class Projector:
             logging.info("score.mode=%s: %s, %s", self._mode, plan.describe(num_vectors), reason)
             return plan, None
         reverse, forward = fitting["reverse"], fitting["forward"]
+        first, seconds = self._time(reverse, forward, params, eigvecs, head, local, num_vectors)
+        if seconds["reverse"] <= seconds["forward"]:
+            return reverse, first
+        return self._full(forward, head, num_vectors, params, eigvecs, local, budget), first
+
+    def _time(
+        self,
+        reverse: Plan,
+        forward: Plan,
+        params: Any,
+        eigvecs: Any,
+        head: Any,
+        local: dict,
+        num_vectors: int,
+    ) -> tuple[Rows, dict[str, float]]:
+        """Auto's timing of both modes on the first batch: (reverse mode's rows, seconds per
+        batch of each mode, the slowest process's)."""
         start = time.perf_counter()
         first = self._run(reverse, params, eigvecs, local)
         first.wait()
@@ -342,9 +369,7 @@ class Projector:
             how,
             "reverse" if seconds["reverse"] <= seconds["forward"] else "forward",
         )
-        if seconds["reverse"] <= seconds["forward"]:
-            return reverse, first
-        return self._full(forward, head, num_vectors, params, eigvecs, local, budget), first
+        return first, seconds
 
     def _full(
         self,

@@ -100,7 +100,7 @@ def jit_to_parameter_space(vector_sh: Any, mesh: Mesh) -> Callable[[jax.Array, A
     )
 
 
-def jit_projector(
+def jit_products(
     per_example_loss: Callable,
     param_sh: Any,
     vector_sh: Any,
@@ -110,7 +110,7 @@ def jit_projector(
     checked: bool = False,
     mode: str = "forward",
     sqnorm: bool = False,
-) -> scoring.Projector:
+) -> scoring.Products:
     """(params, eigvecs, batch) → (batch, p̃) projections, rows sharded over 'data'; the
     eigenvectors span the ``selection``'s leaves, laid out by ``vector_sh``. ``mode``: forward
     (JVPs, ``tangent_chunk`` tangents at a time) or reverse (per-example gradients and one GEMM,
@@ -128,13 +128,13 @@ def jit_projector(
     # devices.
     vary = lambda x: jax.lax.pcast(x, DATA_AXIS, to="varying")  # noqa: E731
     reverse = jax.shard_map(
-        factorised.make_factorised_projector(per_example_loss, selection, vary, sqnorm),
+        factorised.make_factorised_products(per_example_loss, selection, vary, sqnorm),
         mesh=mesh,
         in_specs=(P(), P(), P(DATA_AXIS)),
         out_specs=P(DATA_AXIS),
     )
     if mode == "forward":
-        forward = scoring.make_projector(per_example_loss, tangent_chunk, selection)
+        forward = scoring.make_forward_products(per_example_loss, tangent_chunk, selection)
         if sqnorm:
             none = lambda v: jax.tree.map(lambda x: x[:0], v)  # noqa: E731
             project = lambda p, v, b: jnp.concatenate(  # noqa: E731
@@ -187,7 +187,7 @@ def jit_example_rows(
     """(params, tangents, batch) → (per-example gradients ∇ℓ(x) over the selected leaves,
     stacked with rows sharded over 'data'; (rows, k) products ⟨∇ℓ(x), t_j⟩ with the k stacked
     ``tangents``), each device computing its own rows under ``shard_map`` (as the reverse
-    projector: the SPMD-partitioned vmapped conv gradients were wrong, see ``jit_projector``).
+    products: the SPMD-partitioned vmapped conv gradients were wrong, see ``jit_products``).
 
     With ``reduce(grads, mask) → sums`` (a pytree) the program is (params, batch, mask) → the
     sums over every row of the global batch, replicated: per-device partial sums of the rows'

@@ -1,26 +1,19 @@
-"""The errors that mean "the input is wrong": the job prints them as one line and exits 2.
+"""The errors that mean "the input is wrong" (``influence.errors.UserError``): every job prints
+the message as one line and exits 2 (``jobs/cli.py``), the Python API raises it as it is.
 
-Only errors the project itself raises about its input are listed; any other exception, from this
+Each layer raises its own kind: ``SelectionError`` (params.include/exclude), ``MeshError``,
+``DistributedError``, ``MemoryBudgetError`` (parallel/), ``IncompatibleCheckpointError`` and
+``UnreadableCheckpointError`` (checkpoints/), ``DataError`` (tasks/), and ``InputError`` here for
+the runtime, methods and stages (``NonFiniteError``: a value that must be finite is not). Only
+errors the project itself raises about its input are user errors; any other exception, from this
 project's code, a task's or a library's, is a bug and keeps its traceback (exit 1).
 """
 
-from checkpoints.checkpointer import IncompatibleCheckpointError, UnreadableCheckpointError
-from parallel.distributed import DistributedError
-from parallel.mesh import MeshError
-from parallel.products import MemoryBudgetError
-from tasks.sources import DataError
+from influence.errors import UserError
 
 
-class InputError(Exception):
+class InputError(UserError):
     """A config, dataset or workdir the job cannot use; the message says how to fix it."""
 
 
-USER_ERRORS = (
-    InputError,
-    DataError,
-    MeshError,
-    MemoryBudgetError,
-    DistributedError,
-    IncompatibleCheckpointError,
-    UnreadableCheckpointError,
-)
+__all__ = ["InputError", "UserError"]

@@ -15,8 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-from flax import traverse_util
 
+from runtime import config as config_lib
 from runtime.errors import InputError
 
 
@@ -26,8 +26,7 @@ class NonFiniteError(InputError):
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Every number in the config is finite (a one-line ``NonFiniteError`` otherwise)."""
-    flat = traverse_util.flatten_dict(config.to_dict(), sep=".")
-    for name, value in sorted(flat.items()):
+    for name, value in sorted(config_lib.flat(config).items()):
         if isinstance(value, float) and not math.isfinite(value):
             raise NonFiniteError(
                 f"config.{name}={value} is not a finite number; give a finite value"

@@ -17,28 +17,28 @@ from absl import logging
 from etils import epath
 
 from influence import scoring
+from methods.base import Context
 from parallel import programs, sharding
 from runtime import outputs
 from scoring import row_layout
-from stages.setup import Stage
 
 TOPK_FILE = "influence_topk.parquet"
 # Queries scored against a training part at once: the block is (part rows × QUERY_BLOCK) floats.
 QUERY_BLOCK = 1024
 
 
-def query_gradients(stage: Stage, params: Any, num_queries: int) -> Any:
+def query_gradients(ctx: Context, params: Any, num_queries: int) -> Any:
     """∇ℓ(z) of the first ``num_queries`` eval examples, stacked and laid out like G (every
     process reads the same few rows)."""
-    evaluation = stage.split("eval")
+    evaluation = ctx.split("eval")
     count = min(num_queries, evaluation.num_examples)
-    columns = stage.task.model_inputs(evaluation.take(np.arange(count)))
-    repl = sharding.replicated(stage.mesh)
+    columns = ctx.task.model_inputs(evaluation.take(np.arange(count)))
+    repl = sharding.replicated(ctx.mesh)
     batch = {
         k: jax.make_array_from_process_local_data(repl, np.asarray(v)) for k, v in columns.items()
     }
     grads = programs.jit_example_grads(
-        stage.task.per_example_loss, stage.param_sh, stage.vector_sh, stage.mesh, stage.selection
+        ctx.task.per_example_loss, ctx.param_sh, ctx.vector_sh, ctx.mesh, ctx.selection
     )
     return grads(params, batch)
 

@@ -17,7 +17,7 @@ from influence import scoring
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """What the projector's rows hold (``scoring/tangents.py``): p̃ projections, then
+    """What the products program's rows hold (``scoring/tangents.py``): p̃ projections, then
     ``num_dots`` products with the queries' tangents, the validation influence (with
     ``validation``), and, where a σ is set, ‖∇ℓ(x)‖² last (⟨∇ℓ(x), P∇ℓ(x)⟩ with ``quadratic``:
     an ``Operator`` method's self-influence, absent when ``self_influence`` is off); ``sigma``

@@ -1,6 +1,6 @@
 """What the score job projects every example onto, for each method (``stages/score.py``).
 
-Every row the projector computes for an example x is, in this order (``row_layout.Layout``):
+Every row the products program computes for an example x is, in this order (``row_layout.Layout``):
 
 - g(x) = G∇ℓ(x), the p̃ projections onto the method's eigenvectors (none for the others);
 - ⟨∇ℓ(x), t_q⟩ for each traced query z_q: t_q = ∇ℓ(z_q) where the tail or the method's own σ
@@ -24,78 +24,76 @@ import numpy as np
 
 from influence import scoring
 from methods import passes
-from methods.base import Operator
+from methods.base import Context, Kind, Operator
 from parallel import operator_products, products, sharding
 from scoring import queries, row_layout
-from stages import artifacts
-from stages.setup import Stage
 
 
-def mean_gradient(stage: Stage, params: Any) -> Any:
+def mean_gradient(ctx: Context, params: Any) -> Any:
     """v̄ = (1/M) Σ_z ∇ℓ(z) over the M examples of the eval split (one data-parallel pass),
     stacked as one row laid out like the eigenvectors."""
     total, count = passes.gradient_statistics(
-        stage,
+        ctx,
         params,
         lambda grads, mask: jax.tree.map(lambda g: jnp.tensordot(mask, g, axes=1), grads),
         "validation gradient",
-        stage.config.score.batch_size,
+        ctx.config.score.batch_size,
         split="eval",
     )
-    stacked = sharding.stacked_shardings(stage.vector_sh)
+    stacked = sharding.stacked_shardings(ctx.vector_sh)
     return jax.jit(lambda t: jax.tree.map(lambda x: (x / count)[None], t), out_shardings=stacked)(
         total
     )
 
 
 def layout(
-    stage: Stage, num_vectors: int, sigma: float | None, intrinsic: bool
+    ctx: Context, num_vectors: int, sigma: float | None, intrinsic: bool
 ) -> row_layout.Layout:
-    """The columns of the projector's rows (module docstring); an ``Operator`` method's σ is 1
+    """The columns of the program's rows (module docstring); an ``Operator`` method's σ is 1
     (its products are the influences) and its last column its self-influence."""
-    operator = stage.method.operator is not None
+    operator = ctx.method.kind is Kind.OPERATOR
     return row_layout.Layout(
         0 if operator else num_vectors,
-        min(stage.config.score.num_queries, stage.split("eval").num_examples)
-        if stage.config.score.num_queries and (sigma is not None or operator)
+        min(ctx.config.score.num_queries, ctx.split("eval").num_examples)
+        if ctx.config.score.num_queries and (sigma is not None or operator)
         else 0,
         sigma=1.0 if operator else sigma,
         intrinsic=intrinsic or operator,
-        validation=bool(stage.config.score.validation),
+        validation=bool(ctx.config.score.validation),
         quadratic=operator,
-        self_influence=bool(stage.config.score.self_influence) or not operator,
+        self_influence=bool(ctx.config.score.self_influence) or not operator,
     )
 
 
 def build(
-    stage: Stage,
-    params: Any,
+    ctx: Context,
+    models: list[tuple[Any, float]],
     eig_state: dict[str, Any],
     eigvals: np.ndarray,
     rows: row_layout.Layout,
 ) -> tuple[list[tuple[Any, Any, float]], Operator | None]:
     """([(params, tangents, weight)] of every scored model, the method's ``Operator`` or None):
-    the tangents in the order of the ``rows`` layout (module docstring)."""
-    method, num_queries = stage.method, stage.config.score.num_queries
+    the tangents in the order of the ``rows`` layout (module docstring). ``models``: [(params,
+    weight)], the final params with weight 1, or TracIn's kept checkpoints with their learning
+    rates (``Method.checkpoints``)."""
+    method, num_queries = ctx.method, ctx.config.score.num_queries
     operator = None
-    if method.operator is not None:
-        operator = method.operator(stage, params, eig_state.get("operator"))
-    stacked = sharding.stacked_shardings(stage.vector_sh)
+    if method.kind is Kind.OPERATOR:
+        operator = method.operator(ctx, models[-1][0], eig_state.get("operator"))
+    stacked = sharding.stacked_shardings(ctx.vector_sh)
     concat = jax.jit(
         lambda *trees: jax.tree.map(lambda *x: jnp.concatenate(x), *trees), out_shardings=stacked
     )
     eigen_inverse = jax.jit(
         lambda g, lam, v: scoring.apply_inverse(g, lam, v, rows.sigma), out_shardings=stacked
     )
-    # TracIn: the kept checkpoints, each with its learning rate.
-    models = artifacts.restore_epoch_params(stage) if method.checkpoints else [(params, 1.0)]
     weighted = []
     for at, weight in models:
         tangents = []
         if rows.num_dots:
-            tangents.append(queries.query_gradients(stage, at, num_queries))
+            tangents.append(queries.query_gradients(ctx, at, num_queries))
         if rows.validation:
-            tangents.append(mean_gradient(stage, at))
+            tangents.append(mean_gradient(ctx, at))
         if tangents and operator is not None:  # one solve for all of them
             tangents = [operator.solve(concat(*tangents) if len(tangents) > 1 else tangents[0])]
         elif rows.validation and rows.intrinsic:  # H = σI: P v̄ = v̄ / σ
@@ -107,29 +105,29 @@ def build(
     return weighted, operator
 
 
-def projector(
-    stage: Stage, operator: Operator | None, rows: row_layout.Layout, num_steps: int
-) -> products.Projector | operator_products.OperatorProjector:
-    """The projector of the rows: per-example gradients and ``operator.solve`` for an
+def program(
+    ctx: Context, operator: Operator | None, rows: row_layout.Layout, num_steps: int
+) -> products.Program | operator_products.OperatorProgram:
+    """The products program of the rows: per-example gradients and ``operator.solve`` for an
     ``Operator`` method, else forward or reverse mode as ``score.mode`` says."""
-    s = stage.config.score
+    s = ctx.config.score
     if operator is not None:
-        return operator_products.OperatorProjector(
-            stage.task.per_example_loss,
-            stage.param_sh,
-            stage.mesh,
-            stage.selection,
+        return operator_products.OperatorProgram(
+            ctx.task.per_example_loss,
+            ctx.param_sh,
+            ctx.mesh,
+            ctx.selection,
             operator.solve if rows.self_influence else None,
             batch_size=s.batch_size,
             num_steps=num_steps,
-            name=stage.method.name,
+            name=ctx.method.name,
         )
-    return products.Projector(
-        stage.task.per_example_loss,
-        stage.param_sh,
-        stage.vector_sh,
-        stage.mesh,
-        stage.selection,
+    return products.Program(
+        ctx.task.per_example_loss,
+        ctx.param_sh,
+        ctx.vector_sh,
+        ctx.mesh,
+        ctx.selection,
         batch_size=s.batch_size,
         mode=s.mode,
         memory_budget_mb=s.memory_budget_mb,

@@ -11,6 +11,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+from typing import Any
+
 import jax
 import matplotlib.pyplot as plt
 import ml_collections
@@ -19,10 +21,10 @@ from absl import logging
 from etils import epath
 
 from influence import metrics
-from runtime import outputs
+from methods import registry
+from runtime import outputs, workdir
 from runtime.errors import InputError
 from runtime.tensorboard import ScalarWriter
-from stages import workdir as wd
 
 INSPECT_FRACTIONS = (0.05, 0.1, 0.2, 0.3)
 # The rankings of the training examples a scores directory may hold, the first present the
@@ -98,8 +100,7 @@ def _plot_spectrum(path: epath.Path, eig: dict) -> None:
     ax.set(
         xlabel="rank by |λ|",
         ylabel="|λ|",
-        title=f"Hessian spectrum ({eig.get('method', 'arnoldi')}, "
-        f"{eig.get('num_iters_completed', eig.get('num_hvps'))} HVPs)",
+        title=f"Hessian spectrum ({eig['method']}, {eig['num_hvps']} HVPs)",
     )
     ax.legend()
     fig.tight_layout()
@@ -108,24 +109,31 @@ def _plot_spectrum(path: epath.Path, eig: dict) -> None:
     plt.close(fig)
 
 
-def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, float]:
-    path = lambda name: wd.result_path(config, workdir, name)  # noqa: E731
-    scores_dir = path(wd.SCORES) / "train"
-    eig_path = path(wd.EIGENVALUES_JSON)
-    if not path(wd.SCORES_META).exists() or not list(scores_dir.glob("part-*.parquet")):
-        fit = "jobs.arnoldi" if wd.method_name(config) == "arnoldi" else "jobs.fit"
+def _read_scores(directory: epath.Path, config: ml_collections.ConfigDict) -> tuple[dict, Any]:
+    """(the scores' meta, the training scores table), after checking there is something to
+    rank and a corruption column to retrieve."""
+    scores_dir = directory / workdir.SCORES / "train"
+    if not (directory / workdir.SCORES_META).exists() or not list(
+        scores_dir.glob("part-*.parquet")
+    ):
         raise InputError(
-            f"no scores in {scores_dir}; run `python -m {fit}` and `python -m jobs.score` "
+            f"no scores in {scores_dir}; run `python -m jobs.fit` and `python -m jobs.score` "
             "with the same --config and --workdir first"
         )
-    scores_meta = outputs.read_json(path(wd.SCORES_META))
-    corruption = scores_meta.get("corruption_column")
-    if not corruption:
+    scores_meta = outputs.read_json(directory / workdir.SCORES_META)
+    if not scores_meta.get("corruption_column"):
         raise InputError(
             f"task {config.task!r} marks no corrupted training examples, so there is nothing to "
             "retrieve; evaluate needs a task with a corruption_column (tasks/base.py)"
         )
-    table = outputs.read_parquet_dir(scores_dir)
+    return scores_meta, outputs.read_parquet_dir(scores_dir)
+
+
+def run(config: ml_collections.ConfigDict, directory: epath.PathLike) -> dict[str, float]:
+    workdir.check(directory)
+    results = workdir.results(directory, registry.of(config).name)
+    scores_meta, table = _read_scores(results, config)
+    corruption = scores_meta["corruption_column"]
     flipped = table.column(corruption).to_numpy(zero_copy_only=False).astype(bool)
     if not flipped.any():
         raise InputError(
@@ -135,18 +143,20 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str,
     rankings = ranking_scores(table.column_names, lambda c: table.column(c).to_numpy())
     if not rankings:
         raise InputError(
-            f"the scores in {scores_dir} have neither self_influence nor validation_influence "
-            "to rank by: score with score.self_influence=true or score.validation=true"
+            f"the scores in {results / workdir.SCORES} have neither self_influence nor "
+            "validation_influence to rank by: score with score.self_influence=true or "
+            "score.validation=true"
         )
     (ranked_by, scores), *others = rankings.items()
-    eig = outputs.read_json(eig_path) if eig_path.exists() else None  # graddot fits nothing
+    fit_json = results / workdir.FIT_JSON
+    eig = outputs.read_json(fit_json) if fit_json.exists() else None  # graddot fits nothing
     m = retrieval_metrics(flipped, scores)
     result = {
         **m,
         "ranked_by": ranked_by,
         "num_train": int(flipped.size),
         "num_flipped": int(flipped.sum()),
-        "method": scores_meta.get("method", "arnoldi"),
+        "method": scores_meta["method"],
         "top_k": len(scores_meta["eigvals"]),
         "model": config.model,
     }
@@ -154,18 +164,10 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str,
         result["num_iters"] = eig["num_iters_completed"]
     for name, values in others:  # the other rankings side by side: *_tail, *_validation
         other = retrieval_metrics(flipped, values)
-        suffix = SUFFIXES[name]
-        result.update({f"{k}_{suffix}": v for k, v in other.items() if k != "random_ap"})
+        result.update({f"{k}_{SUFFIXES[name]}": v for k, v in other.items() if k != "random_ap"})
         logging.info("ranked by %s: AUC %.4f, AP %.4f", name, other["auc"], other["ap"])
     if jax.process_index() == 0:
-        outputs.write_json(path(wd.METRICS_JSON), result)
-        _plot_retrieval(path(wd.ROC_PR_PNG), flipped, scores, m, ranked_by)
-        if eig is not None and "all_ritz_values" in eig:  # the eigenpair methods
-            _plot_spectrum(path(wd.SPECTRUM_PNG), eig)
-        board = "evaluate" if result["method"] == "arnoldi" else f"evaluate_{result['method']}"
-        writer = ScalarWriter(epath.Path(workdir) / "tensorboard" / board)
-        writer.write_scalars(0, {f"evaluate/{k}": v for k, v in m.items()})
-        writer.close()
+        _write(results, result, flipped, scores, m, eig)
     logging.info(
         "mislabeled retrieval by %s: AUC %.4f, AP %.4f (random AP %.3f)",
         ranked_by,
@@ -174,3 +176,16 @@ def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str,
         m["random_ap"],
     )
     return result
+
+
+def _write(
+    results: epath.Path, result: dict, flipped: np.ndarray, scores: np.ndarray, m: dict, eig: Any
+) -> None:
+    """metrics.json, the ROC/PR curves, the spectrum (eigenpair methods) and TensorBoard."""
+    outputs.write_json(results / workdir.METRICS_JSON, result)
+    _plot_retrieval(results / workdir.ROC_PR_PNG, flipped, scores, m, result["ranked_by"])
+    if eig is not None and "all_ritz_values" in eig:  # the eigenpair methods
+        _plot_spectrum(results / workdir.SPECTRUM_PNG, eig)
+    writer = ScalarWriter(results / "tensorboard" / "evaluate")
+    writer.write_scalars(0, {f"evaluate/{k}": v for k, v in m.items()})
+    writer.close()

@@ -18,10 +18,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 from etils import epath
 
+from methods.base import Context
 from runtime import outputs
 from scoring.queries import TOPK_FILE
 from stages import evaluate
-from stages.setup import Stage
 
 GALLERY_SIZE = 32
 NUM_QUERIES = 4
@@ -39,11 +39,11 @@ def _positions(scores_dir: epath.Path, split: str) -> tuple[np.ndarray, dict[int
     return scores, {int(i): p for p, i in enumerate(ids)}
 
 
-def _shown(stage: Stage, params: Any, split: str, positions: list[int]) -> dict[str, Any]:
-    columns = stage.split(split).take(np.asarray(positions, np.int64))
-    if stage.task.describe is None:
+def _shown(ctx: Context, params: Any, split: str, positions: list[int]) -> dict[str, Any]:
+    columns = ctx.split(split).take(np.asarray(positions, np.int64))
+    if ctx.task.describe is None:
         return {"caption": [f"id {int(i)}" for i in columns["id"]]}
-    return {"id": columns["id"], **stage.task.describe(params, columns)}
+    return {"id": columns["id"], **ctx.task.describe(params, columns)}
 
 
 def _grid(path: epath.Path, panels: list[list[tuple[np.ndarray, str]]], title: str) -> None:
@@ -65,11 +65,11 @@ def _grid(path: epath.Path, panels: list[list[tuple[np.ndarray, str]]], title: s
     plt.close(fig)
 
 
-def write(stage: Stage, params: Any, scores_dir: epath.Path, out: epath.Path, label: str) -> dict:
+def write(ctx: Context, params: Any, scores_dir: epath.Path, out: epath.Path, label: str) -> dict:
     """Write the galleries of the run whose scores are in ``scores_dir`` into ``out``."""
     influence, where = _positions(scores_dir, "train")
     top = np.argsort(-influence, kind="stable")[:GALLERY_SIZE].tolist()
-    shown = _shown(stage, params, "train", top)
+    shown = _shown(ctx, params, "train", top)
     result: dict[str, Any] = {
         "run": label,
         "self_influence": [
@@ -89,36 +89,7 @@ def write(stage: Stage, params: Any, scores_dir: epath.Path, out: epath.Path, la
             if len(panels[-1]) == 8:
                 panels.append([])
             panels[-1].append((shown["image"][i], f"{caption}\nSI {influence[top[i]]:.3g}"))
-    query_panels = []
-    if (scores_dir / TOPK_FILE).exists():
-        traced = outputs.read_parquet(scores_dir / TOPK_FILE).to_pandas()
-        _, eval_where = _positions(scores_dir, "eval")
-        for query_id in list(dict.fromkeys(traced["query_id"]))[:NUM_QUERIES]:
-            rows = traced[(traced["query_id"] == query_id) & (traced["rank"] < PER_QUERY)]
-            query = _shown(stage, params, "eval", [eval_where[int(query_id)]])
-            entry = {"query_id": int(query_id), "caption": query["caption"][0], **_text(query, 0)}
-            row_panels = (
-                [(query["image"][0], f"query: {query['caption'][0]}")] if "image" in query else []
-            )
-            for kind in ("proponent", "opponent"):
-                chosen = rows[rows["kind"] == kind].sort_values("rank")
-                seen = _shown(stage, params, "train", [where[int(t)] for t in chosen["train_id"]])
-                entry[kind + "s"] = [
-                    {"id": int(t), "caption": c, **_text(seen, i), "influence": float(v)}
-                    for i, (t, c, v) in enumerate(
-                        zip(chosen["train_id"], seen["caption"], chosen["influence"], strict=True)
-                    )
-                ]
-                if "image" in seen:
-                    row_panels += [
-                        (img, f"{kind[:3]} {c}\n{v:.3g}")
-                        for img, c, v in zip(
-                            seen["image"], seen["caption"], chosen["influence"], strict=True
-                        )
-                    ]
-            result["queries"].append(entry)
-            if row_panels:
-                query_panels.append(row_panels)
+    query_panels = _queries(ctx, params, scores_dir, where, result["queries"])
     (out / "gallery.md").write_text(_markdown(result))
     if panels[0]:
         _grid(out / "gallery_self_influence.png", panels, f"most self-influential ({label})")
@@ -126,6 +97,44 @@ def write(stage: Stage, params: Any, scores_dir: epath.Path, out: epath.Path, la
         _grid(out / "gallery_queries.png", query_panels, f"query, proponents, opponents ({label})")
     outputs.write_json(out / "gallery.json", result)
     return result
+
+
+def _queries(
+    ctx: Context, params: Any, scores_dir: epath.Path, where: dict[int, int], entries: list
+) -> list[list[tuple[np.ndarray, str]]]:
+    """Append each of the first traced queries, with its proponents and opponents, to
+    ``entries``; returns their image panels (a row per query) for an image task."""
+    if not (scores_dir / TOPK_FILE).exists():
+        return []
+    panels = []
+    traced = outputs.read_parquet(scores_dir / TOPK_FILE).to_pandas()
+    _, eval_where = _positions(scores_dir, "eval")
+    for query_id in list(dict.fromkeys(traced["query_id"]))[:NUM_QUERIES]:
+        rows = traced[(traced["query_id"] == query_id) & (traced["rank"] < PER_QUERY)]
+        query = _shown(ctx, params, "eval", [eval_where[int(query_id)]])
+        entry = {"query_id": int(query_id), "caption": query["caption"][0], **_text(query, 0)}
+        row_panels = (
+            [(query["image"][0], f"query: {query['caption'][0]}")] if "image" in query else []
+        )
+        for kind in ("proponent", "opponent"):
+            chosen = rows[rows["kind"] == kind].sort_values("rank")
+            seen = _shown(ctx, params, "train", [where[int(t)] for t in chosen["train_id"]])
+            values = zip(chosen["train_id"], seen["caption"], chosen["influence"], strict=True)
+            entry[kind + "s"] = [
+                {"id": int(t), "caption": c, **_text(seen, i), "influence": float(v)}
+                for i, (t, c, v) in enumerate(values)
+            ]
+            if "image" in seen:
+                row_panels += [
+                    (img, f"{kind[:3]} {c}\n{v:.3g}")
+                    for img, c, v in zip(
+                        seen["image"], seen["caption"], chosen["influence"], strict=True
+                    )
+                ]
+        entries.append(entry)
+        if row_panels:
+            panels.append(row_panels)
+    return panels
 
 
 def _text(shown: dict[str, Any], i: int) -> dict[str, str]:

@@ -2,21 +2,26 @@
 
     python -m jobs.report --config=configs/mnist.py:runlocal --workdir=W
 
-Trains (or reuses) the task's params in W, then runs every method of ``report.methods`` at every
-p̃ of ``report.top_ks`` (Arnoldi, RandProj, RandSelect) or once (exact, graddot), each as the
-fit → score → evaluate stages in its own workdir ``W/report/<method>[_p<p̃>]`` that links W's
-params (and, for Arnoldi, W's Krylov state: one Krylov run serves every p̃), so every result is
-cached and fingerprinted like a user's run and a second report reuses all of it. Writes
+Trains (or reuses) the task's params in W, then runs every method of ``report.methods``, those
+that keep p̃ eigenpairs (``Method.keeps_top_k``) at every p̃ of ``report.top_ks``, the others
+once, each as the fit → score → evaluate stages in its own workdir ``W/report/<method>[_p<p̃>]``
+that links W's params (and a method's shared fit state, ``Method.state``: one Krylov run serves
+every p̃ of Arnoldi), so every result is cached and fingerprinted like a user's run and a second
+report reuses all of it. Writes
 
 - ``report.md`` / ``report.json``: Table 1 (Schioppa et al. 2022): method, p̃, fit and scoring
-  time, AUC, AP, recall at 10% / 20% inspected, Spearman with ``exact`` where it is feasible;
+  time, AUC, AP, recall at 10% / 20% inspected, Spearman with the reference method (exact,
+  ``Method.reference``) where it is feasible;
 - ``report_eigenvalues.png`` (Figure 1): the Wasserstein-1 distance between each method's top-p̃
   eigenvalue estimates and the exact top p̃, against p̃;
 - ``report_retrieval.png`` (Figure 2): AUC and AP against p̃, the single-fit methods as lines;
-- Ritz diagnostics in words (``stages/report_text.py``): how many kept pairs converged, how far
-  the top eigenvalues move under a second ``arnoldi.seed``, and what to raise.
+- Ritz diagnostics in words (``stages/report_text.py``): how many kept pairs of the first method
+  with a ``seed_field`` converged, how far its top eigenvalues move under a second seed, and what
+  to raise.
 
-``exact`` is skipped, with a note, when the model has more than ``method.max_params`` params.
+A method that cannot run on this task (exact on a model larger than ``method.max_params``,
+tracin without kept checkpoints) is skipped with a note, as is one whose fit or scoring stops
+with an error (a LiSSA that diverges).
 """
 
 import os
@@ -32,51 +37,29 @@ from jax.sharding import Mesh
 from scipy import stats
 
 from methods import registry
-from runtime import outputs
+from methods.base import Context, Method
+from runtime import outputs, workdir
 from runtime.errors import InputError
 from stages import artifacts, checks, evaluate, fit, gallery, report_text, score, train
-from stages import workdir as wd
-from stages.report_text import SWEPT
-from stages.setup import Stage, check_all
+from stages.setup import check_all, context
 
-
-def _feasible(config: ml_collections.ConfigDict, workdir: epath.Path, methods: list[str], p: int):
-    """(the methods that can run on this task, notes on those that cannot)."""
-    notes = []
-    if "exact" in methods and p > config.method.max_params:
-        methods.remove("exact")
-        notes.append(
-            f"exact skipped: {p:,} params exceed method.max_params={config.method.max_params:,}"
-        )
-    if "tracin" in methods and not config.train.keep_epochs:
-        methods.remove("tracin")
-        notes.append("tracin skipped: train.keep_epochs keeps no checkpoints")
-    kept = workdir / wd.EPOCH_PARAMS
-    have = {int(d.name) for d in kept.iterdir() if d.name.isdigit()} if kept.exists() else set()
-    if "tracin" in methods and not set(config.train.keep_epochs) <= have:
-        methods.remove("tracin")
-        notes.append(
-            "tracin skipped: the params in this workdir were trained without "
-            f"train.keep_epochs={tuple(config.train.keep_epochs)} (report in a new workdir)"
-        )
-    return methods, notes
+TIMES = "report_times.json"
 
 
 def check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     r = config.report
-    for name in r.methods:
-        if name == "tracin" and not config.train.keep_epochs:
-            continue  # skipped by the report, with a note
-        method = registry.get(name)
-        probe = _variant(config, name, max(r.top_ks) if name in SWEPT else None)
-        method.check(probe, mesh)
     if not r.top_ks or min(r.top_ks) < 1:
         raise InputError(f"report.top_ks={tuple(r.top_ks)} must be positive p̃ values")
-    if "arnoldi" in r.methods and max(r.top_ks) > config.arnoldi.num_iters:
-        raise InputError(
-            f"report.top_ks={tuple(r.top_ks)}: p̃ ≤ arnoldi.num_iters={config.arnoldi.num_iters} "
-            "for Arnoldi; lower the largest p̃ or raise arnoldi.num_iters"
-        )
+    for name in r.methods:
+        method = registry.get(name)
+        if method.checkpoints and not config.train.keep_epochs:
+            continue  # skipped by the report, with a note
+        try:
+            method.check(_variant(config, method, max(r.top_ks)), mesh)
+        except InputError as e:
+            if method.keeps_top_k:
+                raise InputError(f"report.top_ks={tuple(r.top_ks)}: {e}") from e
+            raise
     if not 0 < r.converged_tol < 1:
         raise InputError(f"report.converged_tol={r.converged_tol} must be in (0, 1)")
     checks.check_score(config, mesh)
@@ -85,134 +68,194 @@ def check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
 CHECK = check
 
 
-def _variant(config: ml_collections.ConfigDict, method: str, top_k: int | None, **arnoldi: Any):
+def _variant(config: ml_collections.ConfigDict, method: Method, top_k: int, **fields: Any):
+    """``config`` for ``method`` (at p̃ = ``top_k`` if it keeps p̃ eigenpairs), with other fields
+    (dotted names with '__' for '.') set."""
     sub = config.copy_and_resolve_references()
-    sub.method.name = method
-    if top_k is not None:
+    sub.method.name = method.name
+    if method.keeps_top_k:
         sub.distill.top_k = top_k
-    for key, value in arnoldi.items():
-        sub.arnoldi[key] = value
+    for dotted, value in fields.items():
+        block, field = dotted.split("__")
+        sub[block][field] = value
     return sub
 
 
-def _link(workdir: epath.Path, sub: epath.Path, names: tuple[str, ...]) -> None:
-    """``sub`` shares ``names`` of ``workdir`` (read by the stages, never rewritten: their
-    fingerprints match, so they are reused as they are)."""
-    sub.mkdir(parents=True, exist_ok=True)
+def _feasible(ctx: Context, methods: list[Method]) -> tuple[list[Method], list[str]]:
+    """(the methods that can run on this task, notes on those that cannot)."""
+    kept_dir = ctx.workdir / workdir.EPOCH_PARAMS
+    have = (
+        {int(d.name) for d in kept_dir.iterdir() if d.name.isdigit()}
+        if kept_dir.exists()
+        else set()
+    )
+    feasible, notes = [], []
+    for method in methods:
+        try:
+            if method.check_size is not None:
+                method.check_size(ctx.config, ctx.vectors_like)
+        except InputError as e:
+            notes.append(f"{method.name} skipped: {e}")
+            continue
+        if method.checkpoints and not ctx.config.train.keep_epochs:
+            notes.append(f"{method.name} skipped: train.keep_epochs keeps no checkpoints")
+            continue
+        if method.checkpoints and not set(ctx.config.train.keep_epochs) <= have:
+            notes.append(
+                f"{method.name} skipped: the params in this workdir were trained without "
+                f"train.keep_epochs={tuple(ctx.config.train.keep_epochs)} (report in a new workdir)"
+            )
+            continue
+        feasible.append(method)
+    return feasible, notes
+
+
+def _link(source: epath.Path, sub: epath.Path, names: list[str]) -> None:
+    """``sub`` shares ``names`` (relative paths) of ``source`` (read by the stages, never
+    rewritten: their fingerprints match, so they are reused as they are)."""
+    workdir.claim(sub)
     for name in names:
-        source, target = workdir / name, sub / name
-        if source.exists() and not target.exists():  # absolute: a relative --workdir works
-            os.symlink(os.path.abspath(os.fspath(source)), os.fspath(target))
+        origin, target = source / name, sub / name
+        if origin.exists() and not target.exists():  # absolute: a relative --workdir works
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(os.path.abspath(os.fspath(origin)), os.fspath(target))
 
 
-TIMES = "report_times.json"
+def _shared(method: Method) -> list[str]:
+    """What a variant of ``method`` links from W: the trained params, the ground truth, the kept
+    epochs, and the method's shared fit state (created in W first, so every variant writes it
+    there)."""
+    return [
+        workdir.PARAMS,
+        workdir.CORRUPTED,
+        workdir.EPOCH_PARAMS,
+        *(f"{workdir.METHODS}/{method.name}/{state}" for state in method.state),
+    ]
 
 
-def _timed(stages: dict[str, Any], config, workdir: epath.Path) -> dict[str, float]:
+def _timed(stages: dict[str, Any], config, directory: epath.Path) -> dict[str, float]:
     """Run each stage and time it; the times of the run that did the work are kept in the
     variant's workdir, so a report that reuses the results reports those, not the reuse."""
-    saved = outputs.read_json(workdir / TIMES) if (workdir / TIMES).exists() else {}
+    saved = outputs.read_json(directory / TIMES) if (directory / TIMES).exists() else {}
     for name, stage_run in stages.items():
         start = time.perf_counter()
-        stage_run(config, workdir)
+        stage_run(config, directory)
         saved.setdefault(name, time.perf_counter() - start)
-        outputs.write_json(workdir / TIMES, saved)
+        outputs.write_json(directory / TIMES, saved)
     return saved
 
 
-def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, Any]:
-    workdir, r = epath.Path(workdir), config.report
+def _row(method: Method, label: str, sub, directory: epath.Path, times: dict, metrics: dict):
+    """The report's row of one run, and its ranking scores by id."""
+    results = workdir.results(directory, method.name)
+    table = pd.read_parquet(results / workdir.SCORES / "train").set_index("id").sort_index()
+    ranked = evaluate.ranking_scores(list(table.columns), lambda c: table[c])
+    eig = results / workdir.FIT_JSON
+    row = {
+        "label": label,
+        "method": method.name,
+        "swept": method.keeps_top_k,
+        "reference": method.reference,
+        "top_k": len(outputs.read_json(results / workdir.SCORES_META)["eigvals"]),
+        "fit_s": times["fit"],
+        "score_s": times["score"],
+        **{m: metrics[m] for m in ("auc", "ap", "recall_at_10pct", "recall_at_20pct")},
+        "eigvals": outputs.read_json(eig)["eigvals"] if eig.exists() else None,
+        "eig_file": str(eig) if eig.exists() else None,
+    }
+    return row, pd.Series(ranked[metrics["ranked_by"]], index=table.index)
+
+
+def _runs(config, directory: epath.Path, methods: list[Method], notes: list[str]):
+    """Every variant's fit → score → evaluate: (rows, ranking scores by label)."""
+    rows, rankings = [], {}
+    top_ks = sorted(config.report.top_ks)
+    for method in methods:
+        for k in top_ks if method.keeps_top_k else [None]:
+            sub = _variant(config, method, k)
+            label = method.name if k is None else f"{method.name}_p{k}"
+            sub_dir = directory / "report" / label
+            for state in method.state:  # one shared state for every variant
+                (workdir.results(directory, method.name) / state).mkdir(parents=True, exist_ok=True)
+            _link(directory, sub_dir, _shared(method))
+            logging.info("report: %s", label)
+            try:
+                times = _timed({"fit": fit.run, "score": score.run}, sub, sub_dir)
+            except InputError as e:  # one method's bad fit (a diverged LiSSA) is a note
+                logging.warning("report: %s failed: %s", label, e)
+                notes.append(f"{label} failed: {e}")
+                continue
+            metrics = evaluate.run(sub, sub_dir)
+            row, ranking = _row(method, label, sub, sub_dir, times, metrics)
+            rows.append(row)
+            rankings[label] = ranking
+    return rows, rankings
+
+
+def run(config: ml_collections.ConfigDict, directory: epath.PathLike) -> dict[str, Any]:
+    directory, r = epath.Path(directory), config.report
     check_all(config, [train.CHECK, check])
-    if "://" in os.fspath(workdir):
+    if "://" in os.fspath(directory):
         raise InputError(
-            f"--workdir={workdir}: the report links its runs' shared params and Krylov state "
+            f"--workdir={directory}: the report links its runs' shared params and Krylov state "
             "with symlinks, so it needs a local (or mounted) workdir; copy the workdir there"
         )
-    train.run(config, workdir)
-    stage = Stage.setup(_variant(config, "graddot", None), workdir, fit.CHECK)
-    p = stage.selection.num_params(stage.params_like)
-    methods, notes = _feasible(config, workdir, list(r.methods), p)
-    variants = [
-        (name, k) for name in methods for k in (sorted(r.top_ks) if name in SWEPT else [None])
-    ]
-    (workdir / wd.KRYLOV).mkdir(exist_ok=True)  # one Krylov run for every Arnoldi p̃
-    rows, self_influence = [], {}
-    for name, k in variants:
-        sub = _variant(config, name, k)
-        label = name if k is None else f"{name}_p{k}"
-        directory = workdir / "report" / label
-        _link(workdir, directory, (wd.PARAMS, wd.CORRUPTED, wd.KRYLOV, wd.EPOCH_PARAMS))
-        logging.info("report: %s", label)
-        try:
-            times = _timed({"fit": fit.run, "score": score.run}, sub, directory)
-        except InputError as e:  # one method's bad fit (a diverged LiSSA) is a note, not the end
-            logging.warning("report: %s failed: %s", label, e)
-            notes.append(f"{label} failed: {e}")
-            continue
-        metrics = evaluate.run(sub, directory)
-        path = lambda name, sub=sub, directory=directory: wd.result_path(sub, directory, name)  # noqa: E731
-        table = pd.read_parquet(path(wd.SCORES) / "train").set_index("id").sort_index()
-        ranked = evaluate.ranking_scores(list(table.columns), lambda c, t=table: t[c])
-        self_influence[label] = pd.Series(ranked[metrics["ranked_by"]], index=table.index)
-        eig = path(wd.EIGENVALUES_JSON)
-        rows.append(
-            {
-                "label": label,
-                "method": name,
-                "top_k": len(outputs.read_json(path(wd.SCORES_META))["eigvals"]),
-                "fit_s": times["fit"],
-                "score_s": times["score"],
-                **{m: metrics[m] for m in ("auc", "ap", "recall_at_10pct", "recall_at_20pct")},
-                "eigvals": outputs.read_json(eig)["eigvals"] if eig.exists() else None,
-                "eig_file": str(eig) if eig.exists() else None,
-            }
-        )
-    if "exact" in self_influence:
+    train.run(config, directory)
+    ctx = context(config, directory, fit.CHECK)
+    methods, notes = _feasible(ctx, [registry.get(name) for name in r.methods])
+    rows, rankings = _runs(config, directory, methods, notes)
+    reference = next((row["label"] for row in rows if row["reference"]), None)
+    if reference is not None:
         for row in rows:
-            rho = stats.spearmanr(self_influence[row["label"]], self_influence["exact"])
-            row["spearman_exact"] = float(rho.statistic)
-    seeds = _seed_spread(config, workdir) if "arnoldi" in methods else None
+            rho = stats.spearmanr(rankings[row["label"]], rankings[reference])
+            row["spearman_reference"] = float(rho.statistic)
+    diagnosed = next((m for m in methods if m.seed_field and m.keeps_top_k), None)
+    seeds = _seed_spread(config, directory, diagnosed) if diagnosed else None
     report = {
         "task": config.task,
         "model": config.model,
-        "num_params": p,
-        "num_train": stage.split("train").num_examples,
+        "num_params": ctx.selection.num_params(ctx.params_like),
+        "num_train": ctx.split("train").num_examples,
         "rows": [{k: v for k, v in row.items() if k != "eigvals"} for row in rows],
         "figure1": report_text.eigenvalue_errors(rows, sorted(r.top_ks)),
-        "ritz": report_text.ritz_diagnostics(rows, seeds, r.converged_tol, config),
+        "ritz": report_text.ritz_diagnostics(rows, seeds, r.converged_tol, diagnosed, config)
+        if diagnosed
+        else {},
         "notes": notes,
+        "gallery": _gallery(config, directory, rows),
     }
-    report["gallery"] = _gallery(config, workdir, rows)
-    outputs.write_json(workdir / "report.json", report)
-    report_text.plot_eigenvalue_errors(workdir / "report_eigenvalues.png", report["figure1"])
-    report_text.plot_retrieval(workdir / "report_retrieval.png", report["rows"])
-    (workdir / "report.md").write_text(report_text.markdown(report))
-    logging.info("report written to %s", workdir / "report.md")
+    outputs.write_json(directory / "report.json", report)
+    report_text.plot_eigenvalue_errors(directory / "report_eigenvalues.png", report["figure1"])
+    report_text.plot_retrieval(directory / "report_retrieval.png", report["rows"])
+    (directory / "report.md").write_text(report_text.markdown(report))
+    logging.info("report written to %s", directory / "report.md")
     return report
 
 
-def _gallery(config: ml_collections.ConfigDict, workdir: epath.Path, rows: list[dict]) -> str:
+def _gallery(config: ml_collections.ConfigDict, directory: epath.Path, rows: list[dict]) -> str:
     """Galleries (``stages/gallery.py``) of the configured method's run (its largest p̃)."""
-    name = config.method.name
-    runs = [r for r in rows if r["method"] == name] or rows[:1]
+    runs = [r for r in rows if r["method"] == registry.of(config).name] or rows[:1]
     label = max(runs, key=lambda r: r["top_k"])["label"]
-    sub = _variant(config, runs[0]["method"], None)
-    directory = workdir / "report" / label
-    stage = Stage.setup(sub, directory, fit.CHECK)
-    params, _ = artifacts.restore_params(stage)
-    gallery.write(stage, params, wd.result_path(sub, directory, wd.SCORES), workdir, label)
+    method = registry.get(runs[0]["method"])
+    sub = _variant(config, method, max(r["top_k"] for r in runs))
+    ctx = context(sub, directory / "report" / label, fit.CHECK)
+    params, _ = artifacts.restore_params(ctx)
+    gallery.write(ctx, params, ctx.results / workdir.SCORES, directory, label)
     return label
 
 
-def _seed_spread(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, Any]:
-    """Arnoldi's top eigenvalues under ``arnoldi.seed`` and the next seed (fit only)."""
+def _seed_spread(config: ml_collections.ConfigDict, directory: epath.Path, method: Method):
+    """The method's top eigenvalues under its seed and the next one (fit only)."""
     k = max(config.report.top_ks)
+    block, field = method.seed_field.split(".")
+    first = config[block][field]
     values = []
-    for seed in (config.arnoldi.seed, config.arnoldi.seed + 1):
-        sub = _variant(config, "arnoldi", k, seed=seed)
-        directory = workdir / "report" / f"arnoldi_p{k}_seed{seed}"
-        links = (wd.PARAMS, wd.CORRUPTED) + ((wd.KRYLOV,) if seed == config.arnoldi.seed else ())
-        _link(workdir, directory, links)
-        fit.run(sub, directory)
-        values.append(np.asarray(outputs.read_json(directory / wd.EIGENVALUES_JSON)["eigvals"]))
-    return {"seeds": [config.arnoldi.seed, config.arnoldi.seed + 1], "eigvals": values}
+    for seed in (first, first + 1):
+        sub = _variant(config, method, k, **{f"{block}__{field}": seed})
+        sub_dir = directory / "report" / f"{method.name}_p{k}_seed{seed}"
+        names = _shared(method) if seed == first else [workdir.PARAMS, workdir.CORRUPTED]
+        _link(directory, sub_dir, names)
+        fit.run(sub, sub_dir)
+        fitted = outputs.read_json(workdir.results(sub_dir, method.name) / workdir.FIT_JSON)
+        values.append(np.asarray(fitted["eigvals"]))
+    return {"seeds": [first, first + 1], "eigvals": values}

@@ -8,14 +8,17 @@ matplotlib.use("Agg")
 from typing import Any
 
 import matplotlib.pyplot as plt
-import ml_collections
 import numpy as np
 from etils import epath
+from ml_collections import ConfigDict
 
+from methods.base import Method
 from runtime import outputs
 
-SWEPT = ("arnoldi", "randproj", "randselect")  # the methods whose p̃ the report sweeps
-SEED_SPREAD_WARN = 0.05  # top eigenvalues moving more than this between seeds: say what to raise
+
+def swept(rows: list[dict]) -> list[str]:
+    """The methods whose p̃ the report swept (``Method.keeps_top_k``), in the rows' order."""
+    return list(dict.fromkeys(r["method"] for r in rows if r["swept"]))
 
 
 def _by_magnitude(values: Any) -> np.ndarray:
@@ -32,13 +35,14 @@ def _matched(estimates: Any, reference: Any) -> tuple[np.ndarray, np.ndarray]:
 def eigenvalue_errors(rows: list[dict], top_ks: list[int]) -> dict[str, Any]:
     """Figure 1: per swept method and p̃, the Wasserstein-1 distance between its p̃ eigenvalue
     estimates and the exact top p̃ (by |λ|): the mean |difference| of the two sorted sets, as in
-    the paper; and the largest relative error of the pairs it matches. Empty without exact."""
-    exact = next((r for r in rows if r["method"] == "exact"), None)
+    the paper; and the largest relative error of the pairs it matches. Empty without the
+    reference (``Method.reference``: exact)."""
+    exact = next((r for r in rows if r["reference"]), None)
     if exact is None:
         return {}
     reference = _by_magnitude(exact["eigvals"])
     result: dict[str, Any] = {"top_ks": top_ks}
-    for method in SWEPT:
+    for method in swept(rows):
         found = {r["top_k"]: r for r in rows if r["method"] == method}
         if not found:
             continue
@@ -52,60 +56,44 @@ def eigenvalue_errors(rows: list[dict], top_ks: list[int]) -> dict[str, Any]:
 
 
 def ritz_diagnostics(
-    rows: list[dict], seeds: dict | None, tol: float, config: ml_collections.ConfigDict
+    rows: list[dict], seeds: dict | None, tol: float, method: Method, config: ConfigDict
 ) -> dict[str, Any]:
-    """How many of Arnoldi's kept pairs converged (relative Ritz residual ‖Hv − λv‖/|λ| < tol,
+    """How many of ``method``'s kept pairs converged (relative Ritz residual ‖Hv − λv‖/|λ| < tol,
     ``influence/distill.ritz_pairs``), how far its top eigenvalues move between two seeds, and
-    what to raise, in words."""
-    arnoldi = [r for r in rows if r["method"] == "arnoldi"]
-    if not arnoldi:
+    what to raise (``Method.advice``), in words."""
+    runs = [r for r in rows if r["method"] == method.name]
+    if not runs:
         return {}
-    largest = max(arnoldi, key=lambda r: r["top_k"])
+    largest = max(runs, key=lambda r: r["top_k"])
     eig = outputs.read_json(epath.Path(largest["eig_file"]))
     relative = np.asarray(eig["relative_ritz_residuals"])
     converged = int((relative < tol).sum())
-    a = config.arnoldi
     words = [
-        f"{converged} of the {relative.size} kept Ritz pairs have converged (relative Ritz "
-        f"residual below {tol:g}; n = {a.num_iters} iterations, b = {a.hvp_batch_size}"
-        f"{', one fixed batch' if a.fixed_batch else ', a fresh batch per HVP'})."
+        f"{converged} of the {relative.size} kept Ritz pairs of {method.name} have converged "
+        f"(relative Ritz residual below {tol:g})."
     ]
-    if converged < relative.size / 2:
-        words.append(
-            f"Fewer than half converged: raise arnoldi.num_iters (n = {a.num_iters}); the "
-            "unconverged pairs mix eigenvectors and their 1/λ weights are unreliable."
-        )
-    result = {"converged": converged, "kept": int(relative.size), "tol": tol}
+    result: dict[str, Any] = {"converged": converged, "kept": int(relative.size), "tol": tol}
+    move = None
     if seeds is not None:
         first, second = _matched(*seeds["eigvals"])
-        move = np.abs(second - first) / np.abs(first)
-        result.update(
-            seeds=seeds["seeds"], max_move=float(move.max()), median_move=float(np.median(move))
-        )
+        moves = np.abs(second - first) / np.abs(first)
+        move = float(moves.max())
+        result.update(seeds=seeds["seeds"], max_move=move, median_move=float(np.median(moves)))
         words.append(
-            f"Between arnoldi.seed={seeds['seeds'][0]} and {seeds['seeds'][1]} the top-"
-            f"{move.size} eigenvalues move by up to {100 * move.max():.2f}% (median "
-            f"{100 * np.median(move):.2f}%)."
+            f"Between {method.seed_field}={seeds['seeds'][0]} and {seeds['seeds'][1]} the top-"
+            f"{moves.size} eigenvalues move by up to {100 * move:.2f}% (median "
+            f"{100 * np.median(moves):.2f}%)."
         )
-        if move.max() > SEED_SPREAD_WARN:
-            words.append(
-                "That is more than "
-                f"{100 * SEED_SPREAD_WARN:.0f}%: "
-                + (
-                    f"raise arnoldi.hvp_batch_size (b = {a.hvp_batch_size}) or set "
-                    "arnoldi.fixed_batch=true: the fresh batches' sampling noise dominates."
-                    if not a.fixed_batch
-                    else f"raise arnoldi.num_iters (n = {a.num_iters})."
-                )
-            )
+    if method.advice is not None:
+        words += method.advice(config, converged, int(relative.size), move)
     result["words"] = words
     return result
 
 
 def plot_eigenvalue_errors(path: epath.Path, figure: dict) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in SWEPT:
-        if method in figure:
+    for method in figure:
+        if method != "top_ks":
             ax.semilogy(figure["top_ks"], figure[method]["wasserstein"], "o-", label=method)
     if len(figure) > 1:
         ax.legend()
@@ -125,17 +113,16 @@ def plot_eigenvalue_errors(path: epath.Path, figure: dict) -> None:
 def plot_retrieval(path: epath.Path, rows: list[dict]) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("auc", "ap"), strict=True):
-        for method in SWEPT:
+        for method in swept(rows):
             found = sorted((r["top_k"], r[metric]) for r in rows if r["method"] == method)
-            if found:
-                ax.plot(*zip(*found, strict=True), "o-", label=method)
+            ax.plot(*zip(*found, strict=True), "o-", label=method)
         for r in rows:
-            if r["method"] not in SWEPT:
+            if not r["swept"]:
                 ax.axhline(r[metric], ls="--", lw=1, color=f"C{3 + len(ax.lines) % 6}")
                 ax.lines[-1].set_label(r["method"])
         ax.set(xlabel="p̃", ylabel=metric.upper(), title=f"Mislabeled retrieval {metric.upper()}")
         ax.set_xscale("log")
-        ks = sorted({r["top_k"] for r in rows if r["method"] in SWEPT})
+        ks = sorted({r["top_k"] for r in rows if r["swept"]})
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.minorticks_off()
         ax.legend(fontsize=8)
@@ -145,23 +132,16 @@ def plot_retrieval(path: epath.Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
-def markdown(report: dict) -> str:
-    rows = report["rows"]
-    spearman = any("spearman_exact" in r for r in rows)
+def _table(rows: list[dict]) -> list[str]:
+    """Table 1 in Markdown: a row per run, with Spearman against the reference where it ran."""
+    reference = next((r["method"] for r in rows if r["reference"]), None)
+    spearman = any("spearman_reference" in r for r in rows)
     head = "| method | p̃ | fit s | score s | AUC | AP | recall@10% | recall@20% |"
-    head += " Spearman w/ exact |" if spearman else ""
-    lines = [
-        f"# Influence report: {report['task']} / {report['model']}",
-        "",
-        f"{report['num_params']:,} params, {report['num_train']:,} training examples; "
-        "mislabeled retrieval by self-influence (the paper's Table 1 protocol).",
-        "",
-        head,
-        "|" + "---|" * (head.count("|") - 1),
-    ]
+    head += f" Spearman w/ {reference} |" if spearman else ""
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        top_k = r["top_k"] if r["method"] in SWEPT else "–"
-        top_k = f"all ({r['top_k']:,})" if r["method"] == "exact" else top_k
+        top_k = r["top_k"] if r["swept"] else "–"
+        top_k = f"all ({r['top_k']:,})" if r["reference"] else top_k
         cells = [
             r["method"],
             str(top_k),
@@ -173,19 +153,29 @@ def markdown(report: dict) -> str:
             f"{100 * r['recall_at_20pct']:.1f}",
         ]
         if spearman:
-            cells.append(f"{r['spearman_exact']:.3f}" if "spearman_exact" in r else "")
+            cells.append(f"{r['spearman_reference']:.3f}" if "spearman_reference" in r else "")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += [
+    return lines
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# Influence report: {report['task']} / {report['model']}",
+        "",
+        f"{report['num_params']:,} params, {report['num_train']:,} training examples; "
+        "mislabeled retrieval by self-influence (the paper's Table 1 protocol).",
+        "",
+        *_table(report["rows"]),
         "",
         "Times in seconds, from the run that computed each result (compile included); the",
-        "first Arnoldi row's fit includes the Krylov iterations every Arnoldi row shares.",
+        "first row of a method with shared state (Arnoldi's Krylov iterations) includes it.",
         "",
         "![Figure 1](report_eigenvalues.png)",
         "",
     ]
     figure = report["figure1"]
-    for method in SWEPT:
-        if method in figure:
+    for method in figure:
+        if method != "top_ks":
             pairs = ", ".join(
                 f"p̃={k}: {w:.3g} ({100 * e:.3g}%)"
                 for k, w, e in zip(

@@ -6,7 +6,7 @@ once per epoch) and at a preemption; resumes mid-epoch; deterministic given the 
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,17 +18,18 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
+from checkpoints import fingerprint
 from checkpoints.checkpointer import Checkpointer
 from checkpoints.fingerprint import meta_check
 from influence import pytree
 from influence.selection import Selection, SelectionError
+from methods.base import Context
 from parallel import programs, sharding
-from runtime import failpoints, finite, outputs, preemption
+from runtime import failpoints, finite, outputs, preemption, workdir
 from runtime.errors import InputError
 from runtime.progress import Progress
 from stages import checks
-from stages import workdir as wd
-from stages.setup import Stage
+from stages.setup import context, train_fingerprint
 from tasks import batching
 from tasks.base import Task
 from tasks.sources import Source
@@ -64,24 +65,22 @@ def evaluate(
 CHECK = checks.check_train
 
 
-def run(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
-    stage = Stage.setup(config, workdir, CHECK)
-    fingerprint = stage.train_fingerprint
+def run(config: ml_collections.ConfigDict, directory: epath.PathLike) -> None:
+    ctx = context(config, directory, CHECK)
+    expected = train_fingerprint(ctx)
     fix = "use a new --workdir or restore the original config"
-    with Checkpointer(stage.path(wd.PARAMS), async_save=False) as params_ckpt:
-        if params_ckpt.restore_latest(None, meta_check(fingerprint, "the saved params", fix)):
+    with Checkpointer(ctx.workdir / workdir.PARAMS, async_save=False) as params_ckpt:
+        if params_ckpt.restore_latest(None, meta_check(expected, "the saved params", fix)):
             logging.info("trained params already in %s; nothing to do", params_ckpt.directory)
             return
-        params = _train(stage, fingerprint, fix)
-        meta = {"fingerprint": fingerprint, "params_id": wd.params_id(fingerprint)}
+        params = _train(ctx, expected, fix)
+        meta = {"fingerprint": expected, "params_id": fingerprint.digest(expected)}
         for name in ("train", "eval"):  # train: on the labels trained on (corrupted ones included)
-            quality = evaluate(
-                stage.task, params, stage.split(name), stage.mesh, config.train.batch_size
-            )
+            quality = evaluate(ctx.task, params, ctx.split(name), ctx.mesh, config.train.batch_size)
             meta.update({f"{name}_{k}": v for k, v in quality.items()})
         logging.info("trained: %s", meta)
-        if stage.task.corruption_column:
-            write_corrupted(stage.path(wd.CORRUPTED), stage.task)
+        if ctx.task.corruption_column:
+            write_corrupted(ctx.workdir / workdir.CORRUPTED, ctx.task)
         params_ckpt.save(config.train.num_epochs, {"params": params}, meta, force=True)
 
 
@@ -115,11 +114,20 @@ def selections(task: Task, params_like: Any) -> tuple[Selection, Selection | Non
     return trainable, state
 
 
-def _train(stage: Stage, fingerprint: dict, fix: str) -> Any:
-    """The optimisation loop, resumed from the latest training checkpoint; returns the params."""
-    config, mesh, task, train = stage.config, stage.mesh, stage.task, stage.split("train")
+class _Program(NamedTuple):
+    """The compiled training step and what its state looks like."""
+
+    init: Callable[[jax.Array], dict[str, Any]]
+    state_like: Any
+    state_sh: Any
+    step: Callable[[dict, dict], tuple[dict, jax.Array]]
+
+
+def _program(ctx: Context) -> _Program:
+    """Adam on the objective of the trainable leaves, its state sharded leaf by leaf."""
+    config, task = ctx.config, ctx.task
     optimizer = optax.adam(config.train.learning_rate)
-    trainable, state_leaves = selections(task, stage.params_like)
+    trainable, state_leaves = selections(task, ctx.params_like)
 
     def init_state(key: jax.Array) -> dict[str, Any]:
         params = task.init_params(key)
@@ -127,60 +135,73 @@ def _train(stage: Stage, fingerprint: dict, fix: str) -> Any:
 
     # The size rule of the params applies leaf by leaf, so Adam's moments follow their params.
     state_like = jax.eval_shape(init_state, jax.random.key(config.seed))
-    state_sh = sharding.param_shardings(state_like, mesh, config.mesh.min_shard_size)
+    state_sh = sharding.param_shardings(state_like, ctx.mesh, config.mesh.min_shard_size)
     step_fn = programs.jit_train_step(
-        objective(task, config.l2, trainable, state_leaves), optimizer, trainable, state_sh, mesh
+        objective(task, config.l2, trainable, state_leaves),
+        optimizer,
+        trainable,
+        state_sh,
+        ctx.mesh,
     )
-    batch_size = config.train.batch_size
-    steps_per_epoch = train.num_examples // batch_size
+    return _Program(init_state, state_like, state_sh, step_fn)
+
+
+def _batch(ctx: Context, step: int, order: np.ndarray, steps_per_epoch: int) -> dict:
+    """Training step ``step``'s batch: the examples of its epoch in ``order`` (drawn from (seed,
+    epoch)), augmented per example from (seed, step, position) when the task augments."""
+    config, task, batch_size = ctx.config, ctx.task, ctx.config.train.batch_size
+    i = step % steps_per_epoch
+    positions = order[i * batch_size : (i + 1) * batch_size]
+    seeds = None
+    if task.augment is not None:
+        seeds = [np.random.SeedSequence([config.seed, step, int(p)]) for p in positions]
+        seeds = np.array([s.generate_state(1, np.uint64)[0] for s in seeds])
+    return batching.global_batch(task, ctx.split("train"), positions, ctx.mesh, augment_seeds=seeds)
+
+
+def _train(ctx: Context, expected: dict, fix: str) -> Any:
+    """The optimisation loop, resumed from the latest training checkpoint; returns the params."""
+    config, program = ctx.config, _program(ctx)
+    num_examples = ctx.split("train").num_examples
+    steps_per_epoch = num_examples // config.train.batch_size
     total = config.train.num_epochs * steps_per_epoch
+    save_every = config.train.checkpoint_every or steps_per_epoch
     with (
-        Checkpointer(
-            stage.path(wd.TRAIN_STATE),
-            save_interval_steps=config.train.checkpoint_every or steps_per_epoch,
-        ) as ckpt,
-        Progress(stage.workdir, "train", total, config.log_every_secs) as progress,
+        Checkpointer(ctx.workdir / workdir.TRAIN_STATE, save_interval_steps=save_every) as ckpt,
+        Progress(ctx.workdir, "train", total, config.log_every_secs) as progress,
     ):
         found = ckpt.restore_latest(
-            sharding.abstract_like(state_like, state_sh),
-            meta_check(fingerprint, "the saved training state", fix),
+            sharding.abstract_like(program.state_like, program.state_sh),
+            meta_check(expected, "the saved training state", fix),
         )
         if found:
             start, state, _ = found
             logging.info("resuming training at step %d of %d", start, total)
         else:
             start = 0
-            state = jax.jit(init_state, out_shardings=state_sh)(jax.random.key(config.seed))
-        order = None
+            key = jax.random.key(config.seed)
+            state = jax.jit(program.init, out_shardings=program.state_sh)(key)
         guard = finite.Guard(
             "train",
             "the training loss",
             "lower train.learning_rate, raise l2, or look for non-finite values in the data",
         )
-        save_every = config.train.checkpoint_every or steps_per_epoch
-        keep = _EpochParams(stage, fingerprint)
+        keep, order = _EpochParams(ctx, expected), None
         for step in range(start, total):
             epoch, i = divmod(step, steps_per_epoch)
             if order is None or i == 0:  # examples of epoch e in the order drawn from (seed, e)
-                order = np.random.default_rng([config.seed, epoch]).permutation(train.num_examples)
-            positions = order[i * batch_size : (i + 1) * batch_size]
-            seeds = None
-            if task.augment is not None:  # per example, from (seed, step, position)
-                seeds = [np.random.SeedSequence([config.seed, step, int(p)]) for p in positions]
-                seeds = np.array([s.generate_state(1, np.uint64)[0] for s in seeds])
-            batch = batching.global_batch(task, train, positions, mesh, augment_seeds=seeds)
-            state, loss = step_fn(state, batch)
+                order = np.random.default_rng([config.seed, epoch]).permutation(num_examples)
+            state, loss = program.step(state, _batch(ctx, step, order, steps_per_epoch))
             done = step + 1
             guard.update(done, loss)
             failpoints.maybe_fail("train_step", done)
-            stop = preemption.reached(done)
-            meta = {"fingerprint": fingerprint, "step": done}
+            stop = ctx.reached_preemption(done)
             force = stop or done == total
             if force or done % save_every == 0:
                 guard.check(f"the last checkpoint is of step {max(ckpt.all_steps(), default=0)}")
             if done % steps_per_epoch == 0:  # before the training state: never skipped on resume
                 keep(done // steps_per_epoch, state["params"], guard)
-            ckpt.save(done, state, meta, force=force)
+            ckpt.save(done, state, {"fingerprint": expected, "step": done}, force=force)
             progress(done, loss=loss)
             if stop:
                 ckpt.wait_until_finished()
@@ -193,10 +214,10 @@ class _EpochParams:
     """Keeps the params after each epoch of ``train.keep_epochs`` with the learning rate they
     were trained at (TracIn's checkpoints, ``methods/tracin.py``)."""
 
-    def __init__(self, stage: Stage, fingerprint: dict) -> None:
-        self._epochs = set(stage.config.train.keep_epochs)
-        self._path, self._fingerprint = stage.path(wd.EPOCH_PARAMS), fingerprint
-        self._rate = stage.config.train.learning_rate
+    def __init__(self, ctx: Context, fingerprint: dict) -> None:
+        self._epochs = set(ctx.config.train.keep_epochs)
+        self._path, self._fingerprint = ctx.workdir / workdir.EPOCH_PARAMS, fingerprint
+        self._rate = ctx.config.train.learning_rate
 
     def __call__(self, epoch: int, params: Any, guard: finite.Guard) -> None:
         if epoch not in self._epochs:

@@ -4,13 +4,14 @@ run ranks cleanest, or on a random subset of the same size (the control).
     --config.filter.keep=0.9 --config.filter.scores=workdirs/translation   # lowest self-influence
     --config.filter.keep=0.9 --config.filter.by=random                      # the control
 
-``filter.scores`` is a workdir whose ``jobs.score`` finished on the same training split (same
+``filter.scores`` is a workdir whose ``jobs.score`` finished, with the configured method (its
+``methods/<name>/scores``), on the same training split (same
 examples at the same positions: checked on the ids); the ``filter.keep`` fraction of examples with
 the lowest ``filter.by`` value (a score column, default ``self_influence``: high self-influence
 marks likely mislabeled or noisy pairs) is kept, in position order. ``filter.by=random`` keeps a
 seeded (``filter.seed``) random subset of the same size instead and needs no scores.
 
-``data.load`` applies the filter, so every stage of the new workdir (train, Arnoldi, scoring,
+``tasks.loading.load`` applies the filter, so every stage of the new workdir (train, Arnoldi, scoring,
 evaluate) sees the same subset; example ids stay those of the full split. What was kept enters the
 params' fingerprint as the digest of the kept positions (the ``filter`` block itself does not: a
 copied or moved scored workdir gives the same params, and a run without filtering keeps the
@@ -22,16 +23,15 @@ Memory: the ranking column and the kept positions, O(N) on each host (12 bytes p
 """
 
 import dataclasses
-import hashlib
 
 import ml_collections
 import numpy as np
 import pyarrow.parquet as pq
 from etils import epath
 
-from runtime import outputs
+from checkpoints import fingerprint
+from runtime import outputs, workdir
 from runtime.errors import InputError
-from stages import workdir as wd
 from tasks.base import Task
 from tasks.sources import MappedSource, Source
 
@@ -74,10 +74,11 @@ def apply(config: ml_collections.ConfigDict, task: Task) -> Task:
         kept = random_subset(n, k, f.seed)
         how = f"random {k} of {n} (filter.seed={f.seed})"
     else:
-        ranking = read_ranking(epath.Path(f.scores), f.by, train)
+        scored = workdir.results(f.scores, config.method.name)
+        ranking = read_ranking(scored, f.by, train, f.scores)
         kept = np.sort(np.argsort(ranking, kind="stable")[:k])
         how = f"lowest {f.by} {k} of {n}"
-    digest = hashlib.sha256(kept.astype(np.int64).tobytes()).hexdigest()[:16]
+    digest = fingerprint.content(kept.astype(np.int64).tobytes())
     return dataclasses.replace(
         task,
         splits={**task.splits, "train": MappedSource(train, kept)},
@@ -90,14 +91,17 @@ def random_subset(n: int, k: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, n]).choice(n, k, replace=False))
 
 
-def read_ranking(scored: epath.Path, column: str, train: Source) -> np.ndarray:
-    """Column ``column`` of ``scored``'s training scores, one value per position of ``train``,
+def read_ranking(
+    scored: epath.Path, column: str, train: Source, given: str | None = None
+) -> np.ndarray:
+    """Column ``column`` of the training scores in ``scored`` (a method's results directory, the
+    configured method's in the workdir ``given``), one value per position of ``train``,
     after checking the scores are complete, finite and of the same examples."""
-    where = f"filter.scores={scored}"
-    scores_dir = scored / wd.SCORES / "train"
-    if not (scored / wd.SCORES_META).exists():
+    where = f"filter.scores={given or scored}"
+    scores_dir = scored / workdir.SCORES / "train"
+    if not (scored / workdir.SCORES_META).exists():
         raise InputError(
-            f"{where} has no scores ({wd.SCORES_META} missing); run `python -m jobs.score` there "
+            f"{where} has no scores ({scored / workdir.SCORES_META} missing); run `python -m jobs.score` there "
             "first, or give the workdir of a finished run"
         )
     files = sorted(scores_dir.glob("part-*.parquet"))

@@ -14,11 +14,13 @@ from typing import Protocol
 import numpy as np
 from etils import epath
 
+from influence.errors import UserError
+
 Columns = dict[str, np.ndarray]
 """Host-memory columns of some examples, each with the example axis first."""
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A dataset, data source or task setting that a task cannot use; the message says how to fix
     it. Tasks raise it for bad input only: any other exception from task code is a bug and keeps
     its traceback."""

@@ -25,7 +25,6 @@ Per-example loss: mean token cross-entropy over the non-padding target tokens.
 """
 
 import dataclasses
-import hashlib
 import importlib.util
 import io
 import json
@@ -219,7 +218,7 @@ def tokenizer_for(d: ml_collections.ConfigDict, train: Source, workdir: epath.Pa
     training text by process 0 and saved (the other processes wait, then read it)."""
     directory = epath.Path(workdir) / TOKENIZER_DIR
     model_path, meta_path = directory / "spm.model", directory / "meta.json"
-    expected = {f"data.{k}": d[k] for k in TOKENIZER_FIELDS}
+    expected = fingerprint.fields(d, TOKENIZER_FIELDS, prefix="data.")
     if not model_path.exists() and jax.process_index() == 0:
         logging.info(
             "training a %d-piece tokenizer on %d training pairs", d.vocab_size, train.num_examples
@@ -469,5 +468,5 @@ def get_task(config: ml_collections.ConfigDict, workdir: epath.Path) -> Task:
         metrics=metrics,
         corpus_metrics=corpus_metrics,
         describe=describe,
-        fingerprint={"tokenizer": hashlib.sha256(tokenizer.proto).hexdigest()[:16]},
+        fingerprint={"tokenizer": fingerprint.content(tokenizer.proto)},
     )

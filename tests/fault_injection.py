@@ -14,14 +14,14 @@ import numpy as np
 
 from launch import multiprocess
 from runtime import failpoints
-from stages import artifacts, checks
-from stages.setup import Stage
+from stages import artifacts, checks, setup
 from tests.pipeline_helpers import (
     REPO,
     eigvals,
     job_command,
     job_env,
     launch_job,
+    results,
     run_job,
     scores,
     steps,
@@ -29,7 +29,7 @@ from tests.pipeline_helpers import (
 )
 
 # Re-exported: the fault tests reach every helper through this module.
-__all__ = ["REPO", "eigvals", "job_command", "job_env", "scores", "steps"]
+__all__ = ["REPO", "eigvals", "job_command", "job_env", "results", "scores", "steps"]
 
 # Scoring in many small steps (parts of 32 rows, global batches of 16): kill points land inside
 # parts, between parts and in the padding steps of the process with fewer parts.
@@ -111,8 +111,8 @@ def assert_same_scores(got: Path, want: Path, rtol: float = 0.0) -> None:
 
 def params(workdir: Path) -> list[np.ndarray]:
     """The trained params of a workdir (runlocal config) as numpy leaves."""
-    stage = Stage.setup(tiny_config(), workdir, checks.check_train)
-    restored, _ = artifacts.restore_params(stage)
+    ctx = setup.context(tiny_config(), workdir, checks.check_train)
+    restored, _ = artifacts.restore_params(ctx)
     return [np.asarray(x) for x in jax.tree.leaves(restored)]
 
 

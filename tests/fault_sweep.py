@@ -54,8 +54,8 @@ def main(argv: list[str]) -> None:
             if job == "arnoldi":
                 steps = np.sort(rng.choice(np.arange(1, 13), min(count, 12), replace=False))
             else:
-                for name in ("krylov", "eigenpairs"):
-                    shutil.copytree(ref / name, workdir / name)
+                for name in ("krylov", "fitted"):
+                    shutil.copytree(fi.results(ref) / name, fi.results(workdir) / name)
                 steps = rng.integers(1, 4 if processes == 1 else 7, count)
             points = [(int(s), int(rng.integers(processes))) for s in steps]
             runs = fi.kill_chain(job, workdir, points, processes, *fi.SCORE_FLAGS)

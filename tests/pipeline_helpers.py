@@ -143,8 +143,18 @@ def run_multiprocess(
     return outcome.exit_code, output
 
 
-def eigvals(workdir: Path) -> np.ndarray:
-    return np.asarray(json.loads((workdir / "eigenvalues.json").read_text())["eigvals"])
+def results(workdir: Path, method: str = "arnoldi") -> Path:
+    """A method's results in a workdir (runtime/workdir.py: ``methods/<name>/``)."""
+    return Path(workdir) / "methods" / method
+
+
+def fit_summary(workdir: Path, method: str = "arnoldi") -> dict:
+    """A method's fit.json."""
+    return json.loads((results(workdir, method) / "fit.json").read_text())
+
+
+def eigvals(workdir: Path, method: str = "arnoldi") -> np.ndarray:
+    return np.asarray(fit_summary(workdir, method)["eigvals"])
 
 
 def steps(directory: Path) -> list[int]:
@@ -156,6 +166,6 @@ def steps(directory: Path) -> list[int]:
 
 def scores(workdir: Path, split: str) -> pd.DataFrame:
     """A split's scores sorted by id, after checking each example appears exactly once."""
-    table = pd.read_parquet(workdir / "scores" / split)
+    table = pd.read_parquet(results(workdir) / "scores" / split)
     assert table["id"].is_unique, f"duplicate ids in {split}"
     return table.sort_values("id").reset_index(drop=True)

@@ -133,6 +133,7 @@ def trained_params(task: ClassificationTask, data: Batch) -> Params:
     return params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("orthogonalization", ORTHOGONALIZATIONS)
 def test_basis_orthonormal_and_arnoldi_relation(
     task: ClassificationTask, data: Batch, trained_params: Params, orthogonalization: str
@@ -179,6 +180,7 @@ def exact_hessian(
     return hessian, exact[np.argsort(-np.abs(exact))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("orthogonalization", ORTHOGONALIZATIONS)
 def test_ritz_pairs_match_explicit_hessian(
     task: ClassificationTask,
@@ -276,6 +278,7 @@ def test_breakdown_on_low_rank_hessian(dim: int, seed: int) -> None:
     assert krylov.completed_iterations(hessenberg, num_iters) == result.num_completed
 
 
+@pytest.mark.slow
 def test_same_key_is_bitwise_deterministic(task: ClassificationTask, data: Batch) -> None:
     """Two runs from the same key on the same data give bitwise-identical Hessenberg matrices and
     bases, even from two separately compiled steps (what makes a repeated or resumed pipeline run
@@ -302,7 +305,7 @@ def test_same_key_is_bitwise_deterministic(task: ClassificationTask, data: Batch
 
 def test_negative_mass_fraction_of_the_top_ritz_values() -> None:
     """Of the top-3 by |λ| of (5, -3, 1, -0.5): |−3| / (5 + 3 + 1); none negative: 0."""
-    from stages.arnoldi import negative_mass_fraction
+    from methods.arnoldi import negative_mass_fraction
 
     assert negative_mass_fraction(np.array([1.0, -0.5, 5.0, -3.0]), 3) == pytest.approx(1 / 3)
     assert negative_mass_fraction(np.array([2.0, 1.0, -0.1]), 2) == 0.0
@@ -335,6 +338,7 @@ def _noisy_diagonal_arnoldi(num_iters: int) -> tuple[float, np.ndarray]:
     return float(np.abs(q @ q.T - np.eye(num_iters + 1)).max()), np.array(flags)
 
 
+@pytest.mark.slow
 def test_dgks_reorthogonalizes_only_when_the_first_pass_cancels(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

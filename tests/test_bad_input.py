@@ -9,9 +9,9 @@ from checkpoints.checkpointer import Checkpointer, CheckpointError
 from jobs import cli
 from runtime import failpoints, preemption
 from runtime.errors import InputError
-from stages import arnoldi, score, train
+from stages import fit, score, train
 from tasks import mnist
-from tests.pipeline_helpers import run_job, steps, tiny_config
+from tests.pipeline_helpers import results, run_job, steps, tiny_config
 
 
 def _one_line_error(result) -> str:
@@ -32,6 +32,7 @@ def test_unknown_preset_is_one_line(tmp_path):
     assert "unknown config preset 'runlocl'" in _one_line_error(result)
 
 
+@pytest.mark.slow
 def test_bad_score_field_stops_the_pipeline_before_training(tmp_path):
     result = run_job("pipeline", tmp_path, "--config.distill.tail=bogus")
     assert "distill.tail='bogus'; choose one of none, damping, ritz" in _one_line_error(result)
@@ -53,19 +54,20 @@ def test_bad_tail_and_query_fields(tmp_path, overrides, named):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_missing_params_checkpoint(tmp_path):
     result = run_job("arnoldi", tmp_path)
     assert "no trained params" in _one_line_error(result) and "jobs.train" in result.stderr
-    assert not (tmp_path / "params").exists() and not (tmp_path / "krylov").exists()
+    assert not (tmp_path / "params").exists() and not (results(tmp_path) / "krylov").exists()
     with pytest.raises(InputError, match="no trained params"):
-        arnoldi.run(tiny_config(), tmp_path)
+        fit.run(tiny_config(), tmp_path)
 
 
 def test_top_k_above_num_iters(tmp_path):
     with pytest.raises(
         InputError, match=r"distill.top_k=13 must be between 1 and arnoldi.num_iters=12"
     ):
-        arnoldi.run(tiny_config(distill__top_k=13), tmp_path)
+        fit.run(tiny_config(distill__top_k=13), tmp_path)
     assert not any(tmp_path.iterdir())
 
 
@@ -74,7 +76,7 @@ def test_batch_not_divisible_by_data_axis(tmp_path):
     with pytest.raises(
         InputError, match=r"arnoldi.hvp_batch_size=60 .* 8 devices on the 'data' axis"
     ):
-        arnoldi.run(config, tmp_path)
+        fit.run(config, tmp_path)
     with pytest.raises(InputError, match=r"train.batch_size=60"):
         train.run(tiny_config(mesh__num_devices=8, train__batch_size=60), tmp_path)
     assert not any(tmp_path.iterdir())
@@ -86,11 +88,12 @@ def krylov_workdir(tmp_path_factory: pytest.TempPathFactory):
     workdir = tmp_path_factory.mktemp("krylov")
     config = tiny_config()
     train.run(config, workdir)
-    arnoldi.run(config, workdir)
-    shutil.rmtree(workdir / "eigenpairs")
+    fit.run(config, workdir)
+    shutil.rmtree(results(workdir) / "fitted")
     return workdir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("field", "value", "named"),
     [
@@ -106,12 +109,13 @@ def test_krylov_state_from_another_config(krylov_workdir, tmp_path, field, value
     seed, naming the field, and leaves the state as it was."""
     workdir = tmp_path / "work"
     shutil.copytree(krylov_workdir, workdir)
-    krylov_before = sorted(str(p) for p in (workdir / "krylov").rglob("*"))
+    krylov = results(workdir) / "krylov"
+    krylov_before = sorted(str(p) for p in krylov.rglob("*"))
     with pytest.raises(
         CheckpointError, match=rf"computed with {named}=.* but the config gives {named}="
     ):
-        arnoldi.run(tiny_config(**{field: value}), workdir)
-    assert sorted(str(p) for p in (workdir / "krylov").rglob("*")) == krylov_before
+        fit.run(tiny_config(**{field: value}), workdir)
+    assert sorted(str(p) for p in krylov.rglob("*")) == krylov_before
 
 
 def test_scores_from_other_eigenpairs_are_refused(krylov_workdir, tmp_path):
@@ -119,7 +123,7 @@ def test_scores_from_other_eigenpairs_are_refused(krylov_workdir, tmp_path):
     naming distill.top_k, before anything is scored; the eigenpairs stay as they are."""
     workdir = tmp_path / "work"
     shutil.copytree(krylov_workdir, workdir)
-    arnoldi.run(tiny_config(), workdir)
+    fit.run(tiny_config(), workdir)
     before = sorted(str(p) for p in workdir.rglob("*"))
     with pytest.raises(
         CheckpointError, match=r"computed with distill.top_k=8 but the config gives"
@@ -141,7 +145,7 @@ def test_only_input_errors_are_one_line(tmp_path, monkeypatch) -> None:
         cli.run_stages([train.run], tiny_config(), str(tmp_path))
     monkeypatch.undo()
     with pytest.raises(SystemExit) as stopped:
-        cli.run_stages([arnoldi.run], tiny_config(), str(tmp_path))  # no trained params
+        cli.run_stages([fit.run], tiny_config(), str(tmp_path))  # no trained params
     assert stopped.value.code == 2
 
 
@@ -178,7 +182,10 @@ def test_checkpointers_close_on_every_exit_path(krylov_workdir, tmp_path, monkey
         monkeypatch.setattr(preemption, "reached", lambda step: step == 3)
         expected = pytest.raises(preemption.Preempted)
     with expected:
-        arnoldi.run(tiny_config(), workdir)
-    assert len(opened) >= 3 and {id(c) for c in opened} == {id(c) for c in closed}
+        fit.run(tiny_config(), workdir)
+    # The params' and the Krylov state's (a fit stage opens fitted/ only once it exists).
+    directories = {str(c.directory) for c in opened}
+    assert {str(workdir / "params"), str(results(workdir) / "krylov")} <= directories
+    assert {id(c) for c in opened} == {id(c) for c in closed}
     if how == "preemption":
-        assert steps(workdir / "krylov") == [3]
+        assert steps(results(workdir) / "krylov") == [3]

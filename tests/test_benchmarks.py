@@ -3,7 +3,12 @@ Timings are never asserted here; benchmarks/ measures them."""
 
 import re
 
+import pytest
+
 from tests.pipeline_helpers import run_module as run
+
+# End-to-end runs of the jobs: the full suite only (launch/test.sh --fast skips them).
+pytestmark = pytest.mark.slow
 
 
 def test_speed_benchmark_prints_its_ratios() -> None:

@@ -50,6 +50,7 @@ def test_params_are_exactly_the_init_tree():
     assert set(params["layer_0"]["attention"]) == {"query", "key", "value", "output", "norm"}
 
 
+@pytest.mark.slow
 def test_reproduces_the_published_sentence_similarities(tokenizer):
     """sentence-transformers' README: all-MiniLM-L6-v2 on these three sentences gives cosine
     similarities 0.6660, 0.1046, 0.1411 (rounded to 4 decimals; here 0.665955, 0.104584, 0.141145).
@@ -72,6 +73,7 @@ def test_reproduces_the_published_sentence_similarities(tokenizer):
     )
 
 
+@pytest.mark.slow
 def test_pretrained_encoder_beats_a_random_one_under_a_linear_probe(tokenizer):
     """A frozen-encoder probe (logistic regression) on mean-pooled embeddings of 400 train / 200
     test snippets (seeded sample), max_len 32, MiniLM's first 2 layers: real weights, a third of

@@ -2,7 +2,6 @@
 parse strictly."""
 
 import importlib
-import json
 
 import pytest
 
@@ -12,7 +11,7 @@ from parallel.mesh import make_mesh
 from stages import checks
 from tasks import loading
 from tests import vision_data
-from tests.pipeline_helpers import REPO, run_job
+from tests.pipeline_helpers import REPO, fit_summary, run_job
 
 CONFIG_MODULES = sorted(
     p.stem for p in (REPO / "configs").glob("*.py") if p.stem not in ("__init__", "common")
@@ -58,6 +57,7 @@ def redirect_data(config, dirs: dict[str, str]) -> None:
         config.data.source = f"tfds:{dirs['imagenet']}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("module_name", "preset"),
     [pair for name in CONFIG_MODULES for pair in preset_variants(name)],
@@ -114,6 +114,7 @@ def test_boolean_presets_accept_the_usual_spellings() -> None:
     assert mnist.get_config("hard,model=small_cnn").model == "small_cnn"
 
 
+@pytest.mark.slow
 def test_pod_preset_runs_the_jobs(tmp_path) -> None:
     """``jobs.train`` then ``jobs.arnoldi --config=configs/mnist.py:pod`` on 8 fake devices: the
     Flax CNN with its large leaves, Krylov basis and eigenvectors split over a 'model' axis of 8,
@@ -130,4 +131,4 @@ def test_pod_preset_runs_the_jobs(tmp_path) -> None:
         result = run_job(job, tmp_path, *flags, config="configs/mnist.py:pod")
         assert result.returncode == 0, result.stderr[-3000:]
     assert "mesh {'data': 1, 'model': 8}" in result.stderr
-    assert len(json.loads((tmp_path / "eigenvalues.json").read_text())["eigvals"]) == 2
+    assert len(fit_summary(tmp_path)["eigvals"]) == 2

@@ -5,9 +5,12 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.pipeline_helpers import run_module as run
 
 
+@pytest.mark.slow
 def test_convergence_benchmark_prints_tables_and_writes_curves(tmp_path: Path) -> None:
     out = run(
         "benchmarks.convergence",

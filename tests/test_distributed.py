@@ -163,6 +163,7 @@ def test_bad_environment_is_one_line(tmp_path, env: dict, message: str) -> None:
     assert last.startswith("error: ") and message in last and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_srun_step_forms_one_job(tmp_path) -> None:
     """Two processes started the way srun starts them (SLURM variables only, no coordinator
     given): ``--distributed=auto`` joins them into one 2-process job, as JAX would."""

@@ -35,10 +35,10 @@ def _check(loss, variables, batch, selection=None) -> None:
         treedef, [jax.random.normal(k, (5, *x.shape)) for k, x in zip(keys, leaves, strict=True)]
     )
     want = np.asarray(
-        jax.jit(scoring.make_projector(loss, None, selection))(variables, eigvecs, batch)
+        jax.jit(scoring.make_forward_products(loss, None, selection))(variables, eigvecs, batch)
     )
     got = np.asarray(
-        jax.jit(factorised.make_factorised_projector(loss, selection))(variables, eigvecs, batch)
+        jax.jit(factorised.make_factorised_products(loss, selection))(variables, eigvecs, batch)
     )
     assert got.shape == want.shape and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
@@ -52,6 +52,7 @@ def _images(n: int, size: int, classes: int) -> dict:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["small_cnn", "flax_cnn"])
 def test_mnist_cnns(model: str) -> None:
     """Strided VALID and SAME convs, dense heads."""
@@ -59,6 +60,7 @@ def test_mnist_cnns(model: str) -> None:
     _check(task.per_example_loss, task.init_params(jax.random.key(0)), _images(6, 28, 10))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "model",
     [

@@ -16,13 +16,17 @@ import pytest
 
 from checkpoints.checkpointer import CheckpointError
 from runtime import failpoints
-from stages import arnoldi, score, train
+from stages import fit, score, train
 from tests import fault_injection as fi
 from tests.pipeline_helpers import run_multiprocess, tiny_config
 
 # A damaged step that Orbax fails to restore leaves an asyncio callback behind, which fires after
-# its event loop closed ("Event loop is closed"): harmless, and not what these tests check.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+# its event loop closed ("Event loop is closed"): harmless, and not what these tests check. The
+# tests run the jobs end to end: the full suite only (launch/test.sh --fast skips them).
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+    pytest.mark.slow,
+]
 SEED = 20261124
 # The jobs' config in every subprocess run (runlocal + the scoring flags) and in-process.
 FLAGS = fi.SCORE_FLAGS
@@ -37,12 +41,14 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def with_params(trained: Path, workdir: Path, *stages: str) -> Path:
-    """A workdir holding the trained params (and the named finished stages of ``trained``)."""
+    """A workdir holding the trained params (and the named finished results of Arnoldi in
+    ``trained``: ``krylov``, ``fitted``)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    for name in ("params", *stages):
-        shutil.copytree(trained / name, workdir / name)
-    if "eigenpairs" in stages:
-        shutil.copy(trained / "eigenvalues.json", workdir / "eigenvalues.json")
+    shutil.copytree(trained / "params", workdir / "params")
+    for name in stages:
+        shutil.copytree(fi.results(trained) / name, fi.results(workdir) / name)
+    if "fitted" in stages:
+        shutil.copy(fi.results(trained) / "fit.json", fi.results(workdir) / "fit.json")
     return workdir
 
 
@@ -71,7 +77,7 @@ def test_sigkill_at_seeded_random_points(
         workdir = with_params(reference, tmp_path / "w")
     else:  # steps of the current run; at most one finished part per kill, so all fire
         steps = rng.integers(1, 4 if processes == 1 else 7, count)
-        workdir = with_params(reference, tmp_path / "w", "krylov", "eigenpairs")
+        workdir = with_params(reference, tmp_path / "w", "krylov", "fitted")
     points = [(int(s), int(rng.integers(processes))) for s in steps]
     runs = fi.kill_chain(job, workdir, points, processes, *FLAGS)
     print(f"\n{job}, {processes} process(es): killed at {points}")
@@ -91,9 +97,10 @@ def test_sigkill_during_async_save(trained: Path, tmp_path: Path) -> None:
     workdir = with_params(trained, tmp_path / "killed")
     killed = fi.run("arnoldi", workdir, 1, *FLAGS, env={failpoints.ENV: "arnoldi_saved=8"})
     assert killed.code == -9
-    in_flight = [p.name for p in (workdir / "krylov").iterdir() if "tmp" in p.name]
-    print(f"\nleft behind: steps {fi.steps(workdir / 'krylov')}, in-flight {in_flight}")
-    assert max(fi.steps(workdir / "krylov")) <= 8
+    krylov = fi.results(workdir) / "krylov"
+    in_flight = [p.name for p in krylov.iterdir() if "tmp" in p.name]
+    print(f"\nleft behind: steps {fi.steps(krylov)}, in-flight {in_flight}")
+    assert max(fi.steps(krylov)) <= 8
     resumed = fi.run("arnoldi", workdir, 1, *FLAGS)
     assert resumed.code == 0, resumed.output[-3000:]
     np.testing.assert_array_equal(fi.eigvals(workdir), fi.eigvals(reference))
@@ -105,7 +112,7 @@ def test_sigterm_saves_the_step_reached_and_exits_zero(
 ) -> None:
     """SIGTERM at step 3 of one process: exit code 0 with a checkpoint of step 3; the next run
     continues from there and ends with the uninterrupted result."""
-    stages = ("krylov", "eigenpairs") if job == "score" else ()
+    stages = ("krylov", "fitted") if job == "score" else ()
     reference, workdir = (
         tmp_path / name if job == "train" else with_params(finished, tmp_path / name, *stages)
         for name in ("reference", "preempted")
@@ -118,10 +125,11 @@ def test_sigterm_saves_the_step_reached_and_exits_zero(
     if job == "train":
         assert fi.steps(workdir / "train_state")[-1] == 3 and not fi.steps(workdir / "params")
     elif job == "arnoldi":
-        assert fi.steps(workdir / "krylov")[-1] == 3
+        assert fi.steps(fi.results(workdir) / "krylov")[-1] == 3
     else:  # part 0 done at step 2; 16 rows of part 1 kept, hidden from readers of the directory
-        assert (workdir / "scores/train/part-00000-of-00008.parquet").exists()
-        assert (workdir / "scores/train/_partial.part-00001-of-00008.parquet").exists()
+        train_scores = fi.results(workdir) / "scores/train"
+        assert (train_scores / "part-00000-of-00008.parquet").exists()
+        assert (train_scores / "_partial.part-00001-of-00008.parquet").exists()
     resumed = fi.run(job, workdir, 1, *FLAGS)
     assert resumed.code == 0, resumed.output[-3000:]
     marker = {
@@ -138,7 +146,7 @@ def test_sigterm_saves_the_step_reached_and_exits_zero(
         np.testing.assert_array_equal(fi.eigvals(workdir), fi.eigvals(reference))
     else:
         fi.assert_same_scores(workdir, reference)
-        assert not list((workdir / "scores").rglob("_partial*"))
+        assert not list((fi.results(workdir) / "scores").rglob("_partial*"))
 
 
 def test_sigterm_with_two_processes(trained: Path, tmp_path: Path) -> None:
@@ -152,8 +160,9 @@ def test_sigterm_with_two_processes(trained: Path, tmp_path: Path) -> None:
     env = {failpoints.ENV: "arnoldi_iteration=4@1:TERM"}
     preempted = fi.run("arnoldi", workdir, 2, *flags, env=env)
     assert preempted.code == 0, preempted.output[-3000:]
-    saved = fi.steps(workdir / "krylov")[-1]
-    assert 4 <= saved < 40 and not fi.steps(workdir / "eigenpairs"), preempted.output[-3000:]
+    results = fi.results(workdir)
+    saved = fi.steps(results / "krylov")[-1]
+    assert 4 <= saved < 40 and not fi.steps(results / "fitted"), preempted.output[-3000:]
     for process in (0, 1):
         assert f"[{process}] " in preempted.output
         assert f"Krylov state saved at iteration {saved}" in preempted.output
@@ -172,7 +181,8 @@ def test_resume_on_other_topologies(trained: Path, tmp_path: Path) -> None:
     code, output = run_multiprocess(
         "arnoldi", saved, 2, 2, *FLAGS, env={failpoints.ENV: "arnoldi_iteration=10@0"}
     )
-    last = fi.steps(saved / "krylov")[-1]  # 8, or 4 if the save of 8 was still in flight
+    # 8, or 4 if the save of 8 was still in flight
+    last = fi.steps(fi.results(saved) / "krylov")[-1]
     assert code != 0 and last in (4, 8), output[-3000:]
     for name, devices in (("one-by-four", 4), ("one-by-one", 1)):
         workdir = tmp_path / name
@@ -182,7 +192,7 @@ def test_resume_on_other_topologies(trained: Path, tmp_path: Path) -> None:
         np.testing.assert_allclose(fi.eigvals(workdir), fi.eigvals(reference), rtol=1e-5)
     workdir = tmp_path / "one-by-one"
     killed = fi.run("score", workdir, 2, *FLAGS, env={failpoints.ENV: "score_batch=9@1"})
-    assert killed.code != 0 and list((workdir / "scores/train").glob("part-*.parquet"))
+    assert killed.code != 0 and list((fi.results(workdir) / "scores/train").glob("part-*.parquet"))
     finished = fi.run("score", workdir, 1, *FLAGS)
     assert finished.code == 0, finished.output[-3000:]
     fi.assert_same_scores(workdir, reference, rtol=1e-5)
@@ -192,16 +202,16 @@ def test_resume_on_other_topologies(trained: Path, tmp_path: Path) -> None:
 def finished(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Arnoldi run to the end in this process: Krylov steps 8 and 12 kept, eigenpairs."""
     workdir = with_params(trained, tmp_path_factory.mktemp("finished"))
-    arnoldi.run(tiny_config(**CONFIG), workdir)
-    assert fi.steps(workdir / "krylov") == [8, 12]
+    fit.run(tiny_config(**CONFIG), workdir)
+    assert fi.steps(fi.results(workdir) / "krylov") == [8, 12]
     return workdir
 
 
 def without_eigenpairs(finished: Path, workdir: Path) -> Path:
     """The workdir of a run killed after its last Krylov save: steps 8 and 12, no eigenpairs."""
     shutil.copytree(finished, workdir)
-    shutil.rmtree(workdir / "eigenpairs")
-    (workdir / "eigenvalues.json").unlink()
+    shutil.rmtree(fi.results(workdir) / "fitted")
+    (fi.results(workdir) / "fit.json").unlink()
     return workdir
 
 
@@ -210,10 +220,11 @@ def test_unreadable_latest_step_falls_back(finished: Path, tmp_path: Path, how: 
     """The newest Krylov step damaged: it is moved aside with a warning, the run resumes from the
     step before and ends with the same eigenvalues."""
     workdir = without_eigenpairs(finished, tmp_path / "w")
-    fi.damage(workdir / "krylov" / "12", how)
-    arnoldi.run(tiny_config(**CONFIG), workdir)
-    assert [p.name.split(".")[0] for p in (workdir / "krylov").glob("12.unreadable-*")] == ["12"]
-    assert fi.steps(workdir / "krylov") == [8, 12]
+    krylov = fi.results(workdir) / "krylov"
+    fi.damage(krylov / "12", how)
+    fit.run(tiny_config(**CONFIG), workdir)
+    assert [p.name.split(".")[0] for p in krylov.glob("12.unreadable-*")] == ["12"]
+    assert fi.steps(krylov) == [8, 12]
     np.testing.assert_array_equal(fi.eigvals(workdir), fi.eigvals(finished))
 
 
@@ -221,22 +232,25 @@ def test_no_readable_step_is_an_error_and_changes_nothing(finished: Path, tmp_pa
     """Every Krylov step damaged: a clear error naming the directory, never a silent restart
     from zero, and the directory is left exactly as it was."""
     workdir = without_eigenpairs(finished, tmp_path / "w")
+    krylov = fi.results(workdir) / "krylov"
     for step in (8, 12):
-        fi.damage(workdir / "krylov" / str(step), "truncate")
-    before = sorted(str(p) for p in (workdir / "krylov").rglob("*"))
+        fi.damage(krylov / str(step), "truncate")
+    before = sorted(str(p) for p in krylov.rglob("*"))
     with pytest.raises(CheckpointError, match=r"no readable checkpoint in .*krylov"):
-        arnoldi.run(tiny_config(**CONFIG), workdir)
-    assert sorted(str(p) for p in (workdir / "krylov").rglob("*")) == before
+        fit.run(tiny_config(**CONFIG), workdir)
+    assert sorted(str(p) for p in krylov.rglob("*")) == before
 
 
 def test_unreadable_eigenpairs_are_distilled_again(finished: Path, tmp_path: Path) -> None:
     workdir = tmp_path / "w"
     shutil.copytree(finished, workdir)
-    fi.damage(workdir / "eigenpairs" / "0", "truncate")
-    with pytest.raises(CheckpointError, match="distills them again from the Krylov state"):
+    fi.damage(fi.results(workdir) / "fitted" / "0", "truncate")
+    with pytest.raises(
+        CheckpointError, match=r"`python -m jobs\.fit` with the same --config and --workdir fits"
+    ):
         score.run(tiny_config(**CONFIG), workdir)
-    arnoldi.run(tiny_config(**CONFIG), workdir)
-    assert list((workdir / "eigenpairs").glob("0.unreadable-*"))
+    fit.run(tiny_config(**CONFIG), workdir)
+    assert list((fi.results(workdir) / "fitted").glob("0.unreadable-*"))
     score.run(tiny_config(**CONFIG), workdir)
     np.testing.assert_array_equal(fi.eigvals(workdir), fi.eigvals(finished))
 
@@ -304,7 +318,7 @@ def test_full_disk(trained: Path, finished: Path, small_disk: Path) -> None:
     assert full.code == 1, full.output[-3000:]
     last = full.output.strip().splitlines()[-1]
     assert last.startswith("error: writing to --workdir=") and "the disk is full" in last
-    saved = fi.steps(workdir / "krylov")
+    saved = fi.steps(fi.results(workdir) / "krylov")
     assert saved and saved[-1] < 12
     filler.unlink()
     resumed = fi.run("arnoldi", workdir, 1, *FLAGS)
@@ -315,9 +329,9 @@ def test_full_disk(trained: Path, finished: Path, small_disk: Path) -> None:
 def test_compatible_changes_on_resume(finished: Path, tmp_path: Path) -> None:
     """Scoring preempted with batch 16 on 1 device continues with batch 32 on 2 devices (a
     compatible change: batch size and mesh are not part of the scores' fingerprint)."""
-    reference = with_params(finished, tmp_path / "reference", "krylov", "eigenpairs")
+    reference = with_params(finished, tmp_path / "reference", "krylov", "fitted")
     assert fi.run("score", reference, 1, *FLAGS).code == 0
-    workdir = with_params(finished, tmp_path / "w", "krylov", "eigenpairs")
+    workdir = with_params(finished, tmp_path / "w", "krylov", "fitted")
     env = {failpoints.ENV: "score_batch=3:TERM"}
     assert fi.run("score", workdir, 1, *FLAGS, env=env).code == 0
     resumed = fi.run(

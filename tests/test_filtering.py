@@ -10,22 +10,26 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from checkpoints import fingerprint
 from checkpoints.checkpointer import Checkpointer
 from runtime import outputs
+from runtime import workdir as wd
 from runtime.errors import InputError
-from stages import workdir as wd
+from stages import blocks
 from tasks import filtering, loading
 from tests.pipeline_helpers import run_job, run_module, tiny_config
 
 
 def fake_scores(workdir: Path, ids: np.ndarray, values: np.ndarray, parts: int = 1) -> Path:
-    """A scored workdir as jobs.score leaves it: meta.json and the training parts in order."""
-    (workdir / wd.SCORES / "train").mkdir(parents=True)
-    (workdir / wd.SCORES_META).write_text(json.dumps({"corruption_column": "flipped"}))
+    """A scored workdir as jobs.score leaves it (Arnoldi's scores): meta.json and the training
+    parts in order."""
+    scored = wd.results(workdir, "arnoldi")
+    (scored / wd.SCORES / "train").mkdir(parents=True)
+    (scored / wd.SCORES_META).write_text(json.dumps({"corruption_column": "flipped"}))
     for i, (a, b) in enumerate(
         zip(np.array_split(ids, parts), np.array_split(values, parts), strict=True)
     ):
-        path = workdir / wd.SCORES / "train" / f"part-{i:05d}-of-{parts:05d}.parquet"
+        path = scored / wd.SCORES / "train" / f"part-{i:05d}-of-{parts:05d}.parquet"
         outputs.write_parquet(path, pa.table({"id": a, "self_influence": b.astype(np.float32)}))
     return workdir
 
@@ -67,6 +71,7 @@ def test_random_subset_is_seeded_and_of_the_same_size(scored, tmp_path: Path) ->
     assert not np.array_equal(random_ids(1), first)
 
 
+@pytest.mark.slow
 def test_filtering_benchmark_retrains_on_each_subset(tmp_path: Path) -> None:
     """benchmarks/filtering.py trains (with jobs.train) on the lowest-scored half and on a random
     half: each run records only the corrupted examples it kept, each kept set is in its params'
@@ -101,7 +106,10 @@ def test_filtering_benchmark_retrains_on_each_subset(tmp_path: Path) -> None:
             filters.append(ckpt.restore_meta(ckpt.all_steps()[-1])["fingerprint"]["task.filter"])
     assert filters[0].startswith("lowest self_influence 128 of 256")
     assert filters[1].startswith("random 128 of 256")
-    assert not any(k.startswith("filter") for k in wd.train_fingerprint(tiny_config()))
+    config = tiny_config()
+    assert not any(
+        k.startswith("filter") for k in fingerprint.training(config, blocks.all_blocks())
+    )
 
 
 def _nan(d: Path, ids: np.ndarray, values: np.ndarray) -> Path:
@@ -116,13 +124,17 @@ BAD = {
     "no scores given": (dict(filter__keep=0.5), None, "needs filter.scores="),
     "not scored": (
         {},
-        lambda d, ids, v: (d / "scores").mkdir(parents=True) or d,
-        "has no scores (scores/meta.json missing)",
+        lambda d, ids, v: (wd.results(d, "arnoldi") / "scores").mkdir(parents=True) or d,
+        "methods/arnoldi/scores/meta.json missing)",
     ),
     "unfinished": (
         {},
         lambda d, ids, v: (
-            (fake_scores(d, ids, v, 2) / "scores/train/part-00001-of-00002.parquet").unlink() or d
+            (
+                wd.results(fake_scores(d, ids, v, 2), "arnoldi")
+                / "scores/train/part-00001-of-00002.parquet"
+            ).unlink()
+            or d
         ),
         "scoring is unfinished (1 of 2 parts",
     ),

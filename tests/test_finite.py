@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 
 from runtime.finite import NonFiniteError, check_config
-from stages import arnoldi, score, train
+from stages import fit, score, train
 from tasks.base import ClassificationTask
-from tests.pipeline_helpers import run_job, steps, tiny_config
+from tests.pipeline_helpers import results, run_job, steps, tiny_config
+
+# End-to-end runs of the jobs: the full suite only (launch/test.sh --fast skips them).
+pytestmark = pytest.mark.slow
 
 
 def _one_error_line(result) -> str:
@@ -54,7 +57,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = tiny_config(arnoldi__num_iters=6, distill__top_k=3)
     config.arnoldi.checkpoint_every = 3
     train.run(config, workdir)
-    arnoldi.run(config, workdir)
+    fit.run(config, workdir)
     return workdir
 
 
@@ -75,8 +78,8 @@ def test_nan_hvp_stops_arnoldi_before_a_save(finished: Path, tmp_path: Path, nan
     config = tiny_config(arnoldi__num_iters=6, distill__top_k=3)
     config.arnoldi.checkpoint_every = 3
     with pytest.raises(NonFiniteError, match=r"^arnoldi step 1: the HVP norm is NaN"):
-        arnoldi.run(config, workdir)
-    assert steps(workdir / "krylov") == [] and not (workdir / "eigenvalues.json").exists()
+        fit.run(config, workdir)
+    assert steps(results(workdir) / "krylov") == [] and not (results(workdir) / "fit.json").exists()
 
 
 def test_nan_projections_stop_scoring_before_a_part(finished: Path, tmp_path: Path, nan_loss):
@@ -86,4 +89,4 @@ def test_nan_projections_stop_scoring_before_a_part(finished: Path, tmp_path: Pa
     config.arnoldi.checkpoint_every = 3
     with pytest.raises(NonFiniteError, match=r"^score step 1: a projection .* is NaN"):
         score.run(config, workdir)
-    assert not list((workdir / "scores").rglob("*.parquet"))
+    assert not list((results(workdir) / "scores").rglob("*.parquet"))

@@ -67,6 +67,7 @@ def test_small_cnn_size(params: Params) -> None:
     assert ravel_pytree(params)[0].size == 2410
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("l2", [0.0, 1e-3])
 def test_hvp_equals_explicit_hessian_times_v(
     task: ClassificationTask, params: Params, batch: Batch, data_hessian: np.ndarray, l2: float

@@ -125,6 +125,7 @@ def alive(pid: int) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_tpu_run_detaches_logs_refuses_twice_and_stops(fake_pod: dict[str, str]) -> None:
     run = ("run", "jobs.arnoldi", "--config=configs/mnist.py:pod", "--workdir=gs://b/mnist")
     started = tpu_pod(fake_pod, *run)

@@ -13,6 +13,9 @@ import scipy.linalg
 
 from benchmarks import loo
 
+# End-to-end runs of the jobs: the full suite only (launch/test.sh --fast skips them).
+pytestmark = pytest.mark.slow
+
 L2 = 1e-2
 
 

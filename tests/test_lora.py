@@ -88,6 +88,7 @@ def close(a, b):
     jax.tree.map(check, a, b)
 
 
+@pytest.mark.slow
 def test_init_adapts_the_matched_dense_layers_only(setup):
     base, _, ids, mask, _ = setup
     adapters = lora.init_adapters(base, TARGETS, 3, jax.random.key(2))
@@ -107,6 +108,7 @@ def test_init_adapts_the_matched_dense_layers_only(setup):
     )
 
 
+@pytest.mark.slow
 def test_unmerged_equals_merged(setup, unmerged, merged):
     base, adapters, ids, mask, _ = setup
     assert np.abs(merged["out"] - MODEL.apply({"params": base}, ids, mask)).max() > 1e-2
@@ -159,6 +161,7 @@ def perturbed(order, base, adapters, ids, mask, weights):
     return jax.value_and_grad(loss, argnums=(0, 1))(adapters, eps)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", ["lora_inside", "lora_outside"])
 def test_composes_with_another_dense_interceptor(setup, order):
     close(perturbed(order, *setup), perturbed("merged", *setup))

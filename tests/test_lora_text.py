@@ -19,8 +19,11 @@ from configs import lora_text
 from influence import scoring
 from runtime.errors import InputError
 from stages import artifacts, evaluate, fit, score, train
-from stages.setup import Stage
+from stages.setup import context
 from tests.pipeline_helpers import override, run_job
+
+# End-to-end runs of the jobs: the full suite only (launch/test.sh --fast skips them).
+pytestmark = pytest.mark.slow
 
 CONFIG = "configs/lora_text.py:runlocal"
 
@@ -39,21 +42,21 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     workdir = tmp_path_factory.mktemp("lora_text")
     config = _config()
     train.run(config, workdir)
-    stage = Stage.setup(config, workdir, fit.CHECK)
-    params, _ = artifacts.restore_params(stage)
+    ctx = context(config, workdir, fit.CHECK)
+    params, ctx = artifacts.restore_params(ctx)
     grads, ids = {}, {}
     for name in ("train", "eval"):
-        split = stage.split(name)
+        split = ctx.split(name)
         columns = split.take(np.arange(split.num_examples))
-        inputs = stage.task.model_inputs(columns)
+        inputs = ctx.task.model_inputs(columns)
         per_example = jax.jit(
-            lambda p, b: scoring.example_grads(stage.task.per_example_loss, p, b, stage.selection)
+            lambda p, b: scoring.example_grads(ctx.task.per_example_loss, p, b, ctx.selection)
         )(params, inputs)
         grads[name] = [
             np.asarray(g, np.float64).reshape(g.shape[0], -1) for g in jax.tree.leaves(per_example)
         ]
         ids[name] = columns["id"]
-    shapes = [x.shape for x in jax.tree.leaves(stage.vectors_like)]
+    shapes = [x.shape for x in jax.tree.leaves(ctx.vectors_like)]
     return workdir, grads, ids, shapes
 
 
@@ -100,10 +103,10 @@ def test_hyperinf_is_the_damped_gfim_inverse_per_layer(trained, tmp_path, caplog
         rtol=2e-3,
         atol=2e-3 * np.abs(validation).max(),
     )
-    eig = json.loads((workdir / "methods" / "hyperinf" / "eigenvalues.json").read_text())
+    eig = json.loads((workdir / "methods" / "hyperinf" / "fit.json").read_text())
     assert len(eig["layers"]) == len(shapes) and eig["converged"]
-    stage = Stage.setup(config, workdir, fit.CHECK)
-    state, _ = artifacts.restore_eigenpairs(stage, artifacts.restore_params(stage)[1])
+    ctx = context(config, workdir, fit.CHECK)
+    state, _ = artifacts.restore_fitted(artifacts.restore_params(ctx)[1])
     for a, x, layer in zip(
         jax.tree.leaves(state["operator"]["damped_gfim"]),
         jax.tree.leaves(state["operator"]["inverse"]),
@@ -121,9 +124,7 @@ def test_hyperinf_is_the_damped_gfim_inverse_per_layer(trained, tmp_path, caplog
     fit.run(short, tmp_path / "short")
     warned = [r.getMessage() for r in caplog.records if "Schulz stopped" in r.getMessage()]
     assert warned and "after 2 iterations" in warned[0], warned
-    summary = json.loads(
-        (tmp_path / "short" / "methods" / "hyperinf" / "eigenvalues.json").read_text()
-    )
+    summary = json.loads((tmp_path / "short" / "methods" / "hyperinf" / "fit.json").read_text())
     assert not summary["converged"]
 
 

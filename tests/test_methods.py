@@ -20,9 +20,12 @@ from parallel import operator_products
 from runtime.errors import InputError
 from scoring import queries
 from stages import artifacts, evaluate, fit, score, train
-from stages.setup import Stage
+from stages.setup import context
 from tests.pipeline_helpers import override, run_job, tiny_config
 from tests.test_arnoldi import explicit_hessian
+
+# End-to-end runs of the jobs: the full suite only (launch/test.sh --fast skips them).
+pytestmark = pytest.mark.slow
 
 DAMPING = 1.0  # above |λ_min| of the runlocal params (2 epochs: not at a minimum)
 
@@ -45,17 +48,17 @@ def reference(tmp_path_factory: pytest.TempPathFactory):
     workdir = tmp_path_factory.mktemp("methods")
     config = method_config("arnoldi")
     train.run(config, workdir)
-    stage = Stage.setup(config, workdir, fit.CHECK)
-    params, _ = artifacts.restore_params(stage)
+    ctx = context(config, workdir, fit.CHECK)
+    params, ctx = artifacts.restore_params(ctx)
     params = jax.device_get(params)
     grads, batches = {}, {}
     for name in ("train", "eval"):
-        split = stage.split(name)
+        split = ctx.split(name)
         columns = split.take(np.arange(split.num_examples))
-        batches[name] = {k: np.asarray(v) for k, v in stage.task.model_inputs(columns).items()}
-        g = scoring.example_grads(stage.task.per_example_loss, params, batches[name])
+        batches[name] = {k: np.asarray(v) for k, v in ctx.task.model_inputs(columns).items()}
+        g = scoring.example_grads(ctx.task.per_example_loss, params, batches[name])
         grads[name] = (columns["id"], np.asarray(subspace.flatten_rows(g), np.float64))
-    hessian = explicit_hessian(stage.task.per_example_loss, config.l2, params, batches["train"], 8)
+    hessian = explicit_hessian(ctx.task.per_example_loss, config.l2, params, batches["train"], 8)
     like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     return types.SimpleNamespace(
         workdir=workdir, hessian=hessian, grads=grads, p=ravel_pytree(params)[0].size, like=like
@@ -79,7 +82,7 @@ def _self_influence(directory, ids):
 def test_exact_is_numpy_eigh_and_the_damped_inverse(reference, tmp_path):
     hessian, grads, p = reference.hessian, reference.grads, reference.p
     directory = _run(method_config("exact"), reference, tmp_path)
-    eig = json.loads((directory / "eigenvalues.json").read_text())
+    eig = json.loads((directory / "fit.json").read_text())
     got = np.sort(np.asarray(eig["eigvals"]))
     want = np.linalg.eigvalsh(hessian)
     assert got.size == p == 2410
@@ -119,7 +122,7 @@ def test_random_subspaces_are_the_sketched_inverse(reference, tmp_path, name):
     chol = np.linalg.cholesky(g_raw @ g_raw.T)
     inv = np.linalg.inv(chol)
     ritz = np.linalg.eigvalsh(inv @ sketched @ inv.T)
-    eig = np.sort(json.loads((directory / "eigenvalues.json").read_text())["eigvals"])
+    eig = np.sort(json.loads((directory / "fit.json").read_text())["eigvals"])
     np.testing.assert_allclose(eig, ritz, rtol=1e-3, atol=1e-5)
 
 
@@ -167,15 +170,15 @@ def test_tracin_sums_gradient_products_over_the_kept_epochs(reference, tmp_path)
     train.run(config, workdir)
     fit.run(config, workdir)
     score.run(config, workdir)
-    stage = Stage.setup(config, workdir, fit.CHECK)
-    kept = artifacts.restore_epoch_params(stage)
+    ctx = context(config, workdir, fit.CHECK)
+    kept = artifacts.restore_epoch_params(ctx)
     assert [rate for _, rate in kept] == [config.train.learning_rate] * 2
-    split = stage.split("train")
+    split = ctx.split("train")
     columns = split.take(np.arange(split.num_examples))
-    inputs = {k: np.asarray(v) for k, v in stage.task.model_inputs(columns).items()}
+    inputs = {k: np.asarray(v) for k, v in ctx.task.model_inputs(columns).items()}
     expected = 0.0
     for params, rate in kept:
-        g = scoring.example_grads(stage.task.per_example_loss, jax.device_get(params), inputs)
+        g = scoring.example_grads(ctx.task.per_example_loss, jax.device_get(params), inputs)
         expected = expected + rate * np.sum(np.asarray(subspace.flatten_rows(g)) ** 2, axis=1)
     got = _self_influence(workdir / "methods" / "tracin", columns["id"])
     np.testing.assert_allclose(got, expected, rtol=1e-4)
@@ -203,10 +206,10 @@ def test_solvers_converge_to_the_damped_inverse(reference, name):
         method__scale=float(1.05 * (eigvals.max() + DAMPING)),
         method__tol=1e-5,
     )
-    stage = Stage.setup(config, reference.workdir, fit.CHECK)
-    params, _ = artifacts.restore_params(stage)
-    grads = queries.query_gradients(stage, params, 8)
-    solved = stage.method.operator(stage, params, None).solve(grads)
+    ctx = context(config, reference.workdir, fit.CHECK)
+    params, ctx = artifacts.restore_params(ctx)
+    grads = queries.query_gradients(ctx, params, 8)
+    solved = ctx.method.operator(ctx, params, None).solve(grads)
     got = np.asarray(subspace.flatten_rows(solved), np.float64)
     q = np.asarray(subspace.flatten_rows(grads), np.float64)
     want = np.linalg.solve(reference.hessian + DAMPING * np.eye(reference.p), q.T).T
@@ -259,10 +262,10 @@ def test_lissa_refuses_a_damping_below_the_negative_curvature(reference, tmp_pat
     """The runlocal params are a saddle (λ_min ≈ −0.40): LiSSA with λ = 1e-3 would diverge,
     which Lanczos finds before any solve, in one line naming the fix."""
     config = method_config("lissa", method__damping=1e-3)
-    stage = Stage.setup(config, reference.workdir, fit.CHECK)
-    params, _ = artifacts.restore_params(stage)
+    ctx = context(config, reference.workdir, fit.CHECK)
+    params, ctx = artifacts.restore_params(ctx)
     with pytest.raises(InputError, match=r"LiSSA diverges; set method.damping above 0\.[3-9]"):
-        stage.method.operator(stage, params, None)
+        ctx.method.operator(ctx, params, None)
     # Through the score job: nothing is saved, so the same workdir takes the fixed damping.
     workdir = tmp_path / "lissa"
     shutil.copytree(reference.workdir / "params", workdir / "params")
@@ -277,7 +280,7 @@ def test_layerwise_methods_on_four_devices_match_one(reference, tmp_path, name):
     operator scorer (each device its own rows) give one device's scores on a 'data' axis of 4;
     over the dense layer only (a conv kernel is refused in one line, before any work)."""
     with pytest.raises(InputError, match=r"Conv_0/kernel has shape \(5, 5, 1, 4\)"):
-        Stage.setup(method_config(name), reference.workdir, fit.CHECK)
+        context(method_config(name), reference.workdir, fit.CHECK)
     tables = []
     for devices in (1, 4):
         config = method_config(

@@ -17,8 +17,7 @@ import pytest
 from parallel import programs, sharding
 from parallel.mesh import make_mesh
 from runtime import failpoints
-from stages import arnoldi, artifacts, checks, score, train
-from stages.setup import Stage
+from stages import artifacts, checks, fit, score, setup, train
 from tasks import mnist
 from tests.pipeline_helpers import (
     REPO,
@@ -28,6 +27,9 @@ from tests.pipeline_helpers import (
     scores,
     tiny_config,
 )
+
+# End-to-end runs of the jobs: the full suite only (launch/test.sh --fast skips them).
+pytestmark = pytest.mark.slow
 
 # 250 training and 37 eval examples, parts of 60 rows, global batch 64: with 2 or 4 processes the
 # last parts are ragged, the row groups get unequal numbers of parts and must be padded with masked
@@ -50,7 +52,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory):
     workdir = tmp_path_factory.mktemp("single")
     config = tiny_config(**UNEVEN)
     train.run(config, workdir)
-    arnoldi.run(config, workdir)
+    fit.run(config, workdir)
     score.run(config, workdir)
     return workdir
 
@@ -115,9 +117,9 @@ def test_train_two_processes_matches_single(reference, tmp_path):
     workdir = tmp_path / "train2"
     code, output = run_multiprocess("train", workdir, 2, 1, *_flags(UNEVEN))
     assert code == 0, output[-3000:]
-    stage = Stage.setup(tiny_config(**UNEVEN), workdir, checks.check_train)
-    got, _ = artifacts.restore_params(stage)
-    want, _ = artifacts.restore_params(dataclasses.replace(stage, workdir=reference))
+    ctx = setup.context(tiny_config(**UNEVEN), workdir, checks.check_train)
+    got, _ = artifacts.restore_params(ctx)
+    want, _ = artifacts.restore_params(dataclasses.replace(ctx, workdir=reference))
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
 
@@ -168,7 +170,8 @@ def test_survivor_prints_the_line_and_exits_1(reference, tmp_path, dead, stall):
 _CHATTY_THREAD = """
 import os, sys, threading
 sys.path.insert(0, os.getcwd())
-from pipeline import cli
+from jobs import cli
+
 started = threading.Event()
 def chatter():
     started.set()

@@ -14,11 +14,13 @@ from methods import arnoldi as arnoldi_method
 from parallel import programs as parallel_steps
 from parallel import sharding
 from runtime import failpoints
-from stages import arnoldi, train
-from stages.setup import Stage
+from stages import fit, setup, train
 from tests import fault_injection as fi
-from tests.pipeline_helpers import eigvals, run_job, steps, tiny_config
+from tests.pipeline_helpers import eigvals, results, run_job, steps, tiny_config
 from tests.test_sources import tfds_mnist  # noqa: F401 - the TFDS dataset fixture
+
+# End-to-end runs of the jobs: the full suite only (launch/test.sh --fast skips them).
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +37,13 @@ def with_params(trained: Path, workdir: Path) -> Path:
 
 def hessenberg(workdir: Path) -> np.ndarray:
     """The Hessenberg matrix of the last Krylov checkpoint, read back from disk."""
-    stage = Stage.setup(tiny_config(), workdir, arnoldi_method.check)
-    init = parallel_steps.jit_init_krylov_state(stage.params_like, 12, stage.param_sh, stage.mesh)
+    ctx = setup.context(tiny_config(), workdir, arnoldi_method.check)
+    init = parallel_steps.jit_init_krylov_state(ctx.params_like, 12, ctx.param_sh, ctx.mesh)
     target = sharding.abstract_like(
         jax.eval_shape(init, jax.random.key(0)),
-        parallel_steps.krylov_shardings(stage.param_sh, stage.mesh),
+        parallel_steps.krylov_shardings(ctx.param_sh, ctx.mesh),
     )
-    with Checkpointer(workdir / "krylov", async_save=False) as ckpt:
+    with Checkpointer(results(workdir) / "krylov", async_save=False) as ckpt:
         _, state, _ = ckpt.restore_latest(target)
     return np.asarray(state["hessenberg"], np.float64)
 
@@ -51,19 +53,19 @@ def test_positive_only_and_general_eig(trained: Path, tmp_path: Path) -> None:
     parts of the general eigenvalues of the Hessenberg block, ranked by |λ|; both equal numpy on
     the Hessenberg matrix the run saved."""
     reference = with_params(trained, tmp_path / "reference")
-    arnoldi.run(tiny_config(), reference)
+    fit.run(tiny_config(), reference)
     h = hessenberg(reference)[:12, :12]
     top_k = tiny_config().distill.top_k
 
     workdir = with_params(trained, tmp_path / "positive")
-    arnoldi.run(tiny_config(distill__positive_only=True), workdir)
+    fit.run(tiny_config(distill__positive_only=True), workdir)
     ritz = np.linalg.eigvalsh(0.5 * (h + h.T))
     want = np.sort(ritz[ritz > 0])[::-1][:top_k]
     np.testing.assert_allclose(eigvals(workdir), want, rtol=1e-6)
     assert (eigvals(workdir) > 0).all()
 
     workdir = with_params(trained, tmp_path / "general")
-    arnoldi.run(tiny_config(distill__symmetric=False), workdir)
+    fit.run(tiny_config(distill__symmetric=False), workdir)
     general = np.linalg.eigvals(h).real
     want = general[np.argsort(-np.abs(general))][:top_k]
     np.testing.assert_allclose(eigvals(workdir), want, rtol=1e-6)
@@ -75,7 +77,7 @@ def test_fixed_batch_gives_a_symmetric_hessenberg(trained: Path, tmp_path: Path)
     asymmetry = {}
     for fixed in (True, False):
         workdir = with_params(trained, tmp_path / f"fixed{fixed}")
-        arnoldi.run(tiny_config(arnoldi__fixed_batch=fixed), workdir)
+        fit.run(tiny_config(arnoldi__fixed_batch=fixed), workdir)
         h = hessenberg(workdir)[:12, :12]
         asymmetry[fixed] = np.abs(h - h.T).max() / np.abs(h).max()
     print(
@@ -105,9 +107,9 @@ def test_npz_and_tfds_sources_in_the_jobs(
     workdir = tmp_path / "w"
     config = tiny_config(data__source=spec)
     train.run(config, workdir)
-    arnoldi.run(config, workdir)
+    fit.run(config, workdir)
     reference = with_params(trained, tmp_path / "reference")
-    arnoldi.run(tiny_config(), reference)
+    fit.run(tiny_config(), reference)
     np.testing.assert_array_equal(eigvals(workdir), eigvals(reference))
 
 

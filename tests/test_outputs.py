@@ -18,11 +18,14 @@ from sklearn import metrics as sk
 from influence import scoring
 from parallel import programs
 from scoring import parts
-from stages import arnoldi, artifacts, checks, evaluate, score, train
-from stages.setup import Stage
+from stages import artifacts, checks, evaluate, fit, score, train
+from stages.setup import context
 from tasks.sources import read_all
-from tests.pipeline_helpers import eigvals, scores, tiny_config
+from tests.pipeline_helpers import eigvals, results, scores, tiny_config
 from tests.pipeline_helpers import steps as saved_steps
+
+# End-to-end runs of the jobs: the full suite only (launch/test.sh --fast skips them).
+pytestmark = pytest.mark.slow
 
 # Parts of 48 rows in batches of 16 (256 train rows: 6 parts, the last ragged), with the tail
 # (σ = l2 + damping): its columns are checked beside the plain ones.
@@ -40,7 +43,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """train → arnoldi → score → evaluate on the tiny config (shared; copy before mutating)."""
     workdir = tmp_path_factory.mktemp("finished")
     config = tiny_config(**CONFIG)
-    for stage in (train.run, arnoldi.run, score.run, evaluate.run):
+    for stage in (train.run, fit.run, score.run, evaluate.run):
         stage(config, workdir)
     return workdir
 
@@ -50,7 +53,7 @@ def test_outputs_hold_every_example_once(finished: Path) -> None:
     corrupted-example record, the traced queries, metrics and plots; running arnoldi and score again
     reuses everything and rewrites nothing."""
     config = tiny_config(**CONFIG)
-    train_scores = pd.read_parquet(finished / "scores" / "train")
+    train_scores = pd.read_parquet(results(finished) / "scores" / "train")
     assert len(train_scores) == config.data.num_train and train_scores["id"].is_unique
     assert train_scores["flipped"].sum() == round(0.2 * config.data.num_train)
     flips = pd.read_parquet(finished / "corrupted.parquet")
@@ -66,19 +69,21 @@ def test_outputs_hold_every_example_once(finished: Path) -> None:
         (g**2 / λ).sum(1) + (sqnorm - (g**2).sum(1)) / SIGMA,
         rtol=1e-5,
     )
-    assert json.loads((finished / "scores" / "meta.json").read_text())["tail_sigma"] == (
+    assert json.loads((results(finished) / "scores" / "meta.json").read_text())["tail_sigma"] == (
         pytest.approx(SIGMA)
     )
-    assert len(pd.read_parquet(finished / "scores" / "eval")) == config.data.num_eval
-    topk = pd.read_parquet(finished / "scores" / score.TOPK_FILE)
+    assert len(pd.read_parquet(results(finished) / "scores" / "eval")) == config.data.num_eval
+    topk = pd.read_parquet(results(finished) / "scores" / score.TOPK_FILE)
     assert set(topk["train_id"]) <= set(train_scores["id"])
     for png in ("roc_pr.png", "spectrum.png"):
-        assert (finished / png).read_bytes()[:4] == b"\x89PNG"
+        assert (results(finished) / png).read_bytes()[:4] == b"\x89PNG"
 
-    before = {p: p.stat().st_mtime_ns for p in (finished / "scores").rglob("*.parquet")}
-    arnoldi.run(config, finished)
+    before = {p: p.stat().st_mtime_ns for p in (results(finished) / "scores").rglob("*.parquet")}
+    fit.run(config, finished)
     score.run(config, finished)
-    assert before == {p: p.stat().st_mtime_ns for p in (finished / "scores").rglob("*.parquet")}
+    assert before == {
+        p: p.stat().st_mtime_ns for p in (results(finished) / "scores").rglob("*.parquet")
+    }
 
 
 def test_stored_projections_are_the_projector_on_that_example(finished: Path) -> None:
@@ -87,11 +92,11 @@ def test_stored_projections_are_the_projector_on_that_example(finished: Path) ->
     explicit gradients run directly, unsharded and unjitted, on the example with that id read
     from the source; a row/id misalignment anywhere in scoring or writing fails here."""
     config = tiny_config(**CONFIG)
-    stage = Stage.setup(config, finished, checks.check_score)
-    params, params_id = artifacts.restore_params(stage)
-    eig_state, _ = artifacts.restore_eigenpairs(stage, params_id)
-    project = scoring.make_projector(stage.task.per_example_loss)
-    loss = stage.task.per_example_loss
+    ctx = context(config, finished, checks.check_score)
+    params, ctx = artifacts.restore_params(ctx)
+    eig_state, _ = artifacts.restore_fitted(ctx)
+    project = scoring.make_forward_products(ctx.task.per_example_loss)
+    loss = ctx.task.per_example_loss
 
     def flat_grads(batch: dict) -> np.ndarray:
         def one(image, label):
@@ -100,24 +105,22 @@ def test_stored_projections_are_the_projector_on_that_example(finished: Path) ->
 
         return np.asarray(jax.vmap(one)(batch["image"], batch["label"]), np.float64)
 
-    eval_source = read_all(stage.split("eval"))
+    eval_source = read_all(ctx.split("eval"))
     queries = {
         k: jnp.asarray(v[: config.score.num_queries])
-        for k, v in stage.task.model_inputs(eval_source).items()
+        for k, v in ctx.task.model_inputs(eval_source).items()
     }
     query_grads = flat_grads(queries)
     rng = np.random.default_rng(20261201)
     for split, count in (("train", 20), ("eval", 10)):
         stored = scores(finished, split).set_index("id")
-        source = read_all(stage.split(split))
+        source = read_all(ctx.split(split))
         position_of = {int(i): p for p, i in enumerate(source["id"])}
         ids = rng.choice(stored.index.to_numpy(), count, replace=False)
         positions = np.asarray([position_of[int(i)] for i in ids])
         batch = {
             k: jnp.asarray(v)
-            for k, v in stage.task.model_inputs(
-                {k: v[positions] for k, v in source.items()}
-            ).items()
+            for k, v in ctx.task.model_inputs({k: v[positions] for k, v in source.items()}).items()
         }
         with jax.disable_jit():
             want = np.asarray(project(params, eig_state["eigvecs"], batch))
@@ -138,14 +141,16 @@ def test_query_tracing_is_a_direct_top_k(finished: Path) -> None:
     plain influence of the same pairs beside it)."""
     config = tiny_config(**CONFIG)
     λ = eigvals(finished) + config.distill.damping
-    train_rows = pd.read_parquet(finished / "scores" / "train")
-    queries = pd.read_parquet(finished / "scores" / "eval").iloc[: config.score.num_queries]
+    train_rows = pd.read_parquet(results(finished) / "scores" / "train")
+    queries = pd.read_parquet(results(finished) / "scores" / "eval").iloc[
+        : config.score.num_queries
+    ]
     g_train = np.stack(train_rows["projections"].to_numpy()).astype(np.float64)
     g_query = np.stack(queries["projections"].to_numpy()).astype(np.float64)
     plain = (g_train / λ) @ g_query.T  # (train, query): Alg. 1, line 26
     dots = np.stack(train_rows["query_dots"].to_numpy()).astype(np.float64)
     influence = plain + (dots - g_train @ g_query.T) / SIGMA
-    topk = pd.read_parquet(finished / "scores" / score.TOPK_FILE)
+    topk = pd.read_parquet(results(finished) / "scores" / score.TOPK_FILE)
     k = config.score.top_k
     assert len(topk) == 2 * len(queries) * k
     for q, query_id in enumerate(queries["id"]):
@@ -164,7 +169,7 @@ def test_query_tracing_is_a_direct_top_k(finished: Path) -> None:
 def test_metrics_are_scikit_learns(finished: Path) -> None:
     """metrics.json against scikit-learn's AUC/AP on the stored self-influence and flipped flags,
     and recall at x% counted directly."""
-    saved = json.loads((finished / "metrics.json").read_text())
+    saved = json.loads((results(finished) / "metrics.json").read_text())
     rows = scores(finished, "train")
     flipped, self_influence = rows["flipped"].to_numpy(), rows["self_influence"].to_numpy()
     assert saved["auc"] == pytest.approx(sk.roc_auc_score(flipped, self_influence), abs=1e-12)
@@ -187,10 +192,11 @@ def test_resumed_arnoldi_runs_only_the_missing_iterations(
     """With the Krylov state of iteration 8 (of 12) on disk, the job runs exactly 4 Arnoldi steps
     (counted at the jitted step) and ends with the uninterrupted eigenvalues."""
     workdir = tmp_path / "w"
-    for name in ("params", "krylov"):
+    for name in ("params", "methods/arnoldi/krylov"):
         shutil.copytree(finished / name, workdir / name)
-    assert saved_steps(workdir / "krylov") == [8, 12]
-    shutil.rmtree(workdir / "krylov" / "12")
+    krylov = results(workdir) / "krylov"
+    assert saved_steps(krylov) == [8, 12]
+    shutil.rmtree(krylov / "12")
     calls = []
     make_step = programs.jit_arnoldi_step
 
@@ -204,7 +210,7 @@ def test_resumed_arnoldi_runs_only_the_missing_iterations(
         return counted
 
     monkeypatch.setattr(programs, "jit_arnoldi_step", counting_step)
-    arnoldi.run(tiny_config(**CONFIG), workdir)
+    fit.run(tiny_config(**CONFIG), workdir)
     assert calls == [8, 9, 10, 11]
     np.testing.assert_array_equal(eigvals(workdir), eigvals(finished))
 
@@ -217,9 +223,9 @@ def test_resumed_scoring_scores_only_the_unfinished_rows(
     the uninterrupted one, bit for bit."""
     workdir = tmp_path / "w"
     shutil.copytree(finished, workdir)
-    shutil.rmtree(workdir / "scores" / "eval")
-    (workdir / "scores" / score.TOPK_FILE).unlink()
-    train_dir = workdir / "scores" / "train"
+    shutil.rmtree(results(workdir) / "scores" / "eval")
+    (results(workdir) / "scores" / score.TOPK_FILE).unlink()
+    train_dir = results(workdir) / "scores" / "train"
     (train_dir / "part-00002-of-00006.parquet").unlink()
     part4 = train_dir / "part-00004-of-00006.parquet"
     head = pd.read_parquet(part4).iloc[:16]
@@ -247,13 +253,18 @@ def test_tensorboard_reads_the_scalars(finished: Path) -> None:
     loop's scalars back, at the steps they were logged."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    for loop, tag in (("arnoldi", "arnoldi/residual_norm"), ("train", "train/loss")):
-        events = EventAccumulator(str(finished / "tensorboard" / loop))
+    for where, loop, tag in (
+        (results(finished), "arnoldi", "arnoldi/residual_norm"),
+        (finished, "train", "train/loss"),
+    ):
+        events = EventAccumulator(str(where / "tensorboard" / loop))
         events.Reload()
         assert tag in events.Tags()["scalars"], events.Tags()
         points = events.Scalars(tag)
         assert points and np.isfinite([p.value for p in points]).all()
-    events = EventAccumulator(str(finished / "tensorboard" / "evaluate"))
+    events = EventAccumulator(str(results(finished) / "tensorboard" / "evaluate"))
     events.Reload()
     (auc,) = events.Scalars("evaluate/auc")
-    assert auc.value == pytest.approx(json.loads((finished / "metrics.json").read_text())["auc"])
+    assert auc.value == pytest.approx(
+        json.loads((results(finished) / "metrics.json").read_text())["auc"]
+    )

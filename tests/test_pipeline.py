@@ -9,8 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages import arnoldi, score, train
-from tests.pipeline_helpers import eigvals, steps, tiny_config
+from stages import fit, score, train
+from tests.pipeline_helpers import eigvals, results, steps, tiny_config
+
+# End-to-end runs of the jobs: the full suite only (launch/test.sh --fast skips them).
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +36,18 @@ def test_eight_devices_match_one(trained_workdir, tmp_path):
     to rtol 1e-5, self-influence to the cross-layout tolerance of test_multiprocess.py (on an AMD
     EPYC host 4 of 256 self-influences differed by up to 2e-4 relative: Σ gᵢ²/λᵢ amplifies the
     meshes' different float32 reduction orders through its smallest λ)."""
-    results = {}
+    found = {}
     for devices, data, model in ((1, -1, 1), (8, 4, 2)):
         config = tiny_config(mesh__num_devices=devices, mesh__data=data, mesh__model=model)
         config.mesh.min_shard_size = 64
         workdir = _copy_params(trained_workdir, tmp_path / f"d{devices}")
-        arnoldi.run(config, workdir)
+        fit.run(config, workdir)
         score.run(config, workdir)
-        results[devices] = (eigvals(workdir), pd.read_parquet(workdir / "scores" / "train"))
-    np.testing.assert_allclose(results[8][0], results[1][0], rtol=1e-5)
-    np.testing.assert_array_equal(results[8][1]["id"], results[1][1]["id"])
+        found[devices] = (eigvals(workdir), pd.read_parquet(results(workdir) / "scores" / "train"))
+    np.testing.assert_allclose(found[8][0], found[1][0], rtol=1e-5)
+    np.testing.assert_array_equal(found[8][1]["id"], found[1][1]["id"])
     np.testing.assert_allclose(
-        results[8][1]["self_influence"], results[1][1]["self_influence"], rtol=1e-4, atol=1e-6
+        found[8][1]["self_influence"], found[1][1]["self_influence"], rtol=1e-4, atol=1e-6
     )
 
 
@@ -54,12 +57,12 @@ def test_reverse_mode_scores_match_and_resume_forward_parts(trained_workdir, tmp
     under a memory budget that splits each batch into several calls."""
     config = tiny_config(score__mode="forward")
     forward = _copy_params(trained_workdir, tmp_path / "forward")
-    arnoldi.run(config, forward)
+    fit.run(config, forward)
     score.run(config, forward)
-    want = pd.read_parquet(forward / "scores" / "train").sort_values("id")
+    want = pd.read_parquet(results(forward) / "scores" / "train").sort_values("id")
     mixed = tmp_path / "mixed"
     shutil.copytree(forward, mixed)
-    parts = sorted((mixed / "scores" / "train").glob("part-*.parquet"))
+    parts = sorted((results(mixed) / "scores" / "train").glob("part-*.parquet"))
     assert len(parts) == 2
     parts[1].unlink()
     config.score.mode = "reverse"
@@ -70,7 +73,7 @@ def test_reverse_mode_scores_match_and_resume_forward_parts(trained_workdir, tmp
         int, re.search(r"reverse \((\d+) calls of (\d+) examples", caplog.text).groups()
     )
     assert calls > 1 and calls * rows == config.score.batch_size
-    got = pd.read_parquet(mixed / "scores" / "train").sort_values("id")
+    got = pd.read_parquet(results(mixed) / "scores" / "train").sort_values("id")
     np.testing.assert_array_equal(got["id"], want["id"])
     np.testing.assert_allclose(got["self_influence"], want["self_influence"], rtol=1e-4, atol=1e-6)
 
@@ -82,6 +85,7 @@ def test_relative_workdir(tmp_path, monkeypatch):
     config = tiny_config(train__num_epochs=1, arnoldi__num_iters=4, distill__top_k=2)
     config.arnoldi.checkpoint_every = 2
     train.run(config, "rel/work")
-    arnoldi.run(config, "rel/work")
-    assert steps(tmp_path / "rel/work/params") and steps(tmp_path / "rel/work/krylov") == [2, 4]
-    assert (tmp_path / "rel/work/eigenvalues.json").exists()
+    fit.run(config, "rel/work")
+    work = tmp_path / "rel/work"
+    assert steps(work / "params") and steps(results(work) / "krylov") == [2, 4]
+    assert (results(work) / "fit.json").exists()

@@ -94,6 +94,7 @@ def scale_atol(reference: np.ndarray, rel: float = 1e-5) -> float:
     return rel * float(np.abs(reference).max())
 
 
+@pytest.mark.slow
 def test_projector_equals_eigvecs_times_per_example_gradients(
     task: ClassificationTask,
     params: Params,
@@ -103,7 +104,7 @@ def test_projector_equals_eigvecs_times_per_example_gradients(
     """project(θ, G, batch) is the (B, p̃) matrix ∇ℓ(x_i)ᵀ G_jᵀ: the JVPs along the eigenvectors
     equal the explicit per-example gradients projected on them."""
     _, train, _ = splits
-    project = jax.jit(scoring.make_projector(task.per_example_loss))
+    project = jax.jit(scoring.make_forward_products(task.per_example_loss))
     got = np.asarray(project(params, eigenpairs.eigvecs, train))
     assert got.shape == (NUM_TRAIN, TOP_K) and got.dtype == np.float32
     want = per_example_gradients(task, params, train) @ eigvec_matrix(eigenpairs).T
@@ -120,8 +121,8 @@ def test_reverse_mode_equals_forward_mode(
     """Per-example gradients and one GEMM give the JVPs' projections and the explicit
     ∇ℓ(x_i)ᵀ G_jᵀ (rtol 1e-4)."""
     _, train, _ = splits
-    forward = jax.jit(scoring.make_projector(task.per_example_loss))
-    reverse = jax.jit(scoring.make_reverse_projector(task.per_example_loss))
+    forward = jax.jit(scoring.make_forward_products(task.per_example_loss))
+    reverse = jax.jit(scoring.make_reverse_products(task.per_example_loss))
     want = np.asarray(forward(params, eigenpairs.eigvecs, train))
     got = np.asarray(reverse(params, eigenpairs.eigvecs, train))
     assert got.shape == want.shape == (NUM_TRAIN, TOP_K) and got.dtype == np.float32
@@ -139,8 +140,10 @@ def test_tangent_chunk_matches_unchunked(
     """``tangent_chunk=2`` (lax.map over p̃ = 5 tangents in chunks of 2, one ragged) gives the same
     projections as one vmap over all tangents."""
     _, train, _ = splits
-    full = jax.jit(scoring.make_projector(task.per_example_loss))(params, eigenpairs.eigvecs, train)
-    chunked = jax.jit(scoring.make_projector(task.per_example_loss, tangent_chunk=2))(
+    full = jax.jit(scoring.make_forward_products(task.per_example_loss))(
+        params, eigenpairs.eigvecs, train
+    )
+    chunked = jax.jit(scoring.make_forward_products(task.per_example_loss, tangent_chunk=2))(
         params, eigenpairs.eigvecs, train
     )
     assert chunked.shape == full.shape == (NUM_TRAIN, TOP_K)
@@ -158,7 +161,7 @@ def test_self_influence_and_influence_match_explicit_quadratic_forms(
     """End to end from the projector: self_influence(x) = ∇ℓ(x)ᵀ Gᵀ diag(1/λ) G ∇ℓ(x) and
     influence(x, z) = ∇ℓ(x)ᵀ Gᵀ diag(1/λ) G ∇ℓ(z), with ∇ℓ the explicit per-example gradients."""
     _, train, test = splits
-    project = jax.jit(scoring.make_projector(task.per_example_loss))
+    project = jax.jit(scoring.make_forward_products(task.per_example_loss))
     eigvals = jnp.asarray(eigenpairs.eigvals, jnp.float32)
     g_train = project(params, eigenpairs.eigvecs, train)
     g_test = project(params, eigenpairs.eigvecs, test)
@@ -217,10 +220,10 @@ def test_tail_corrected_scores_match_the_explicit_inverse_with_an_isotropic_comp
     _, train, test = splits
     sigma = 0.37
     eigvals = jnp.asarray(eigenpairs.eigvals, jnp.float32)
-    project = jax.jit(scoring.make_projector(task.per_example_loss))
+    project = jax.jit(scoring.make_forward_products(task.per_example_loss))
     g_train = project(params, eigenpairs.eigvecs, train)
     g_test = project(params, eigenpairs.eigvecs, test)
-    with_norm = jax.jit(factorised.make_factorised_projector(task.per_example_loss, sqnorm=True))
+    with_norm = jax.jit(factorised.make_factorised_products(task.per_example_loss, sqnorm=True))
     sqnorm = with_norm(params, eigenpairs.eigvecs, train)[:, -1]
     mesh = make_mesh(1, 1, 1)
     param_sh = jax.tree.map(lambda _: sharding.replicated(mesh), params)

