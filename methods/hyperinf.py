@@ -10,7 +10,7 @@ accumulated over the training split in one data-parallel pass (per-device partia
 all-reduce per leaf), then inverted on device from a start that always converges (X₀ = I/‖A‖_∞,
 not the public code's 5·10⁻⁵ I, which diverges once λ_max > 4·10⁴) until ‖I − AX‖_F/√d ≤
 ``method.tol`` (at most ``method.max_iters`` steps; not reaching it is a warning with the
-residual, also written to eigenvalues.json). P = blockdiag_l(I_r ⊗ X_l): a gradient's rows times
+residual, also written to fit.json). P = blockdiag_l(I_r ⊗ X_l): a gradient's rows times
 X_l, leaf by leaf, so self-influence is Σ_l ⟨G_l X_l, G_l⟩ and the validation influence
 ⟨∇ℓ(x), P v̄⟩ the papers' −Σ_l ⟨v̄_l X_l, G_l⟩ up to the sign (``stages/evaluate.py`` ranks by
 the harm, its negative).

@@ -43,10 +43,16 @@ def check_all(config: ml_collections.ConfigDict, stage_checks: Sequence[Check]) 
         check(config, mesh)
 
 
-def context(config: ml_collections.ConfigDict, directory: epath.PathLike, check: Check) -> Context:
+def context(
+    config: ml_collections.ConfigDict,
+    directory: epath.PathLike,
+    check: Check,
+    size_check: bool = True,
+) -> Context:
     """The stage's ``Context`` after its checks (module docstring): a workdir of another layout is
     refused before anything reads or writes it, and marked with this layout once every check
-    passed (``runtime/workdir.py``)."""
+    passed (``runtime/workdir.py``). ``size_check=False`` leaves out the configured method's
+    checks of the model's size (the report checks each of its methods itself)."""
     mesh = _mesh(config)
     check(config, mesh)
     workdir.check(directory)
@@ -63,7 +69,7 @@ def context(config: ml_collections.ConfigDict, directory: epath.PathLike, check:
         rank=task.param_rank,
     )
     method = registry.of(config)
-    if method.check_size is not None:  # before any params are restored or fitted
+    if size_check and method.check_size is not None:  # before params are restored or fitted
         method.check_size(config, selection.select(params_like))
     workdir.mark(directory)
     return Context(

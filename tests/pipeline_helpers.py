@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pandas as pd
 
 from configs import mnist
 from launch import multiprocess
+from tests import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,7 +71,7 @@ def job_env(extra: dict | None = None) -> dict[str, str]:
     1 device unless ``extra`` asks for more."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(CLUSTER_PREFIXES)}
     env.update({"JAX_PLATFORMS": "cpu", **(extra or {})})
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = xla_flags.THREADS
     return env
 
 
@@ -123,7 +125,7 @@ def launch_job(
         devices_per_process,
         grace_secs=120,
         sink=sink,
-        env=env,
+        env={"XLA_FLAGS": xla_flags.THREADS, **(env or {})},
         cwd=REPO,
         timeout_secs=600,
     )
@@ -141,6 +143,18 @@ def run_multiprocess(
     """``launch_job`` reduced to (the job's exit code, the output)."""
     outcome, output = launch_job(job, workdir, num_processes, devices_per_process, *flags, env=env)
     return outcome.exit_code, output
+
+
+def copy_trained(trained: Path, workdir: Path) -> Path:
+    """``workdir`` holding the trained params of ``trained`` (a workdir the train stage finished:
+    its params, the params kept per epoch and the corrupted-example record)."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    for name in ("params", "epoch_params"):
+        if (trained / name).exists():
+            shutil.copytree(trained / name, workdir / name)
+    shutil.copy(trained / "corrupted.parquet", workdir / "corrupted.parquet")
+    return workdir
 
 
 def results(workdir: Path, method: str = "arnoldi") -> Path:

@@ -11,7 +11,7 @@ from runtime import failpoints, preemption
 from runtime.errors import InputError
 from stages import fit, score, train
 from tasks import mnist
-from tests.pipeline_helpers import results, run_job, steps, tiny_config
+from tests.pipeline_helpers import copy_trained, results, run_job, steps, tiny_config
 
 
 def _one_line_error(result) -> str:
@@ -83,11 +83,11 @@ def test_batch_not_divisible_by_data_axis(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def krylov_workdir(tmp_path_factory: pytest.TempPathFactory):
+def krylov_workdir(tmp_path_factory: pytest.TempPathFactory, runlocal_trained):
     """Params and a Krylov state, as if killed after the last Krylov save (no eigenpairs yet)."""
-    workdir = tmp_path_factory.mktemp("krylov")
+    workdir = copy_trained(runlocal_trained, tmp_path_factory.mktemp("krylov"))
     config = tiny_config()
-    train.run(config, workdir)
+    train.run(config, workdir)  # finds them
     fit.run(config, workdir)
     shutil.rmtree(results(workdir) / "fitted")
     return workdir

@@ -18,7 +18,7 @@ from checkpoints.checkpointer import CheckpointError
 from runtime import failpoints
 from stages import fit, score, train
 from tests import fault_injection as fi
-from tests.pipeline_helpers import run_multiprocess, tiny_config
+from tests.pipeline_helpers import copy_trained, run_multiprocess, tiny_config
 
 # A damaged step that Orbax fails to restore leaves an asyncio callback behind, which fires after
 # its event loop closed ("Event loop is closed"): harmless, and not what these tests check. The
@@ -34,9 +34,9 @@ CONFIG = {"score__batch_size": 16, "score__examples_per_shard": 32}
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    workdir = tmp_path_factory.mktemp("trained")
-    train.run(tiny_config(**CONFIG), workdir)
+def trained(tmp_path_factory: pytest.TempPathFactory, runlocal_trained: Path) -> Path:
+    workdir = copy_trained(runlocal_trained, tmp_path_factory.mktemp("trained"))
+    train.run(tiny_config(**CONFIG), workdir)  # finds them
     return workdir
 
 
@@ -54,11 +54,11 @@ def with_params(trained: Path, workdir: Path, *stages: str) -> Path:
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["1-process", "2-processes"])
 def reference(request, trained: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
-    """(workdir, processes): uninterrupted arnoldi + score with 1 process, or 2 of 1 device."""
+    """(workdir, processes): uninterrupted fit (Arnoldi) + score with 1 process, or 2 of 1
+    device: one launch of the pipeline job, whose train stage finds the params."""
     workdir = with_params(trained, tmp_path_factory.mktemp(f"reference{request.param}"))
-    for job in ("arnoldi", "score"):
-        result = fi.run(job, workdir, request.param, *FLAGS)
-        assert result.code == 0, result.output[-3000:]
+    result = fi.run("pipeline", workdir, request.param, *FLAGS)
+    assert result.code == 0, result.output[-3000:]
     return workdir, request.param
 
 

@@ -11,7 +11,7 @@ import pytest
 from runtime.finite import NonFiniteError, check_config
 from stages import fit, score, train
 from tasks.base import ClassificationTask
-from tests.pipeline_helpers import results, run_job, steps, tiny_config
+from tests.pipeline_helpers import copy_trained, results, run_job, steps, tiny_config
 
 # End-to-end runs of the jobs: the full suite only (launch/test.sh --fast skips them).
 pytestmark = pytest.mark.slow
@@ -52,8 +52,8 @@ def test_nan_in_the_data_stops_training_before_a_save(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    workdir = tmp_path_factory.mktemp("finite")
+def finished(tmp_path_factory: pytest.TempPathFactory, runlocal_trained: Path) -> Path:
+    workdir = copy_trained(runlocal_trained, tmp_path_factory.mktemp("finite"))
     config = tiny_config(arnoldi__num_iters=6, distill__top_k=3)
     config.arnoldi.checkpoint_every = 3
     train.run(config, workdir)

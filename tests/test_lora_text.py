@@ -20,7 +20,7 @@ from influence import scoring
 from runtime.errors import InputError
 from stages import artifacts, evaluate, fit, score, train
 from stages.setup import context
-from tests.pipeline_helpers import override, run_job
+from tests.pipeline_helpers import copy_trained, override, run_job
 
 # End-to-end runs of the jobs: the full suite only (launch/test.sh --fast skips them).
 pytestmark = pytest.mark.slow
@@ -152,10 +152,12 @@ def test_datainf_is_the_sherman_morrison_average(trained, tmp_path):
     )
 
 
-def test_runlocal_pipeline_writes_auc_and_ap(tmp_path):
+def test_runlocal_pipeline_writes_auc_and_ap(trained, tmp_path):
     """``python -m jobs.pipeline --config=configs/lora_text.py:runlocal`` (the config's docstring
-    command) end to end: metrics.json with AUC and AP of the flipped labels by self-influence and
-    by harm to the validation loss."""
+    command) end to end, on the params the module trained (its train stage finds them):
+    metrics.json with AUC and AP of the flipped labels by self-influence and by harm to the
+    validation loss."""
+    copy_trained(trained[0], tmp_path)
     done = run_job("pipeline", tmp_path, config=CONFIG)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((tmp_path / "methods" / "hyperinf" / "metrics.json").read_text())

@@ -21,7 +21,7 @@ from runtime.errors import InputError
 from scoring import queries
 from stages import artifacts, evaluate, fit, score, train
 from stages.setup import context
-from tests.pipeline_helpers import override, run_job, tiny_config
+from tests.pipeline_helpers import copy_trained, override, run_job, tiny_config
 from tests.test_arnoldi import explicit_hessian
 
 # End-to-end runs of the jobs: the full suite only (launch/test.sh --fast skips them).
@@ -41,13 +41,13 @@ def method_config(name: str, **overrides: object):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory):
+def reference(tmp_path_factory: pytest.TempPathFactory, runlocal_trained):
     """The workdir with trained params, their explicit H over the training split (flat), the
     flat per-example gradients of the train and eval splits with their ids, p and the params'
     shapes."""
-    workdir = tmp_path_factory.mktemp("methods")
+    workdir = copy_trained(runlocal_trained, tmp_path_factory.mktemp("methods"))
     config = method_config("arnoldi")
-    train.run(config, workdir)
+    train.run(config, workdir)  # finds them
     ctx = context(config, workdir, fit.CHECK)
     params, ctx = artifacts.restore_params(ctx)
     params = jax.device_get(params)

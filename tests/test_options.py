@@ -24,10 +24,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    workdir = tmp_path_factory.mktemp("trained")
-    train.run(tiny_config(), workdir)
-    return workdir
+def trained(runlocal_trained: Path) -> Path:
+    return runlocal_trained
 
 
 def with_params(trained: Path, workdir: Path) -> Path:

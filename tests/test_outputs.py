@@ -21,7 +21,7 @@ from scoring import parts
 from stages import artifacts, checks, evaluate, fit, score, train
 from stages.setup import context
 from tasks.sources import read_all
-from tests.pipeline_helpers import eigvals, results, scores, tiny_config
+from tests.pipeline_helpers import copy_trained, eigvals, results, scores, tiny_config
 from tests.pipeline_helpers import steps as saved_steps
 
 # End-to-end runs of the jobs: the full suite only (launch/test.sh --fast skips them).
@@ -39,9 +39,10 @@ SIGMA = 1e-3 + 0.01  # the runlocal preset's l2 + the damping
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """train → arnoldi → score → evaluate on the tiny config (shared; copy before mutating)."""
-    workdir = tmp_path_factory.mktemp("finished")
+def finished(tmp_path_factory: pytest.TempPathFactory, runlocal_trained: Path) -> Path:
+    """train → arnoldi → score → evaluate on the tiny config (shared; copy before mutating); the
+    train stage finds the session's trained params."""
+    workdir = copy_trained(runlocal_trained, tmp_path_factory.mktemp("finished"))
     config = tiny_config(**CONFIG)
     for stage in (train.run, fit.run, score.run, evaluate.run):
         stage(config, workdir)
@@ -248,14 +249,15 @@ def test_resumed_scoring_scores_only_the_unfinished_rows(
     assert not list(train_dir.glob("_partial*"))
 
 
-def test_tensorboard_reads_the_scalars(finished: Path) -> None:
+def test_tensorboard_reads_the_scalars(finished: Path, runlocal_trained: Path) -> None:
     """The events files written without TensorFlow are TensorBoard's: its own loader reads every
-    loop's scalars back, at the steps they were logged."""
+    loop's scalars back, at the steps they were logged (training's where the params were
+    trained)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     for where, loop, tag in (
         (results(finished), "arnoldi", "arnoldi/residual_norm"),
-        (finished, "train", "train/loss"),
+        (runlocal_trained, "train", "train/loss"),
     ):
         events = EventAccumulator(str(where / "tensorboard" / loop))
         events.Reload()

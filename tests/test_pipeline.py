@@ -17,11 +17,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trained_workdir(tmp_path_factory: pytest.TempPathFactory):
+def trained_workdir(runlocal_trained):
     """A workdir holding params trained with the tiny config (shared; copy before mutating)."""
-    workdir = tmp_path_factory.mktemp("trained")
-    train.run(tiny_config(), workdir)
-    return workdir
+    return runlocal_trained
 
 
 def _copy_params(source, tmp_path):

@@ -1,5 +1,5 @@
 """Train → test tracing over many queries (issue 11, item 4): the blocked, streaming top-k of
-``pipeline/queries.trace`` equals ranking the whole (train × query) influence matrix at once,
+``scoring/queries.trace`` equals ranking the whole (train × query) influence matrix at once,
 whatever the query block, the part sizes and the tail."""
 
 import numpy as np

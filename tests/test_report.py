@@ -7,13 +7,13 @@ import pandas as pd
 import pytest
 
 from stages import report
-from tests.pipeline_helpers import run_job, run_module, tiny_config
+from tests.pipeline_helpers import copy_trained, run_job, run_module, tiny_config
 
 # End-to-end runs of the jobs: the full suite only (launch/test.sh --fast skips them).
 pytestmark = pytest.mark.slow
 
 
-def test_figure1_arnoldi_finds_the_top_eigenvalues_randproj_does_not(tmp_path):
+def test_figure1_arnoldi_finds_the_top_eigenvalues_randproj_does_not(tmp_path, runlocal_trained):
     """At a fixed full batch (every HVP on all 256 training examples) Arnoldi's top-p̃
     eigenvalues match the explicit Hessian's to 1e-3 relative for p̃ ≤ 50; RandProj's Ritz values
     of a random subspace are farther off at every p̃ (Schioppa et al. 2022, Figure 1)."""
@@ -22,6 +22,7 @@ def test_figure1_arnoldi_finds_the_top_eigenvalues_randproj_does_not(tmp_path):
     )
     config.report.methods = ("arnoldi", "randproj", "exact")
     config.report.top_ks = (10, 50)
+    copy_trained(runlocal_trained, tmp_path)  # the report's train stage finds them
     result = report.run(config, tmp_path)
     for name in ("report.md", "report.json", "report_eigenvalues.png", "report_retrieval.png"):
         assert (tmp_path / name).stat().st_size > 0, name

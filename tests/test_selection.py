@@ -16,7 +16,7 @@ from methods import arnoldi as arnoldi_method
 from methods.base import Context
 from stages import artifacts, fit, setup, train
 from tasks import batching, mnist
-from tests.pipeline_helpers import eigvals, tiny_config
+from tests.pipeline_helpers import copy_trained, eigvals, tiny_config
 
 # End-to-end runs of the jobs: the full suite only (launch/test.sh --fast skips them).
 pytestmark = pytest.mark.slow
@@ -76,12 +76,13 @@ def reference_eigvals(ctx: Context, loss, params) -> np.ndarray:
     return distill.ritz_pairs(hessenberg, result.num_completed, config.distill.top_k).eigvals
 
 
-def test_subset_arnoldi_equals_closed_over_model(tmp_path, caplog) -> None:
+def test_subset_arnoldi_equals_closed_over_model(tmp_path, caplog, runlocal_trained) -> None:
     """``jobs.arnoldi`` with params.include = SUBSET gives the eigenvalues of Arnoldi run, with
     the same start vector and HVP batches, on a loss whose first conv layer is a constant captured
     in a closure; the log counts only the subset's parameters and bytes."""
     config = tiny_config(params__include=SUBSET)
-    train.run(config, tmp_path)
+    copy_trained(runlocal_trained, tmp_path)
+    train.run(config, tmp_path)  # finds them: the selection does not change training
     with caplog.at_level(logging.INFO):
         fit.run(config, tmp_path)
     assert "influence over 2,306 of 2,410 parameters (4 of 6 leaves)" in caplog.text
