@@ -28,6 +28,8 @@ from checkpoints.checkpointer import IncompatibleCheckpointError
 from runtime import config as config_lib
 
 Fingerprint = dict[str, Any]
+# How to get past a saved state whose fingerprint differs (the state itself is never touched).
+FIX = "use a new --workdir, or restore the config the saved state was computed with"
 
 
 def digest(fields: Fingerprint) -> str:

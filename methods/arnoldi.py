@@ -17,7 +17,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from checkpoints.checkpointer import Checkpointer
-from checkpoints.fingerprint import meta_check
+from checkpoints.fingerprint import FIX, meta_check
 from influence import distill, krylov
 from influence.hvp import make_hvp
 from methods import checks
@@ -28,7 +28,6 @@ from runtime.config import Block
 from runtime.errors import InputError
 
 KRYLOV = "krylov"
-FIX = "use a new --workdir, or restore the config the saved state was computed with"
 
 ARNOLDI_BLOCK = Block(
     "arnoldi",

@@ -15,14 +15,12 @@ from absl import logging
 
 from checkpoints import fingerprint
 from checkpoints.checkpointer import Checkpointer, UnreadableCheckpointError
-from checkpoints.fingerprint import meta_check
+from checkpoints.fingerprint import FIX, meta_check
 from methods.base import Context, Fitted
 from parallel import sharding
 from runtime import outputs, workdir
 from runtime.errors import InputError
 from stages.setup import train_fingerprint
-
-FIX = "use a new --workdir, or restore the config the saved state was computed with"
 
 
 def restore_params(ctx: Context) -> tuple[Any, Context]:

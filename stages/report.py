@@ -171,12 +171,12 @@ def _runs(config, directory: epath.Path, methods: list[Method], notes: list[str]
     rows, rankings = [], {}
     top_ks = sorted(config.report.top_ks)
     for method in methods:
+        for state in method.state:  # one shared state for every variant, created in W
+            (workdir.results(directory, method.name) / state).mkdir(parents=True, exist_ok=True)
         for k in top_ks if method.keeps_top_k else [None]:
             sub = _variant(config, method, k)
             label = method.name if k is None else f"{method.name}_p{k}"
             sub_dir = directory / "report" / label
-            for state in method.state:  # one shared state for every variant
-                (workdir.results(directory, method.name) / state).mkdir(parents=True, exist_ok=True)
             _link(directory, sub_dir, _shared(method))
             logging.info("report: %s", label)
             try:

@@ -117,7 +117,7 @@ def _check_saved(ctx: Context, expected: dict[str, Any]) -> bool:
     if not meta.exists():
         return False
     saved = outputs.read_json(meta)["fingerprint"]
-    fingerprint.check(saved, expected, f"the scores in {meta.parent}", artifacts.FIX)
+    fingerprint.check(saved, expected, f"the scores in {meta.parent}", fingerprint.FIX)
     return True
 
 
