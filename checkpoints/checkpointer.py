@@ -71,16 +71,12 @@ class Checkpointer:
         policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
             max_to_keep=self.max_to_keep,
-            save_decision_policy=policies.AnySavePolicy(
-                [
-                    policies.FixedIntervalPolicy(self.save_interval_steps),
-                    policies.PreemptionCheckpointingPolicy(),
-                ]
-            ),
+            # Preemption saves are the stages' own (``force``), at the process' counter.
+            save_decision_policy=policies.FixedIntervalPolicy(self.save_interval_steps),
             enable_async_checkpointing=self.async_save,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._manager = _Manager(self.directory, options=options)
 
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
@@ -133,7 +129,7 @@ class Checkpointer:
                         state, meta = self.restore(step, abstract_state)
                     except Exception as e:
                         error = e
-            if _all_processes_succeeded(error is None):
+            if all_processes_succeeded(error is None):
                 if failures:
                     logging.warning(
                         "resuming from step %d of %s (newer steps unreadable: %s)",
@@ -142,9 +138,9 @@ class Checkpointer:
                         "; ".join(failures),
                     )
                 for bad in unreadable:  # only now that there is a step to fall back to
-                    self._quarantine(bad)
+                    self.quarantine(bad)
                 return step, state, meta
-            failures.append(f"step {step}: {_first_line(error) if error else 'another process'}")
+            failures.append(f"step {step}: {first_line(error) if error else 'another process'}")
             unreadable.append(step)
         if unreadable:
             raise UnreadableCheckpointError(
@@ -157,9 +153,9 @@ class Checkpointer:
     def quarantine_all(self) -> None:
         """Move every step aside: only for derived data that the caller computes again."""
         for step in self.all_steps():
-            self._quarantine(step)
+            self.quarantine(step)
 
-    def _quarantine(self, step: int) -> None:
+    def quarantine(self, step: int) -> None:
         """Move an unreadable step out of Orbax's sight (kept for inspection, never deleted)."""
         if jax.process_index() == 0:
             stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
@@ -169,7 +165,7 @@ class Checkpointer:
             except Exception as e:  # e.g. an object store that cannot rename directories
                 raise UnreadableCheckpointError(
                     f"checkpoint step {step} in {self.directory} is unreadable and could not be "
-                    f"moved aside ({_first_line(e)}); move it out of the directory and run again"
+                    f"moved aside ({first_line(e)}); move it out of the directory and run again"
                 ) from e
             logging.warning("checkpoint step %d is unreadable; moved it to %s", step, target)
         if jax.process_count() > 1:
@@ -194,14 +190,26 @@ class Checkpointer:
         self.close()
 
 
-def _first_line(error: BaseException, limit: int = 200) -> str:
+class _Manager(ocp.CheckpointManager):
+    """Orbax's manager without its own preemption check: the stages ask theirs once per step with
+    the process' step counter and save with ``force`` at a preemption (``runtime/preemption.py``).
+    Orbax's check reports the loop's own step numbers to JAX's preemption sync manager, which
+    sets the sync point one past the highest number reported: mixed with the process' counter,
+    it could set one that no later call asks for."""
+
+    def reached_preemption(self, step: int) -> bool:
+        del step
+        return False
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
     """The start of an error's message: tensorstore's run to several kB on one line."""
     text = str(error).strip()
     line = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
-def _all_processes_succeeded(ok: bool) -> bool:
+def all_processes_succeeded(ok: bool) -> bool:
     """Whether every process succeeded: a step some process cannot read is unreadable for all."""
     if jax.process_count() == 1:
         return ok

@@ -25,7 +25,7 @@ from etils import epath
 from ml_collections import config_flags
 
 from parallel import distributed, supervisor
-from runtime import preemption
+from runtime import failpoints, preemption, profile, storage
 from runtime import workdir as wd
 from runtime.errors import UserError
 
@@ -53,6 +53,11 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, f"This process' index (or ${distributed.ENV_PROCESS_ID})."
 )
+_PROFILE_STEPS = flags.DEFINE_string(
+    "profile_steps",
+    "",
+    "a:b: a jax.profiler trace of steps a to b of every loop into <workdir>/profile/<loop>/.",
+)
 _NUM_CPU_DEVICES = flags.DEFINE_integer(
     "num_cpu_devices",
     None,
@@ -70,7 +75,7 @@ _HEARTBEAT = flags.DEFINE_integer(
 _DRAIN_SECS = 0.2
 
 
-def _fail(message: str, code: int = 2, at_once: bool = False) -> None:
+def fail(message: str, code: int = 2, at_once: bool = False) -> None:
     """One line on stderr and exit ``code``. ``at_once`` skips interpreter shutdown, where a
     failed run's background work would print more (Orbax's orphaned write tasks) or wait (the
     distributed shutdown barrier, for a process that is gone), so the line stays the last one.
@@ -132,17 +137,17 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         rest = flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:
-        _fail(f"unknown config field: {_last_line(e)}")
+        fail(f"unknown config field: {_last_line(e)}")
     except Exception as e:  # every parse failure is a user error
         text = str(e).replace("\\n", "\n")
         if "Failed loading config file" in text:  # an override read the unloadable config
-            _fail(
+            fail(
                 f"cannot load --config={_config_arg(argv)}: {text.strip().splitlines()[-1].strip()}"
             )
-        _fail(f"bad command line: {_last_line(e)}")
+        fail(f"bad command line: {_last_line(e)}")
     for name in ("config", "workdir"):
         if flags.FLAGS[name].value is None:
-            _fail(f"--{name} is required")
+            fail(f"--{name} is required")
     _config_load_failure()
     return rest
 
@@ -158,7 +163,7 @@ def _config_load_failure() -> None:
     except Exception as e:
         cause = e.__cause__ or e
         last = [ln.strip() for ln in str(cause).splitlines() if ln.strip()][-1:]
-        _fail(
+        fail(
             f"cannot load --config={flags.FLAGS['config'].config_filename}: "
             f"{' '.join(last) or type(cause).__name__}"
         )
@@ -195,32 +200,40 @@ def run_stages(
     logging.info(
         "JAX %s, %d processes, devices: %s", jax.__version__, jax.process_count(), jax.devices()
     )
-    logging.info("config:\n%s", config)
+    if config:
+        logging.info("config:\n%s", config)
     preemption.install_handler()
     try:
         if checks:
             from stages import setup as stage_lib
 
             stage_lib.check_all(config, checks)
+        profile.configure(workdir, _PROFILE_STEPS.value if flags.FLAGS.is_parsed() else "")
         wd.ensure_writable(workdir)
-        for stage in stages:
+        wd.ensure_shared(workdir)
+        for index, stage in enumerate(stages, start=1):
+            failpoints.maybe_fail("stage", index)  # a notice between two stages (tests)
             stage(config, workdir)
     except UserError as e:
-        _fail(str(e))
+        fail(str(e))
     except preemption.Preempted as e:
-        logging.warning("%s; exiting 0: run the same command again to continue", e)
+        logging.warning(
+            "%s; exiting %d: run the same command again to continue", e, preemption.EXIT_CODE
+        )
         logging.flush()
-        sys.exit(0)
+        sys.exit(preemption.EXIT_CODE)
     except (jax.errors.JaxRuntimeError, TimeoutError) as e:
         # Multi-process: a collective or a barrier (Orbax's async-save commit waits on one) that
         # fails or times out means a peer is gone.
         if jax.process_count() == 1:
             raise
         _lost_peer(e)
-    except (OSError, ValueError) as e:
-        if not _storage_failure(e):
+    except Exception as e:
+        if storage.refusal(e) is not None:  # a gs:// (or local) workdir that says no, mid-run
+            fail(storage.refused_message(workdir, str(storage.refusal(e))), at_once=True)
+        if not isinstance(e, (OSError, ValueError)) or not _storage_failure(e):
             raise
-        _fail(
+        fail(
             f"writing to --workdir={workdir} failed: the disk is full or over quota; "
             "complete checkpoints are intact and a half-written one is ignored: free space and "
             "run the same command again to resume",
@@ -240,7 +253,29 @@ def _lost_peer(e: BaseException) -> None:
     line = supervisor.lost_peer_line(
         jax.process_index(), jax.process_count(), f"a collective failed ({first})"
     )
-    _fail(line.removeprefix("error: "), code=1, at_once=True)
+    fail(line.removeprefix("error: "), code=1, at_once=True)
+
+
+def start_runtime() -> None:
+    """Join the job's processes from the flags (or the cluster's variables), under a supervisor
+    when several; a bad setting is one line, exit 2."""
+    try:
+        runtime = distributed.Runtime.from_env(
+            mode=_DISTRIBUTED.value,
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+            num_cpu_devices=_NUM_CPU_DEVICES.value,
+            heartbeat_timeout_s=_HEARTBEAT.value,
+        )
+        runtime.validate()
+        if supervisor.is_supervised():
+            supervisor.die_with_supervisor()
+        elif runtime.wants_distributed():
+            supervisor.run_supervised(*runtime.identity())
+        runtime.initialize()
+    except distributed.DistributedError as e:
+        fail(str(e))
 
 
 def main(stage_modules: Sequence[str]) -> None:
@@ -254,24 +289,8 @@ def main(stage_modules: Sequence[str]) -> None:
 
     def _main(argv: list[str]) -> None:
         if len(argv) > 1:
-            _fail(f"unexpected arguments: {argv[1:]}")
-        try:
-            runtime = distributed.Runtime.from_env(
-                mode=_DISTRIBUTED.value,
-                coordinator_address=_COORDINATOR.value,
-                num_processes=_NUM_PROCESSES.value,
-                process_id=_PROCESS_ID.value,
-                num_cpu_devices=_NUM_CPU_DEVICES.value,
-                heartbeat_timeout_s=_HEARTBEAT.value,
-            )
-            runtime.validate()
-            if supervisor.is_supervised():
-                supervisor.die_with_supervisor()
-            elif runtime.wants_distributed():
-                supervisor.run_supervised(*runtime.identity())
-            runtime.initialize()
-        except distributed.DistributedError as e:
-            _fail(str(e))
+            fail(f"unexpected arguments: {argv[1:]}")
+        start_runtime()
         modules = [importlib.import_module(name) for name in stage_modules]
         checks = [m.CHECK for m in modules if hasattr(m, "CHECK")] if len(modules) > 1 else []
         run_stages([m.run for m in modules], _CONFIG.value, _WORKDIR.value, checks)

@@ -16,8 +16,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from checkpoints.checkpointer import Checkpointer
 from checkpoints.fingerprint import FIX, meta_check
+from checkpoints.pieces import Pieces
 from influence import distill, krylov
 from influence.hvp import make_hvp
 from methods import checks
@@ -86,18 +86,50 @@ def fit(ctx: Context, params: Any) -> Fitted:
     return distill_pairs(ctx, iterate(ctx, params))
 
 
-def _restore(ctx: Context, ckpt: Checkpointer, init: Any) -> tuple[int, krylov.KrylovState]:
-    """(iterations done, state) of the latest Krylov checkpoint of this config, or (0, q_0)."""
-    key = jax.random.key(ctx.config.arnoldi.seed)
-    target = sharding.abstract_like(
-        jax.eval_shape(init, key), programs.krylov_shardings(ctx.vector_sh, ctx.mesh)
+def _restore(ctx: Context, pieces: Pieces, init: Any) -> tuple[int, krylov.KrylovState]:
+    """(iterations done, state) assembled from the Krylov pieces of this config, or (0, q_0)."""
+    state = {"state": init(jax.random.key(ctx.config.arnoldi.seed))}
+    shardings = programs.krylov_shardings(ctx.vector_sh, ctx.mesh)
+    write = programs.jit_write_piece(shardings)
+
+    def abstract(meta: dict[str, Any]) -> krylov.KrylovState:
+        rows, columns = meta["rows"], meta["columns"]
+        size = (rows[1] - rows[0], columns[1] - columns[0])
+        like = jax.eval_shape(lambda s: _piece_like(s, *size), state["state"])
+        return sharding.abstract_like(like, shardings)
+
+    def consume(meta: dict[str, Any], piece: krylov.KrylovState) -> None:
+        state["state"] = write(state["state"], piece, meta["rows"][0], meta["columns"][0])
+
+    what = f"the Krylov state in {pieces.checkpointer.directory}"
+    check = meta_check(ctx.fingerprint(*KRYLOV_FIELDS), what, FIX)
+    done = pieces.restore(check, abstract, consume)
+    if done:
+        logging.info("resuming Arnoldi at iteration %d from %s", done, what.split(" in ")[1])
+    return done, state["state"]
+
+
+def saved_state(ctx: Context) -> tuple[int, krylov.KrylovState]:
+    """(iterations done, Krylov state) as saved in the method's results (0: none saved)."""
+    a = ctx.config.arnoldi
+    init = programs.jit_init_krylov_state(ctx.vectors_like, a.num_iters, ctx.vector_sh, ctx.mesh)
+    with ctx.checkpointer(KRYLOV, max_to_keep=None) as ckpt:
+        return _restore(ctx, Pieces(ckpt), init)
+
+
+def _piece_like(state: krylov.KrylovState, rows: int, columns: int) -> krylov.KrylovState:
+    """The shapes of a piece of ``rows`` basis vectors and ``columns`` Hessenberg columns."""
+    return krylov.KrylovState(
+        krylov_basis=jax.tree.map(lambda x: x[:rows], state["krylov_basis"]),
+        hessenberg=state["hessenberg"][:, :columns],
     )
-    what = f"the Krylov state in {ckpt.directory}"
-    found = ckpt.restore_latest(target, meta_check(ctx.fingerprint(*KRYLOV_FIELDS), what, FIX))
-    if not found:
-        return 0, init(key)
-    logging.info("resuming Arnoldi at iteration %d from %s", found[0], ckpt.directory)
-    return found[0], found[1]
+
+
+def _piece_bounds(previous: int, done: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(rows, columns), half-open, that iterations previous + 1 … done added to the state:
+    basis vectors q_{previous+1} … q_done (q_0 too in the first piece) and Hessenberg columns
+    previous … done − 1 (Alg. 1, lines 8–9: iteration k fills column k − 1 and writes q_k)."""
+    return (previous + 1 if previous else 0, done + 1), (previous, done)
 
 
 def iterate(ctx: Context, params: Any) -> krylov.ArnoldiResult:
@@ -105,8 +137,9 @@ def iterate(ctx: Context, params: Any) -> krylov.ArnoldiResult:
     ``arnoldi.checkpoint_every`` iterations, at the last one and at a preemption."""
     a = ctx.config.arnoldi
     init = programs.jit_init_krylov_state(ctx.vectors_like, a.num_iters, ctx.vector_sh, ctx.mesh)
-    with ctx.checkpointer(KRYLOV, save_interval_steps=a.checkpoint_every) as ckpt:
-        start, state = _restore(ctx, ckpt, init)
+    with ctx.checkpointer(KRYLOV, max_to_keep=None) as ckpt:
+        pieces = Pieces(ckpt)
+        start, state = _restore(ctx, pieces, init)
         if start:
             hessenberg = sharding.replicated_to_host(state["hessenberg"])
             completed = krylov.completed_iterations(hessenberg, start)
@@ -122,27 +155,30 @@ def iterate(ctx: Context, params: Any) -> krylov.ArnoldiResult:
         )
         if start == a.num_iters:
             return krylov.ArnoldiResult(state, start, None)
-        result = _loop(ctx, params, ckpt, start, state)
+        result = _loop(ctx, params, pieces, start, state)
         ckpt.wait_until_finished()
     return result
 
 
 def _loop(
-    ctx: Context, params: Any, ckpt: Checkpointer, start: int, state: krylov.KrylovState
+    ctx: Context, params: Any, pieces: Pieces, start: int, state: krylov.KrylovState
 ) -> krylov.ArnoldiResult:
-    """Iterations start + 1 … n, each followed by a save when due; a preemption saves and stops."""
-    a = ctx.config.arnoldi
+    """Iterations start + 1 … n, each followed by a save when due (the piece since the last
+    save: ``checkpoints/pieces.py``); a preemption saves and stops."""
+    a, ckpt = ctx.config.arnoldi, pieces.checkpointer
     fingerprint = ctx.fingerprint(*KRYLOV_FIELDS)
-    saved = {"step": start}
+    take = programs.jit_take_piece(programs.krylov_shardings(ctx.vector_sh, ctx.mesh))
     guard = finite.Guard(
         "arnoldi", "the HVP norm", "check the trained params and the data for non-finite values"
     )
 
     def save(done: int, state: krylov.KrylovState, force: bool) -> None:
-        if force or done % a.checkpoint_every == 0:
-            guard.check(f"the last Krylov state is of iteration {saved['step']}")
-        if ckpt.save(done, state, {"fingerprint": fingerprint, "iteration": done}, force=force):
-            saved["step"] = done
+        if not (force or done % a.checkpoint_every == 0) or done == pieces.last:
+            return
+        guard.check(f"the last Krylov state is of iteration {pieces.last}")
+        rows, columns = _piece_bounds(pieces.last, done)
+        meta = {"fingerprint": fingerprint, "iteration": done, "rows": rows, "columns": columns}
+        pieces.save(done, take(state, rows, columns), meta)
 
     with ctx.progress("arnoldi", a.num_iters) as progress:
 
@@ -179,8 +215,7 @@ def _loop(
         )
     if result.breakdown:
         logging.warning("%s", result.breakdown)
-        if saved["step"] != result.num_completed:  # learnt one step late: save it now
-            save(result.num_completed, result.state, force=True)
+        save(result.num_completed, result.state, force=True)  # learnt one step late
     return result
 
 

@@ -63,6 +63,48 @@ def jit_init_krylov_state(
     return jax.jit(fn, out_shardings=krylov_shardings(param_sh, mesh))
 
 
+def jit_take_piece(
+    state_sh: krylov.KrylovState,
+) -> Callable[[krylov.KrylovState, tuple[int, int], tuple[int, int]], krylov.KrylovState]:
+    """(state, rows, columns) → basis rows [r0, r1) and Hessenberg columns [c0, c1), laid out like
+    the state: the piece a Krylov save writes (``checkpoints/pieces.py``). Starts are traced, so
+    one program serves every piece of a size (``arnoldi.checkpoint_every`` iterations)."""
+
+    def take(state: krylov.KrylovState, r0: Any, c0: Any, rows: int, columns: int) -> Any:
+        return krylov.KrylovState(
+            krylov_basis=jax.tree.map(
+                lambda x: jax.lax.dynamic_slice_in_dim(x, r0, rows, 0), state["krylov_basis"]
+            ),
+            hessenberg=jax.lax.dynamic_slice_in_dim(state["hessenberg"], c0, columns, 1),
+        )
+
+    fn = jax.jit(take, static_argnums=(3, 4), out_shardings=state_sh)
+    return lambda state, rows, columns: fn(
+        state, rows[0], columns[0], rows[1] - rows[0], columns[1] - columns[0]
+    )
+
+
+def jit_write_piece(
+    state_sh: krylov.KrylovState,
+) -> Callable[[krylov.KrylovState, krylov.KrylovState, int, int], krylov.KrylovState]:
+    """(state, piece, r0, c0) → the state with the piece's rows and columns written in at r0 and
+    c0 (a restore assembling the saved pieces; the incoming state is donated)."""
+
+    def write(state: krylov.KrylovState, piece: krylov.KrylovState, r0: Any, c0: Any) -> Any:
+        return krylov.KrylovState(
+            krylov_basis=jax.tree.map(
+                lambda s, p: jax.lax.dynamic_update_slice_in_dim(s, p.astype(s.dtype), r0, 0),
+                state["krylov_basis"],
+                piece["krylov_basis"],
+            ),
+            hessenberg=jax.lax.dynamic_update_slice_in_dim(
+                state["hessenberg"], piece["hessenberg"], c0, 1
+            ),
+        )
+
+    return jax.jit(write, donate_argnums=0, out_shardings=state_sh)
+
+
 def jit_arnoldi_step(
     hvp: HVP,
     param_sh: Any,

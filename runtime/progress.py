@@ -11,6 +11,7 @@ import jax
 from absl import logging
 from etils import epath
 
+from runtime import profile
 from runtime.tensorboard import ScalarWriter
 
 
@@ -33,8 +34,10 @@ class Progress:
         )
         self._first: tuple[float, int] | None = None  # (time, step) of the first report
         self._last_log = 0.0
+        self._trace = profile.Window(name)  # --profile_steps
 
     def __call__(self, step: int, **scalars: Any) -> None:
+        self._trace.at(step)
         now = time.monotonic()
         if self._first is None:
             self._first = (now, step)
@@ -55,6 +58,7 @@ class Progress:
         self._writer.write_scalars(step, scalars)
 
     def close(self) -> None:
+        self._trace.close()
         if self._writer is not None:
             self._writer.close()
 

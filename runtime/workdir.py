@@ -21,10 +21,14 @@ layout.json) is refused with one line before anything is written into it.
 """
 
 import json
+import secrets
 
 import jax
+import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
+from runtime import storage
 from runtime.errors import InputError
 
 LAYOUT = 2
@@ -101,8 +105,49 @@ def ensure_writable(workdir: epath.PathLike) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         probe.write_text("ok")
         probe.unlink()
-    except OSError as e:
+    except Exception as e:  # any failure to write the probe: not writable
+        reason = storage.refusal(e)
+        if reason is not None and str(workdir).startswith("gs://"):
+            raise InputError(storage.refused_message(str(workdir), reason)) from e
+        reason = reason or (e.strerror if isinstance(e, OSError) else None) or storage.first_line(e)
         raise InputError(
-            f"--workdir={workdir} is not writable ({e.strerror or e}); give a directory this job "
+            f"--workdir={workdir} is not writable ({reason}); give a directory this job "
             "can write to (a finished workdir can be copied elsewhere to run more jobs on it)"
         ) from e
+
+
+SHARED_PROBE = ".shared-probe"
+
+
+def ensure_shared(workdir: epath.PathLike) -> None:
+    """Several processes: prove each sees what process 0 writes in the workdir, before any work.
+
+    Process 0 alone writes the tokenizer, the Parquet parts' index and ``layout.json``, which the
+    others then read; on a node-local directory (a SLURM node's ``/tmp``, a TPU VM's boot disk)
+    each host would silently work in a workdir of its own. Process 0 writes a random token, every
+    process reads it back, and all of them learn who could not (one line, the same on each).
+    """
+    if jax.process_count() == 1:
+        return
+    probe = epath.Path(workdir) / SHARED_PROBE
+    token = np.frombuffer(secrets.token_bytes(8), np.uint32).copy()
+    token = np.asarray(multihost_utils.broadcast_one_to_all(token))
+    text = token.tobytes().hex()
+    if jax.process_index() == 0:
+        probe.write_text(text)
+    multihost_utils.sync_global_devices("influence:shared-probe-written")
+    try:
+        seen = probe.read_text() == text
+    except Exception:  # missing or unreadable: not shared
+        seen = False
+    flags = np.asarray(multihost_utils.process_allgather(np.array([seen])))
+    multihost_utils.sync_global_devices("influence:shared-probe-read")
+    if jax.process_index() == 0:
+        probe.unlink(missing_ok=True)
+    blind = [i for i, ok in enumerate(flags.reshape(-1)) if not ok]
+    if blind:
+        raise InputError(
+            f"--workdir={workdir} is not shared: process(es) {blind} of {jax.process_count()} "
+            "cannot read what process 0 wrote there; give every host the same directory (NFS, "
+            "Lustre, a GCS bucket as gs://...), not a node-local path"
+        )

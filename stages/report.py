@@ -28,11 +28,13 @@ import os
 import time
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 import pandas as pd
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from scipy import stats
 
@@ -112,13 +114,32 @@ def _feasible(ctx: Context, methods: list[Method]) -> tuple[list[Method], list[s
 
 def _link(source: epath.Path, sub: epath.Path, names: list[str]) -> None:
     """``sub`` shares ``names`` (relative paths) of ``source`` (read by the stages, never
-    rewritten: their fingerprints match, so they are reused as they are)."""
+    rewritten: their fingerprints match, so they are reused as they are): symlinks on a local
+    or mounted filesystem, copies on an object store (``gs://``), which has no links. Process 0
+    makes them, the others wait for it (several processes creating one link race)."""
     workdir.claim(sub)
-    for name in names:
-        origin, target = source / name, sub / name
-        if origin.exists() and not target.exists():  # absolute: a relative --workdir works
+    if jax.process_index() == 0:
+        for name in names:
+            origin, target = source / name, sub / name
+            if not origin.exists() or target.exists():
+                continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(os.path.abspath(os.fspath(origin)), os.fspath(target))
+            if "://" in os.fspath(origin):
+                _copy_tree(origin, target)
+            else:  # absolute: a relative --workdir works
+                os.symlink(os.path.abspath(os.fspath(origin)), os.fspath(target))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"influence:report-links {sub}")
+
+
+def _copy_tree(origin: epath.Path, target: epath.Path) -> None:
+    """Copy a file or a directory tree (any epath; object stores list one level at a time)."""
+    if not origin.is_dir():
+        origin.copy(target)
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    for child in origin.iterdir():
+        _copy_tree(child, target / child.name)
 
 
 def _shared(method: Method) -> list[str]:
@@ -195,11 +216,6 @@ def _runs(config, directory: epath.Path, methods: list[Method], notes: list[str]
 def run(config: ml_collections.ConfigDict, directory: epath.PathLike) -> dict[str, Any]:
     directory, r = epath.Path(directory), config.report
     check_all(config, [train.CHECK, check])
-    if "://" in os.fspath(directory):
-        raise InputError(
-            f"--workdir={directory}: the report links its runs' shared params and Krylov state "
-            "with symlinks, so it needs a local (or mounted) workdir; copy the workdir there"
-        )
     train.run(config, directory)
     ctx = context(config, directory, fit.CHECK, size_check=False)  # each method's: _feasible
     methods, notes = _feasible(ctx, [registry.get(name) for name in r.methods])

@@ -80,3 +80,10 @@ def test_vision_benchmark_prints_memory_ratios_and_times() -> None:
     assert len(re.findall(r"k=8: .* ratio to 1 device [0-9.]+ .* k x ratio = [0-9.]+", out)) == 1
     assert len(re.findall(r"^  check resnet_tiny, n=4, k=\d: allocated", out, re.M)) == 2
     assert re.search(r"^  vit_tiny +[0-9,]+ params, 28px: +[0-9.]+ s/iteration", out, re.M)
+
+
+def test_krylov_saves_benchmark_prints_its_ratios() -> None:
+    out = run("benchmarks.krylov_saves", "--params=100000", "--num_iters=9", "--checkpoint_every=2")
+    assert re.search(r"^piece bytes, last regular save / first = [0-9.]+", out, re.M)
+    assert re.search(r"^whole-state bytes / piece bytes at k = 9: [0-9.]+", out, re.M)
+    assert re.search(r"piece 12 GB = [0-9]+ s, whole state 241 GB = [0-9]+ s per save", out)

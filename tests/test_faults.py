@@ -7,6 +7,7 @@ points); ``python -m tests.fault_sweep`` runs a larger seeded sweep.
 """
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from checkpoints.checkpointer import CheckpointError
-from runtime import failpoints
+from runtime import failpoints, preemption
 from stages import fit, score, train
 from tests import fault_injection as fi
 from tests.pipeline_helpers import copy_trained, run_multiprocess, tiny_config
@@ -107,11 +108,11 @@ def test_sigkill_during_async_save(trained: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("job", ["train", "arnoldi", "score"])
-def test_sigterm_saves_the_step_reached_and_exits_zero(
+def test_sigterm_saves_the_step_reached_and_exits_75(
     finished: Path, tmp_path: Path, job: str
 ) -> None:
-    """SIGTERM at step 3 of one process: exit code 0 with a checkpoint of step 3; the next run
-    continues from there and ends with the uninterrupted result."""
+    """SIGTERM at step 3 of one process: exit code 75 (preempted, saved) with a checkpoint of
+    step 3; the next run continues from there and ends with the uninterrupted result."""
     stages = ("krylov", "fitted") if job == "score" else ()
     reference, workdir = (
         tmp_path / name if job == "train" else with_params(finished, tmp_path / name, *stages)
@@ -120,7 +121,7 @@ def test_sigterm_saves_the_step_reached_and_exits_zero(
     assert fi.run(job, reference, 1, *FLAGS).code == 0
     env = {failpoints.ENV: f"{fi.FAILPOINT[job]}=3:TERM"}
     preempted = fi.run(job, workdir, 1, *FLAGS, env=env)
-    assert preempted.code == 0, preempted.output[-3000:]
+    assert preempted.code == preemption.EXIT_CODE == 75, preempted.output[-3000:]
     assert "preempted" in preempted.output
     if job == "train":
         assert fi.steps(workdir / "train_state")[-1] == 3 and not fi.steps(workdir / "params")
@@ -142,7 +143,8 @@ def test_sigterm_saves_the_step_reached_and_exits_zero(
         assert (workdir / "corrupted.parquet").exists()
         for got, want in zip(fi.params(workdir), fi.params(reference), strict=True):
             np.testing.assert_array_equal(got, want)
-    elif job == "arnoldi":
+    elif job == "arnoldi":  # the preemption's piece (rows 0..3), then pieces of rows 4, 5..8, ...
+        assert fi.steps(fi.results(workdir) / "krylov") == [3, 4, 8, 12]
         np.testing.assert_array_equal(fi.eigvals(workdir), fi.eigvals(reference))
     else:
         fi.assert_same_scores(workdir, reference)
@@ -152,14 +154,14 @@ def test_sigterm_saves_the_step_reached_and_exits_zero(
 def test_sigterm_with_two_processes(trained: Path, tmp_path: Path) -> None:
     """SIGTERM to process 1 only: jax.distributed tells process 0, both save at the same
     iteration (some iterations later: the notice travels through the coordination service) and
-    exit 0; the next run resumes there."""
+    exit 75; the next run resumes there."""
     flags = (*FLAGS, "--config.arnoldi.num_iters=40", "--config.distill.top_k=8")
     reference = with_params(trained, tmp_path / "reference")
     assert fi.run("arnoldi", reference, 2, *flags).code == 0
     workdir = with_params(trained, tmp_path / "preempted")
     env = {failpoints.ENV: "arnoldi_iteration=4@1:TERM"}
     preempted = fi.run("arnoldi", workdir, 2, *flags, env=env)
-    assert preempted.code == 0, preempted.output[-3000:]
+    assert preempted.code == preemption.EXIT_CODE, preempted.output[-3000:]
     results = fi.results(workdir)
     saved = fi.steps(results / "krylov")[-1]
     assert 4 <= saved < 40 and not fi.steps(results / "fitted"), preempted.output[-3000:]
@@ -169,6 +171,38 @@ def test_sigterm_with_two_processes(trained: Path, tmp_path: Path) -> None:
     resumed = fi.run("arnoldi", workdir, 2, *flags)
     assert resumed.code == 0 and f"resuming Arnoldi at iteration {saved}" in resumed.output
     np.testing.assert_array_equal(fi.eigvals(workdir), fi.eigvals(reference))
+
+
+def test_sigterm_between_stages_with_two_processes(tmp_path: Path) -> None:
+    """The notice on both processes of a 2-process pipeline between training and Arnoldi, then
+    (rerun) between Arnoldi and scoring: both stop within one step of the next stage (the sync
+    point follows the process' step counter over all stages, not each stage's own numbering,
+    which restarts at 1 and would put the sync point past the next stage's end), save, exit 75,
+    and the last rerun ends exactly as an uninterrupted run."""
+    reference, workdir = tmp_path / "reference", tmp_path / "preempted"
+    done = fi.run("pipeline", reference, 2, *FLAGS)
+    assert done.code == 0, done.output[-3000:]
+
+    def preempted_at(stage: int, message: str) -> int:
+        run = fi.run("pipeline", workdir, 2, *FLAGS, env={failpoints.ENV: f"stage={stage}:TERM"})
+        assert run.code == preemption.EXIT_CODE, run.output[-3000:]
+        at = {int(step) for step in re.findall(re.escape(message) + r"(\d+)", run.output)}
+        assert len(at) == 1 and run.output.count(message) == 2, run.output[-3000:]
+        (step,) = at  # the same on both processes, within one step of the stage's start
+        assert step <= 2, run.output[-6000:]
+        return step
+
+    # Training (8 steps) done, Arnoldi (12 iterations) stopped at its first or second.
+    saved = preempted_at(2, "Krylov state saved at iteration ")
+    assert fi.steps(fi.results(workdir) / "krylov")[-1] == saved
+    assert fi.steps(workdir / "params") and not fi.steps(fi.results(workdir) / "fitted")
+    # Arnoldi finished, scoring (about 20 steps) stopped at its first or second.
+    preempted_at(3, "scoring preempted at step ")
+    assert list((fi.results(workdir) / "scores").rglob("_partial*"))
+    final = fi.run("pipeline", workdir, 2, *FLAGS)
+    assert final.code == 0, final.output[-3000:]
+    np.testing.assert_array_equal(fi.eigvals(workdir), fi.eigvals(reference))
+    fi.assert_same_scores(workdir, reference)
 
 
 def test_resume_on_other_topologies(trained: Path, tmp_path: Path) -> None:
@@ -200,41 +234,45 @@ def test_resume_on_other_topologies(trained: Path, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def finished(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Arnoldi run to the end in this process: Krylov steps 8 and 12 kept, eigenpairs."""
+    """Arnoldi run to the end in this process: Krylov pieces 4, 8 and 12, eigenpairs."""
     workdir = with_params(trained, tmp_path_factory.mktemp("finished"))
     fit.run(tiny_config(**CONFIG), workdir)
-    assert fi.steps(fi.results(workdir) / "krylov") == [8, 12]
+    assert fi.steps(fi.results(workdir) / "krylov") == [4, 8, 12]
     return workdir
 
 
 def without_eigenpairs(finished: Path, workdir: Path) -> Path:
-    """The workdir of a run killed after its last Krylov save: steps 8 and 12, no eigenpairs."""
+    """The workdir of a run killed after its last Krylov save: pieces 4, 8, 12, no eigenpairs."""
     shutil.copytree(finished, workdir)
     shutil.rmtree(fi.results(workdir) / "fitted")
     (fi.results(workdir) / "fit.json").unlink()
     return workdir
 
 
-@pytest.mark.parametrize("how", ["truncate", "garbage", "empty"])
-def test_unreadable_latest_step_falls_back(finished: Path, tmp_path: Path, how: str) -> None:
-    """The newest Krylov step damaged: it is moved aside with a warning, the run resumes from the
-    step before and ends with the same eigenvalues."""
+@pytest.mark.parametrize(
+    ("how", "damaged"), [("truncate", 12), ("garbage", 12), ("empty", 12), ("truncate", 8)]
+)
+def test_unreadable_piece_falls_back(
+    finished: Path, tmp_path: Path, how: str, damaged: int
+) -> None:
+    """A damaged Krylov piece: it and the pieces after it (which build on it) are moved aside
+    with a warning, the run resumes from the piece before and ends with the same eigenvalues."""
     workdir = without_eigenpairs(finished, tmp_path / "w")
     krylov = fi.results(workdir) / "krylov"
-    fi.damage(krylov / "12", how)
+    fi.damage(krylov / str(damaged), how)
     fit.run(tiny_config(**CONFIG), workdir)
-    assert [p.name.split(".")[0] for p in krylov.glob("12.unreadable-*")] == ["12"]
-    assert fi.steps(krylov) == [8, 12]
+    moved = sorted(int(p.name.split(".")[0]) for p in krylov.glob("*.unreadable-*"))
+    assert moved == list(range(damaged, 13, 4))
+    assert fi.steps(krylov) == [4, 8, 12]
     np.testing.assert_array_equal(fi.eigvals(workdir), fi.eigvals(finished))
 
 
 def test_no_readable_step_is_an_error_and_changes_nothing(finished: Path, tmp_path: Path) -> None:
-    """Every Krylov step damaged: a clear error naming the directory, never a silent restart
-    from zero, and the directory is left exactly as it was."""
+    """The first Krylov piece damaged (every later one builds on it): a clear error naming the
+    directory, never a silent restart from zero, and the directory is left exactly as it was."""
     workdir = without_eigenpairs(finished, tmp_path / "w")
     krylov = fi.results(workdir) / "krylov"
-    for step in (8, 12):
-        fi.damage(krylov / str(step), "truncate")
+    fi.damage(krylov / "4", "truncate")
     before = sorted(str(p) for p in krylov.rglob("*"))
     with pytest.raises(CheckpointError, match=r"no readable checkpoint in .*krylov"):
         fit.run(tiny_config(**CONFIG), workdir)
@@ -333,7 +371,7 @@ def test_compatible_changes_on_resume(finished: Path, tmp_path: Path) -> None:
     assert fi.run("score", reference, 1, *FLAGS).code == 0
     workdir = with_params(finished, tmp_path / "w", "krylov", "fitted")
     env = {failpoints.ENV: "score_batch=3:TERM"}
-    assert fi.run("score", workdir, 1, *FLAGS, env=env).code == 0
+    assert fi.run("score", workdir, 1, *FLAGS, env=env).code == preemption.EXIT_CODE
     resumed = fi.run(
         "score",
         workdir,

@@ -180,7 +180,7 @@ def chatter():
         os.write(2, b"Traceback line of a background thread\\n")
 threading.Thread(target=chatter, daemon=True).start()
 started.wait()
-cli._fail("process 1 of 2: a collective failed", code=1, at_once=True)
+cli.fail("process 1 of 2: a collective failed", code=1, at_once=True)
 """
 
 

@@ -5,18 +5,15 @@ the train job's resume after SIGKILL and its refusal of another config."""
 import shutil
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
-from checkpoints.checkpointer import Checkpointer, IncompatibleCheckpointError
+from checkpoints.checkpointer import IncompatibleCheckpointError
 from methods import arnoldi as arnoldi_method
-from parallel import programs as parallel_steps
-from parallel import sharding
 from runtime import failpoints
-from stages import fit, setup, train
+from stages import artifacts, fit, setup, train
 from tests import fault_injection as fi
-from tests.pipeline_helpers import eigvals, results, run_job, steps, tiny_config
+from tests.pipeline_helpers import eigvals, run_job, steps, tiny_config
 from tests.test_sources import tfds_mnist  # noqa: F401 - the TFDS dataset fixture
 
 # End-to-end runs of the jobs: the full suite only (launch/test.sh --fast skips them).
@@ -33,16 +30,13 @@ def with_params(trained: Path, workdir: Path) -> Path:
     return workdir
 
 
-def hessenberg(workdir: Path) -> np.ndarray:
-    """The Hessenberg matrix of the last Krylov checkpoint, read back from disk."""
-    ctx = setup.context(tiny_config(), workdir, arnoldi_method.check)
-    init = parallel_steps.jit_init_krylov_state(ctx.params_like, 12, ctx.param_sh, ctx.mesh)
-    target = sharding.abstract_like(
-        jax.eval_shape(init, jax.random.key(0)),
-        parallel_steps.krylov_shardings(ctx.param_sh, ctx.mesh),
-    )
-    with Checkpointer(results(workdir) / "krylov", async_save=False) as ckpt:
-        _, state, _ = ckpt.restore_latest(target)
+def hessenberg(workdir: Path, **overrides: object) -> np.ndarray:
+    """The Hessenberg matrix of the last Krylov checkpoint of ``tiny_config(**overrides)``, read
+    back from disk."""
+    ctx = setup.context(tiny_config(**overrides), workdir, arnoldi_method.check)
+    _, ctx = artifacts.restore_params(ctx)
+    done, state = arnoldi_method.saved_state(ctx)
+    assert done == 12
     return np.asarray(state["hessenberg"], np.float64)
 
 
@@ -76,7 +70,7 @@ def test_fixed_batch_gives_a_symmetric_hessenberg(trained: Path, tmp_path: Path)
     for fixed in (True, False):
         workdir = with_params(trained, tmp_path / f"fixed{fixed}")
         fit.run(tiny_config(arnoldi__fixed_batch=fixed), workdir)
-        h = hessenberg(workdir)[:12, :12]
+        h = hessenberg(workdir, arnoldi__fixed_batch=fixed)[:12, :12]
         asymmetry[fixed] = np.abs(h - h.T).max() / np.abs(h).max()
     print(
         f"\nmax |H - Hᵀ| / max |H|: fixed batch {asymmetry[True]:.1e}, fresh {asymmetry[False]:.1e}"

@@ -190,13 +190,13 @@ def test_metrics_are_scikit_learns(finished: Path) -> None:
 def test_resumed_arnoldi_runs_only_the_missing_iterations(
     finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With the Krylov state of iteration 8 (of 12) on disk, the job runs exactly 4 Arnoldi steps
+    """With the Krylov pieces up to iteration 8 (of 12) on disk, the job runs exactly 4 Arnoldi steps
     (counted at the jitted step) and ends with the uninterrupted eigenvalues."""
     workdir = tmp_path / "w"
     for name in ("params", "methods/arnoldi/krylov"):
         shutil.copytree(finished / name, workdir / name)
     krylov = results(workdir) / "krylov"
-    assert saved_steps(krylov) == [8, 12]
+    assert saved_steps(krylov) == [4, 8, 12]
     shutil.rmtree(krylov / "12")
     calls = []
     make_step = programs.jit_arnoldi_step
