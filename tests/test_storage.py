@@ -108,3 +108,26 @@ def test_report_copies_shared_state_where_links_do_not_exist(tmp_path: Path) -> 
     copied = sorted(p.relative_to(tmp_path / "copy") for p in (tmp_path / "copy").rglob("*"))
     assert copied == sorted(p.relative_to(source) for p in source.rglob("*"))
     assert (tmp_path / "copy/8/state/d").read_bytes() == b"\x00\x01" * 100
+
+
+def test_refusal_mid_run_is_one_line(tmp_path: Path) -> None:
+    """A stage whose write is refused (tensorstore's message for a bucket that says no) ends the
+    job with one line naming the workdir, exit 2, not a traceback from inside the library."""
+    script = (
+        "import ml_collections\n"
+        "from jobs import cli\n"
+        "def stage(config, workdir):\n"
+        "    try:\n"
+        "        raise ValueError('PERMISSION_DENIED: Error writing \"ocdbt\" in gs://b/run')\n"
+        "    except ValueError as e:\n"
+        "        raise RuntimeError('the save failed') from e\n"
+        f"cli.run_stages([stage], ml_collections.ConfigDict(), {str(tmp_path / 'w')!r})\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags.THREADS}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"error: storage refused access to --workdir={tmp_path / 'w'} ")
+    assert "PERMISSION_DENIED" in lines[-1] and "Traceback" not in done.stderr
