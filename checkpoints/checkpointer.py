@@ -25,6 +25,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from influence.errors import UserError
+from runtime.errors import first_line
 
 STATE = "state"
 META = "meta"
@@ -200,13 +201,6 @@ class _Manager(ocp.CheckpointManager):
     def reached_preemption(self, step: int) -> bool:
         del step
         return False
-
-
-def first_line(error: BaseException, limit: int = 200) -> str:
-    """The start of an error's message: tensorstore's run to several kB on one line."""
-    text = str(error).strip()
-    line = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
-    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def all_processes_succeeded(ok: bool) -> bool:

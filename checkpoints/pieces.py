@@ -29,8 +29,8 @@ from checkpoints.checkpointer import (
     IncompatibleCheckpointError,
     UnreadableCheckpointError,
     all_processes_succeeded,
-    first_line,
 )
+from runtime.errors import first_line
 
 PREVIOUS = "previous"  # meta: the step the piece follows (0: the first piece)
 

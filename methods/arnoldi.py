@@ -105,7 +105,9 @@ def _restore(ctx: Context, pieces: Pieces, init: Any) -> tuple[int, krylov.Krylo
     check = meta_check(ctx.fingerprint(*KRYLOV_FIELDS), what, FIX)
     done = pieces.restore(check, abstract, consume)
     if done:
-        logging.info("resuming Arnoldi at iteration %d from %s", done, what.split(" in ")[1])
+        logging.info(
+            "resuming Arnoldi at iteration %d from %s", done, pieces.checkpointer.directory
+        )
     return done, state["state"]
 
 

@@ -16,4 +16,12 @@ class InputError(UserError):
     """A config, dataset or workdir the job cannot use; the message says how to fix it."""
 
 
-__all__ = ["InputError", "UserError"]
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The start of a library error's message, for a one-line error of our own: tensorstore's
+    run to several kB on one line, TF's gs:// errors over several."""
+    text = str(error).strip()
+    line = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+__all__ = ["InputError", "UserError", "first_line"]

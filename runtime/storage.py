@@ -9,6 +9,8 @@ the fix (``jobs/cli.py``) instead of a traceback from inside a library.
 
 import errno
 
+from runtime.errors import first_line
+
 _REFUSED_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
 # Exception class names of TensorFlow's filesystem errors that mean "no access".
 _REFUSED_TYPES = ("PermissionDeniedError", "UnauthenticatedError")
@@ -39,13 +41,6 @@ def refusal(error: BaseException) -> str | None:
             return first_line(current)
         current = current.__cause__ or current.__context__
     return None
-
-
-def first_line(error: BaseException, limit: int = 200) -> str:
-    """The start of an error's first non-empty line (tensorstore's run to kilobytes)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[0] if lines else type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def refused_message(path: str, reason: str) -> str:

@@ -29,7 +29,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from runtime import storage
-from runtime.errors import InputError
+from runtime.errors import InputError, first_line
 
 LAYOUT = 2
 LAYOUT_JSON = "layout.json"
@@ -109,7 +109,7 @@ def ensure_writable(workdir: epath.PathLike) -> None:
         reason = storage.refusal(e)
         if reason is not None and str(workdir).startswith("gs://"):
             raise InputError(storage.refused_message(str(workdir), reason)) from e
-        reason = reason or (e.strerror if isinstance(e, OSError) else None) or storage.first_line(e)
+        reason = reason or (e.strerror if isinstance(e, OSError) else None) or first_line(e)
         raise InputError(
             f"--workdir={workdir} is not writable ({reason}); give a directory this job "
             "can write to (a finished workdir can be copied elsewhere to run more jobs on it)"

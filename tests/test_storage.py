@@ -92,7 +92,7 @@ def test_refusal_is_found_through_the_cause() -> None:
         except ValueError as inner:
             raise RuntimeError("the save failed") from inner
     except RuntimeError as outer:
-        assert storage.refusal(outer) == "UNAUTHENTICATED: no credentials"
+        assert storage.refusal(outer) == "ValueError: UNAUTHENTICATED: no credentials"
 
 
 def test_report_copies_shared_state_where_links_do_not_exist(tmp_path: Path) -> None:
