@@ -37,7 +37,7 @@ FAKE_GCLOUD = r"""#!/usr/bin/env bash
 #   FAKE_EXECUTE=0; every worker runs even when one fails (the call then fails); a preempted or
 #   deleted slice refuses the connection. scp copies the file to every worker's home;
 # - storage cp (from a worker) copies into $FAKE_CLOUD_DIR/buckets/.
-printf '%s\0' "$@" >>"$FAKE_GCLOUD_LOG"; printf '\036' >>"$FAKE_GCLOUD_LOG"
+{ flock 9; printf '%s\0' "$@" >>"$FAKE_GCLOUD_LOG"; printf '\036' >>"$FAKE_GCLOUD_LOG"; } 9>>"$FAKE_GCLOUD_LOG.lock"
 cloud=$FAKE_CLOUD_DIR
 if [ "$1" = storage ]; then
   paths=()
@@ -159,7 +159,7 @@ esac
 }
 
 FAKE_SRUN = r"""#!/usr/bin/env bash
-printf '%s\0' "$@" >>"$FAKE_SRUN_LOG"; printf '\036' >>"$FAKE_SRUN_LOG"
+{ flock 9; printf '%s\0' "$@" >>"$FAKE_SRUN_LOG"; printf '\036' >>"$FAKE_SRUN_LOG"; } 9>>"$FAKE_SRUN_LOG.lock"
 # The per-node check (srun ... bash -c '<check>'): run it here, once per node.
 if [ "${*: -3:1}" = bash ] && [ "${*: -2:1}" = -c ]; then
   for _ in $(seq "$SLURM_JOB_NUM_NODES"); do bash -c "${*: -1}" || exit $?; done
@@ -173,7 +173,7 @@ esac
 """
 
 FAKE_SCONTROL = r"""#!/usr/bin/env bash
-printf '%s\0' "$@" >>"$FAKE_SCONTROL_LOG"; printf '\036' >>"$FAKE_SCONTROL_LOG"
+{ flock 9; printf '%s\0' "$@" >>"$FAKE_SCONTROL_LOG"; printf '\036' >>"$FAKE_SCONTROL_LOG"; } 9>>"$FAKE_SCONTROL_LOG.lock"
 """
 
 
