@@ -23,7 +23,7 @@ STALL_SECS = 300.0
 # least this long, and JAX's agreement on the stopping step (a barrier over the coordination
 # service, 0.4 s measured here) completes within it. Without it a test's notice at a stage
 # boundary could be acted on a few fast steps into the stage, the same step on every process.
-TERM_SETTLE_SECS = 2.0
+TERM_SETTLE_SECS = 1.0
 ACTIONS = ("KILL", "TERM", "STALL")
 
 

@@ -62,3 +62,9 @@ class Window:
             jax.profiler.stop_trace()
             self._active = False
         self._done = True
+
+    def __enter__(self) -> "Window":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -43,6 +43,7 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 LONGEST_FIRST = (
     "test_faults.py",
     "test_multiprocess.py",
+    "test_preemption.py",
     "test_methods.py",
     "test_lora_text.py",
     "test_translation.py",

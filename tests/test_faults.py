@@ -7,7 +7,6 @@ points); ``python -m tests.fault_sweep`` runs a larger seeded sweep.
 """
 
 import os
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -149,60 +148,6 @@ def test_sigterm_saves_the_step_reached_and_exits_75(
     else:
         fi.assert_same_scores(workdir, reference)
         assert not list((fi.results(workdir) / "scores").rglob("_partial*"))
-
-
-def test_sigterm_with_two_processes(trained: Path, tmp_path: Path) -> None:
-    """SIGTERM to process 1 only: jax.distributed tells process 0, both save at the same
-    iteration (some iterations later: the notice travels through the coordination service) and
-    exit 75; the next run resumes there."""
-    flags = (*FLAGS, "--config.arnoldi.num_iters=40", "--config.distill.top_k=8")
-    reference = with_params(trained, tmp_path / "reference")
-    assert fi.run("arnoldi", reference, 2, *flags).code == 0
-    workdir = with_params(trained, tmp_path / "preempted")
-    env = {failpoints.ENV: "arnoldi_iteration=4@1:TERM"}
-    preempted = fi.run("arnoldi", workdir, 2, *flags, env=env)
-    assert preempted.code == preemption.EXIT_CODE, preempted.output[-3000:]
-    results = fi.results(workdir)
-    saved = fi.steps(results / "krylov")[-1]
-    assert 4 <= saved < 40 and not fi.steps(results / "fitted"), preempted.output[-3000:]
-    for process in (0, 1):
-        assert f"[{process}] " in preempted.output
-        assert f"Krylov state saved at iteration {saved}" in preempted.output
-    resumed = fi.run("arnoldi", workdir, 2, *flags)
-    assert resumed.code == 0 and f"resuming Arnoldi at iteration {saved}" in resumed.output
-    np.testing.assert_array_equal(fi.eigvals(workdir), fi.eigvals(reference))
-
-
-def test_sigterm_between_stages_with_two_processes(tmp_path: Path) -> None:
-    """The notice on both processes of a 2-process pipeline between training and Arnoldi, then
-    (rerun) between Arnoldi and scoring: both stop within one step of the next stage (the sync
-    point follows the process' step counter over all stages, not each stage's own numbering,
-    which restarts at 1 and would put the sync point past the next stage's end), save, exit 75,
-    and the last rerun ends exactly as an uninterrupted run."""
-    reference, workdir = tmp_path / "reference", tmp_path / "preempted"
-    done = fi.run("pipeline", reference, 2, *FLAGS)
-    assert done.code == 0, done.output[-3000:]
-
-    def preempted_at(stage: int, message: str) -> int:
-        run = fi.run("pipeline", workdir, 2, *FLAGS, env={failpoints.ENV: f"stage={stage}:TERM"})
-        assert run.code == preemption.EXIT_CODE, run.output[-3000:]
-        at = {int(step) for step in re.findall(re.escape(message) + r"(\d+)", run.output)}
-        assert len(at) == 1 and run.output.count(message) == 2, run.output[-3000:]
-        (step,) = at  # the same on both processes, within one step of the stage's start
-        assert step <= 2, run.output[-6000:]
-        return step
-
-    # Training (8 steps) done, Arnoldi (12 iterations) stopped at its first or second.
-    saved = preempted_at(2, "Krylov state saved at iteration ")
-    assert fi.steps(fi.results(workdir) / "krylov")[-1] == saved
-    assert fi.steps(workdir / "params") and not fi.steps(fi.results(workdir) / "fitted")
-    # Arnoldi finished, scoring (about 20 steps) stopped at its first or second.
-    preempted_at(3, "scoring preempted at step ")
-    assert list((fi.results(workdir) / "scores").rglob("_partial*"))
-    final = fi.run("pipeline", workdir, 2, *FLAGS)
-    assert final.code == 0, final.output[-3000:]
-    np.testing.assert_array_equal(fi.eigvals(workdir), fi.eigvals(reference))
-    fi.assert_same_scores(workdir, reference)
 
 
 def test_resume_on_other_topologies(trained: Path, tmp_path: Path) -> None:
