@@ -91,7 +91,8 @@ def start_vector(params_like: Params, key: jax.Array) -> Params:
 
 
 def init_state(params_like: Params, num_iters: int, key: jax.Array) -> KrylovState:
-    """Storage for n + 1 basis vectors, q_0 set, and an all-zero Hessenberg matrix."""
+    """Storage for n + 1 basis vectors (of ``params_like``'s dtypes: float32, or bfloat16 to halve
+    the basis, ``arnoldi.basis_dtype``), q_0 set, and an all-zero Hessenberg matrix."""
     basis = pytree.stacked_zeros(params_like, num_iters + 1)
     basis = pytree.stacked_set(basis, 0, start_vector(params_like, key))
     return KrylovState(
@@ -160,7 +161,9 @@ def arnoldi_step(
         )
     gram_schmidt_pass = ORTHOGONALIZATION[orthogonalization]
     basis, hessenberg = state["krylov_basis"], state["hessenberg"]
-    w = hvp(params, batch, pytree.stacked_get(basis, k))  # line 4: w = H q_k
+    q_k = pytree.stacked_get(basis, k)  # a bfloat16 basis stores q_k; H q_k is in float32
+    q_k = jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), q_k)
+    w = hvp(params, batch, q_k)  # line 4: w = H q_k
     hvp_norm = pytree.norm(w)
     coeffs = jnp.zeros((hessenberg.shape[0],), jnp.float32)
     w, coeffs = gram_schmidt_pass(basis, w, coeffs, k)  # lines 5–7

@@ -60,9 +60,14 @@ def stacked_combine(coeffs: jax.Array, stacked: Params) -> Params:
 
     ``coeffs`` of shape (m,) gives one vector; of shape (k, m) gives a stacked tree of k vectors.
     """
-    return jax.tree.map(
-        lambda s: jnp.tensordot(coeffs.astype(s.dtype), s, axes=([coeffs.ndim - 1], [0])), stacked
-    )
+
+    def leaf(s: jax.Array) -> jax.Array:
+        dtype = jnp.promote_types(s.dtype, jnp.float32)  # a bfloat16 basis: float32 sums
+        return jnp.tensordot(
+            coeffs.astype(dtype), s, axes=([coeffs.ndim - 1], [0]), preferred_element_type=dtype
+        )
+
+    return jax.tree.map(leaf, stacked)
 
 
 def stacked_vdot(stacked: Params, vector: Params) -> jax.Array:

@@ -11,6 +11,7 @@ state does not depend on ``distill.*``: one Krylov run serves every p̃ (the rep
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -40,6 +41,9 @@ ARNOLDI_BLOCK = Block(
         # Gram–Schmidt: "mgs2" or "cgs2" (twice), "dgks" (MGS, second pass when needed)
         "orthogonalization": "mgs2",
         "checkpoint_every": 10,  # save the Krylov state every k iterations
+        # Storage of the basis: "float32", or "bfloat16" (half the memory; every dot product and
+        # update still accumulates in float32)
+        "basis_dtype": "float32",
     },
 )
 DISTILL_BLOCK = Block(
@@ -58,7 +62,9 @@ KRYLOV_FIELDS = (
     "arnoldi.seed",
     "arnoldi.breakdown_tol",
     "arnoldi.orthogonalization",
+    "arnoldi.basis_dtype",
 )
+BASIS_DTYPES = ("float32", "bfloat16")
 DISTILL_FIELDS = ("distill.top_k", "distill.positive_only", "distill.symmetric")
 
 
@@ -79,6 +85,8 @@ def check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         )
     if a.checkpoint_every < 1:
         raise InputError(f"arnoldi.checkpoint_every={a.checkpoint_every} must be at least 1")
+    if a.basis_dtype not in BASIS_DTYPES:
+        raise InputError(f"arnoldi.basis_dtype={a.basis_dtype!r}; choose one of {BASIS_DTYPES}")
 
 
 def fit(ctx: Context, params: Any) -> Fitted:
@@ -113,10 +121,16 @@ def _restore(ctx: Context, pieces: Pieces, init: Any) -> tuple[int, krylov.Krylo
 
 def saved_state(ctx: Context) -> tuple[int, krylov.KrylovState]:
     """(iterations done, Krylov state) as saved in the method's results (0: none saved)."""
-    a = ctx.config.arnoldi
-    init = programs.jit_init_krylov_state(ctx.vectors_like, a.num_iters, ctx.vector_sh, ctx.mesh)
+    init = _init(ctx)
     with ctx.checkpointer(KRYLOV, max_to_keep=None) as ckpt:
         return _restore(ctx, Pieces(ckpt), init)
+
+
+def _init(ctx: Context) -> Any:
+    """key → q_0 and empty storage, the basis in ``arnoldi.basis_dtype``."""
+    a, dtype = ctx.config.arnoldi, jnp.dtype(ctx.config.arnoldi.basis_dtype)
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), ctx.vectors_like)
+    return programs.jit_init_krylov_state(like, a.num_iters, ctx.vector_sh, ctx.mesh)
 
 
 def _piece_like(state: krylov.KrylovState, rows: int, columns: int) -> krylov.KrylovState:
@@ -138,7 +152,7 @@ def iterate(ctx: Context, params: Any) -> krylov.ArnoldiResult:
     """Alg. 1 lines 1–10 from the latest Krylov checkpoint (or from q_0), saving every
     ``arnoldi.checkpoint_every`` iterations, at the last one and at a preemption."""
     a = ctx.config.arnoldi
-    init = programs.jit_init_krylov_state(ctx.vectors_like, a.num_iters, ctx.vector_sh, ctx.mesh)
+    init = _init(ctx)
     with ctx.checkpointer(KRYLOV, max_to_keep=None) as ckpt:
         pieces = Pieces(ckpt)
         start, state = _restore(ctx, pieces, init)
@@ -149,9 +163,10 @@ def iterate(ctx: Context, params: Any) -> krylov.ArnoldiResult:
                 return krylov.ArnoldiResult(state, completed, "broke down in an earlier run")
         logging.info("influence over %s", ctx.selection.describe(ctx.params_like))
         logging.info(
-            "Krylov basis: %d vectors x %d params, %.1f MiB on the most loaded device (mesh %s)",
+            "Krylov basis: %d vectors x %d params in %s, %.1f MiB on the most loaded device (mesh %s)",
             a.num_iters + 1,
             sum(x.size for x in jax.tree.leaves(ctx.vectors_like)),
+            a.basis_dtype,
             sharding.bytes_per_device(state["krylov_basis"]) / 2**20,
             dict(ctx.mesh.shape),
         )

@@ -224,6 +224,37 @@ def test_ritz_pairs_match_explicit_hessian(
     assert residual_rel.max() <= 1e-2
 
 
+def test_bfloat16_basis_keeps_the_top_eigenvalues(
+    task: ClassificationTask,
+    data: Batch,
+    trained_params: Params,
+    exact_hessian: tuple[np.ndarray, np.ndarray],
+) -> None:
+    """arnoldi.basis_dtype=bfloat16: the basis is stored in bfloat16 (half the bytes), every dot
+    product and update accumulates in float32 and the Hessenberg matrix is float32. On the small
+    CNN's explicit Hessian (as above, 60 steps) the top-5 eigenvalues stay within 5e-4 relative
+    (3.8e-5 measured) and the basis orthonormal within bfloat16's resolution, 2⁻⁸ (7.7e-4)."""
+    n, top_k = 60, 5
+    batch = {k: v[:HESSIAN_BATCH] for k, v in data.items()}
+    exact = exact_hessian[1][:top_k]
+    like = jax.tree.map(lambda x: x.astype(jnp.bfloat16), trained_params)  # shapes and dtypes
+    state = jax.jit(krylov.init_state, static_argnums=1)(like, n, jax.random.key(1))
+    step = make_step(task.per_example_loss, L2)
+    result = krylov.run_arnoldi(step, state, trained_params, lambda k: batch, n)
+    basis = result.state["krylov_basis"]
+    assert {x.dtype for x in jax.tree.leaves(basis)} == {jnp.dtype(jnp.bfloat16)}
+    assert result.state["hessenberg"].dtype == jnp.float32
+    assert result.num_completed == n and result.breakdown is None
+    q = flatten_rows(basis)[: n + 1]
+    gram_error = np.abs(q @ q.T - np.eye(n + 1)).max()
+    pairs = distill.distill(np.asarray(result.state["hessenberg"]), basis, n, top_k=top_k)
+    assert {x.dtype for x in jax.tree.leaves(pairs.eigvecs)} == {jnp.dtype(jnp.float32)}
+    eig_rel = np.abs(pairs.eigvals - exact) / np.abs(exact)
+    print(f"\nbfloat16 basis: max |QᵀQ − I| {gram_error:.1e}, top-{top_k} rel. error {eig_rel}")
+    assert gram_error <= 2.0**-8
+    assert eig_rel.max() <= 5e-4
+
+
 @pytest.mark.parametrize(
     ("dim", "seed"),
     [(6, 0), (6, 1), (6, 2), (50, 0)],

@@ -5,6 +5,7 @@ the train job's resume after SIGKILL and its refusal of another config."""
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -61,6 +62,21 @@ def test_positive_only_and_general_eig(trained: Path, tmp_path: Path) -> None:
     general = np.linalg.eigvals(h).real
     want = general[np.argsort(-np.abs(general))][:top_k]
     np.testing.assert_allclose(eigvals(workdir), want, rtol=1e-6)
+
+
+def test_bfloat16_basis_through_the_fit_stage(trained: Path, tmp_path: Path) -> None:
+    """arnoldi.basis_dtype=bfloat16 end to end: the Krylov pieces hold a bfloat16 basis, it
+    resumes from them, and the eigenvalues agree with the float32 basis' to 1e-3 relative."""
+    reference = with_params(trained, tmp_path / "float32")
+    fit.run(tiny_config(), reference)
+    workdir = with_params(trained, tmp_path / "bfloat16")
+    config = tiny_config(arnoldi__basis_dtype="bfloat16")
+    fit.run(config, workdir)
+    np.testing.assert_allclose(eigvals(workdir), eigvals(reference), rtol=1e-3)
+    ctx = setup.context(config, workdir, arnoldi_method.check)
+    done, state = arnoldi_method.saved_state(artifacts.restore_params(ctx)[1])
+    assert done == 12
+    assert {x.dtype for x in jax.tree.leaves(state["krylov_basis"])} == {np.dtype("bfloat16")}
 
 
 def test_fixed_batch_gives_a_symmetric_hessenberg(trained: Path, tmp_path: Path) -> None:
