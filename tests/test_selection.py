@@ -86,7 +86,7 @@ def test_subset_arnoldi_equals_closed_over_model(tmp_path, caplog, runlocal_trai
     with caplog.at_level(logging.INFO):
         fit.run(config, tmp_path)
     assert "influence over 2,306 of 2,410 parameters (4 of 6 leaves)" in caplog.text
-    assert "Krylov basis: 13 vectors x 2306 params, 0.1 MiB" in caplog.text
+    assert "Krylov basis: 13 vectors x 2306 params in float32, 0.1 MiB" in caplog.text
 
     ctx = setup.context(config, tmp_path, arnoldi_method.check)
     params = jax.device_get(artifacts.restore_params(ctx)[0])
