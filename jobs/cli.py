@@ -6,7 +6,6 @@ checkpoint) ends the process with one line on stderr, ``error: ...``, and exit c
 expensive work.
 """
 
-import errno
 import importlib
 import logging as logging_std
 import os
@@ -104,23 +103,6 @@ def fail(message: str, code: int = 2, at_once: bool = False) -> None:
 
 
 # What storage failures look like: an OSError, or tensorstore's ValueError carrying the OS message.
-_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-_STORAGE_TEXT = tuple(os.strerror(code) for code in _STORAGE_ERRNOS)
-
-
-def _storage_failure(e: BaseException) -> bool:
-    """Whether ``e`` (or what caused it) is the disk or quota running full."""
-    seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
-            return True
-        if any(text in str(e) for text in _STORAGE_TEXT):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
 def _last_line(e: BaseException) -> str:
     """The informative line of a config_flags error (it embeds tracebacks and escaped newlines)."""
     text = str(e).replace("\\n", "\n").replace("\\'", "'")
@@ -231,7 +213,7 @@ def run_stages(
     except Exception as e:
         if storage.refusal(e) is not None:  # a gs:// (or local) workdir that says no, mid-run
             fail(storage.refused_message(workdir, str(storage.refusal(e))), at_once=True)
-        if not isinstance(e, (OSError, ValueError)) or not _storage_failure(e):
+        if not isinstance(e, (OSError, ValueError)) or not storage.full(e):
             raise
         fail(
             f"writing to --workdir={workdir} failed: the disk is full or over quota; "
