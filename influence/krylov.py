@@ -19,7 +19,13 @@ Design choices, each measured or required by scale:
   CGS2 trades reading the unused rows for far fewer collectives. DGKS is MGS whose second pass
   runs only when the first cancelled more than 1 − 1/√2 of ‖H q_k‖ (Daniel et al. 1976): the
   same orthogonality, on the Flax CNN the second pass in 61% of iterations on a fixed batch and
-  31% on fresh ones, 16% less overhead (opt-in: a small gain on 2 CPU cores).
+  31% on fresh ones, 16% less overhead (opt-in: a small gain on 2 CPU cores). Block classical
+  GS twice (BCGS2) sweeps the basis a block of ``block_rows`` rows at a time, each block used for
+  its dot products and its update while it is loaded (classical within a block, blocks in
+  sequence as in MGS): one read of the basis per pass, so a basis streamed from host memory or
+  disk (``parallel/offload.py``) is read twice per iteration, against k + 1 dependent reads for
+  MGS and four sweeps for CGS2 (whose update needs every dot product first). Twice is enough for
+  block GS too (Barlow & Smoktunowicz 2013, BCGS2).
 - Each step is one function of a *traced* iteration index, so it compiles once; the loop over
   iterations is Python (``run_arnoldi``) because a conv HVP inside ``lax.fori_loop`` is ~15x slower
   on CPU. The Gram–Schmidt inner loop has no HVP in it and stays a ``fori_loop``.
@@ -36,6 +42,7 @@ Design choices, each measured or required by scale:
   into the basis.
 """
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple, TypedDict
 
@@ -132,7 +139,48 @@ def _cgs_pass(
     return pytree.axpy(-1.0, pytree.stacked_combine(c, krylov_basis), w), coeffs + c
 
 
-ORTHOGONALIZATION = {"cgs2": _cgs_pass, "dgks": _mgs_pass, "mgs2": _mgs_pass}
+def block_pass(
+    block: Params, w: Params, coeffs: jax.Array, row0: jax.Array, first: jax.Array, k: jax.Array
+) -> tuple[Params, jax.Array]:
+    """One block of a BCGS sweep: c = Q_bᵀ w over the block's rows r (row0 + i) with
+    first ≤ r ≤ k, then w −= Q_b c; c is added to ``coeffs`` at those rows.
+
+    ``block`` is a stacked tree of B rows starting at basis row ``row0``; rows outside
+    [first, k] (padding, or rows an earlier block already swept) get coefficient 0 exactly.
+    """
+    num = jax.tree.leaves(block)[0].shape[0]
+    rows = row0 + jnp.arange(num)
+    c = jnp.where((rows >= first) & (rows <= k), pytree.stacked_vdot(block, w), 0.0)
+    w = pytree.axpy(-1.0, pytree.stacked_combine(c, block), w)
+    return w, coeffs.at[rows].add(c, mode="drop")
+
+
+def _bcgs_pass(
+    krylov_basis: Params, w: Params, coeffs: jax.Array, k: jax.Array, block_rows: int
+) -> tuple[Params, jax.Array]:
+    """One BCGS sweep over a device-resident basis: blocks of ``block_rows`` rows up to row k
+    (the last block's start is clamped to fit; its rows already swept are masked)."""
+    total = jax.tree.leaves(krylov_basis)[0].shape[0]
+    size = min(block_rows, total)
+
+    def body(j: jax.Array, carry: tuple[Params, jax.Array]) -> tuple[Params, jax.Array]:
+        first = j * size
+        row0 = jnp.minimum(first, total - size)
+        block = jax.tree.map(
+            lambda s: jax.lax.dynamic_slice_in_dim(s, row0, size, 0), krylov_basis
+        )
+        return block_pass(block, *carry, row0, first, k)
+
+    return jax.lax.fori_loop(0, k // size + 1, body, (w, coeffs))
+
+
+ORTHOGONALIZATION = {
+    "bcgs2": _bcgs_pass,
+    "cgs2": _cgs_pass,
+    "dgks": _mgs_pass,
+    "mgs2": _mgs_pass,
+}
+DEFAULT_BLOCK_ROWS = 8
 
 # Daniel, Gragg, Kaufman & Stewart (1976): a Gram–Schmidt pass that keeps more than 1/√2 of
 # ‖w‖ has cancelled too little to lose orthogonality, and the re-orthogonalisation pass is skipped.
@@ -147,24 +195,25 @@ def arnoldi_step(
     k: jax.Array,
     breakdown_tol: float = DEFAULT_BREAKDOWN_TOL,
     orthogonalization: str = "mgs2",
+    block_rows: int = DEFAULT_BLOCK_ROWS,
 ) -> tuple[KrylovState, StepInfo]:
     """Iteration k (0-based) of Algorithm 1, lines 3–9: fills column k and q_{k+1}.
 
     Shape-stable in k, so it jits once for all iterations. ``orthogonalization`` is "mgs2"
     (modified Gram–Schmidt, twice), "cgs2" (classical Gram–Schmidt, twice) or "dgks" (modified
     Gram–Schmidt, the second pass only when the first left less than ``DGKS_ETA`` of ‖H q_k‖:
-    Daniel et al. 1976); all keep the basis orthonormal to float32 round-off (Giraud et al. 2005).
+    Daniel et al. 1976) or "bcgs2" (block classical Gram–Schmidt, twice, ``block_rows`` rows
+    a block); all keep the basis orthonormal to float32 round-off (Giraud et al. 2005).
     """
     if orthogonalization not in ORTHOGONALIZATION:
         raise ValueError(
             f"orthogonalization={orthogonalization!r}; choose one of {sorted(ORTHOGONALIZATION)}"
         )
     gram_schmidt_pass = ORTHOGONALIZATION[orthogonalization]
+    if orthogonalization == "bcgs2":
+        gram_schmidt_pass = functools.partial(_bcgs_pass, block_rows=block_rows)
     basis, hessenberg = state["krylov_basis"], state["hessenberg"]
-    q_k = pytree.stacked_get(basis, k)  # a bfloat16 basis stores q_k; H q_k is in float32
-    q_k = jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), q_k)
-    w = hvp(params, batch, q_k)  # line 4: w = H q_k
-    hvp_norm = pytree.norm(w)
+    w, hvp_norm = apply_hvp(hvp, params, batch, pytree.stacked_get(basis, k))  # line 4
     coeffs = jnp.zeros((hessenberg.shape[0],), jnp.float32)
     w, coeffs = gram_schmidt_pass(basis, w, coeffs, k)  # lines 5–7
     if orthogonalization == "dgks":
@@ -177,21 +226,43 @@ def arnoldi_step(
     else:
         w, coeffs = gram_schmidt_pass(basis, w, coeffs, k)  # re-orthogonalisation pass
         reorthogonalized = jnp.asarray(True)
+    q_next, hessenberg, info = complete(w, coeffs, hvp_norm, hessenberg, k, breakdown_tol)
+    info["reorthogonalized"] = reorthogonalized
+    basis = pytree.stacked_set(basis, k + 1, q_next)  # line 9
+    return KrylovState(krylov_basis=basis, hessenberg=hessenberg), info
+
+
+def apply_hvp(hvp: HVP, params: Params, batch: Batch, q_k: Params) -> tuple[Params, jax.Array]:
+    """(w = H q_k, ‖H q_k‖), Alg. 1 line 4; a bfloat16 basis stores q_k, H q_k is in float32."""
+    q_k = jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), q_k)
+    w = hvp(params, batch, q_k)
+    return w, pytree.norm(w)
+
+
+def complete(
+    w: Params,
+    coeffs: jax.Array,
+    hvp_norm: jax.Array,
+    hessenberg: jax.Array,
+    k: jax.Array,
+    breakdown_tol: float,
+) -> tuple[Params, jax.Array, StepInfo]:
+    """Alg. 1 lines 8–9 once w is orthogonalised: (q_{k+1}, the Hessenberg matrix with column
+    k filled, the step's info; ``reorthogonalized`` True)."""
     residual_norm = pytree.norm(w)  # line 8: h_{k+1,k} = ‖w‖
     breakdown = residual_norm <= breakdown_tol * jnp.maximum(hvp_norm, jnp.finfo(jnp.float32).tiny)
     # At a breakdown h_{k+1,k} and q_{k+1} are 0: the invariant subspace's exact values, and the
     # mark that makes every later step a no-op (q = 0 gives H q = 0 bit for bit).
     coeffs = coeffs.at[k + 1].set(jnp.where(breakdown, 0.0, residual_norm))
     inv = jnp.where(breakdown, 0.0, 1.0 / jnp.where(breakdown, 1.0, residual_norm))
-    basis = pytree.stacked_set(basis, k + 1, pytree.scale(inv, w))  # line 9: q_{k+1} = w / h
     hessenberg = jax.lax.dynamic_update_index_in_dim(hessenberg, coeffs, k, axis=1)
     info = StepInfo(
         hvp_norm=hvp_norm,
         residual_norm=residual_norm,
         breakdown=breakdown,
-        reorthogonalized=reorthogonalized,
+        reorthogonalized=jnp.asarray(True),
     )
-    return KrylovState(krylov_basis=basis, hessenberg=hessenberg), info
+    return pytree.scale(inv, w), hessenberg, info  # line 9: q_{k+1} = w / h_{k+1,k}
 
 
 StepFn = Callable[[KrylovState, Params, Batch, jax.Array], tuple[KrylovState, StepInfo]]

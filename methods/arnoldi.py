@@ -11,7 +11,6 @@ state does not depend on ``distill.*``: one Krylov run serves every p̃ (the rep
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -21,7 +20,7 @@ from checkpoints.fingerprint import FIX, meta_check
 from checkpoints.pieces import Pieces
 from influence import distill, krylov
 from influence.hvp import make_hvp
-from methods import checks
+from methods import basis_storage, checks
 from methods.base import Context, Fitted, Kind, Method, fitted
 from parallel import programs, sharding
 from runtime import failpoints, finite, preemption
@@ -44,6 +43,12 @@ ARNOLDI_BLOCK = Block(
         # Storage of the basis: "float32", or "bfloat16" (half the memory; every dot product and
         # update still accumulates in float32)
         "basis_dtype": "float32",
+        # Where the basis lives: "device", "host" (host memory), "disk" (the workdir) or "auto"
+        # (as much on the devices as memory_budget_mb allows, the rest in host memory); all but
+        # "device" stream it in blocks and need orthogonalization="bcgs2"
+        "basis_storage": "device",
+        "block_rows": 8,  # rows per block of bcgs2 and of a transfer from host or disk
+        "memory_budget_mb": 0.0,  # "auto": device memory for the basis (0: half the free memory)
     },
 )
 DISTILL_BLOCK = Block(
@@ -63,6 +68,7 @@ KRYLOV_FIELDS = (
     "arnoldi.breakdown_tol",
     "arnoldi.orthogonalization",
     "arnoldi.basis_dtype",
+    "arnoldi.block_rows",
 )
 BASIS_DTYPES = ("float32", "bfloat16")
 DISTILL_FIELDS = ("distill.top_k", "distill.positive_only", "distill.symmetric")
@@ -87,27 +93,32 @@ def check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         raise InputError(f"arnoldi.checkpoint_every={a.checkpoint_every} must be at least 1")
     if a.basis_dtype not in BASIS_DTYPES:
         raise InputError(f"arnoldi.basis_dtype={a.basis_dtype!r}; choose one of {BASIS_DTYPES}")
+    basis_storage.check(a)
 
 
 def fit(ctx: Context, params: Any) -> Fitted:
     """Run or resume the iteration, then distill its eigenpairs."""
-    return distill_pairs(ctx, iterate(ctx, params))
+    storage = basis_storage.make(ctx)
+    try:
+        return distill_pairs(ctx, iterate(ctx, params, storage), storage)
+    finally:
+        storage.close()
 
 
-def _restore(ctx: Context, pieces: Pieces, init: Any) -> tuple[int, krylov.KrylovState]:
+def _restore(
+    ctx: Context, pieces: Pieces, storage: basis_storage.Storage
+) -> tuple[int, krylov.KrylovState]:
     """(iterations done, state) assembled from the Krylov pieces of this config, or (0, q_0)."""
-    state = {"state": init(jax.random.key(ctx.config.arnoldi.seed))}
+    state = {"state": storage.init(jax.random.key(ctx.config.arnoldi.seed))}
     shardings = programs.krylov_shardings(ctx.vector_sh, ctx.mesh)
-    write = programs.jit_write_piece(shardings)
 
     def abstract(meta: dict[str, Any]) -> krylov.KrylovState:
         rows, columns = meta["rows"], meta["columns"]
         size = (rows[1] - rows[0], columns[1] - columns[0])
-        like = jax.eval_shape(lambda s: _piece_like(s, *size), state["state"])
-        return sharding.abstract_like(like, shardings)
+        return sharding.abstract_like(_piece_like(ctx, *size), shardings)
 
     def consume(meta: dict[str, Any], piece: krylov.KrylovState) -> None:
-        state["state"] = write(state["state"], piece, meta["rows"][0], meta["columns"][0])
+        state["state"] = storage.write(state["state"], piece, meta["rows"][0], meta["columns"][0])
 
     what = f"the Krylov state in {pieces.checkpointer.directory}"
     check = meta_check(ctx.fingerprint(*KRYLOV_FIELDS), what, FIX)
@@ -120,24 +131,20 @@ def _restore(ctx: Context, pieces: Pieces, init: Any) -> tuple[int, krylov.Krylo
 
 
 def saved_state(ctx: Context) -> tuple[int, krylov.KrylovState]:
-    """(iterations done, Krylov state) as saved in the method's results (0: none saved)."""
-    init = _init(ctx)
+    """(iterations done, Krylov state) as saved in the method's results (0: none saved), the
+    basis on the devices whatever ``arnoldi.basis_storage`` says."""
     with ctx.checkpointer(KRYLOV, max_to_keep=None) as ckpt:
-        return _restore(ctx, Pieces(ckpt), init)
+        return _restore(ctx, Pieces(ckpt), basis_storage.make(ctx, "device"))
 
 
-def _init(ctx: Context) -> Any:
-    """key → q_0 and empty storage, the basis in ``arnoldi.basis_dtype``."""
-    a, dtype = ctx.config.arnoldi, jnp.dtype(ctx.config.arnoldi.basis_dtype)
-    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), ctx.vectors_like)
-    return programs.jit_init_krylov_state(like, a.num_iters, ctx.vector_sh, ctx.mesh)
-
-
-def _piece_like(state: krylov.KrylovState, rows: int, columns: int) -> krylov.KrylovState:
+def _piece_like(ctx: Context, rows: int, columns: int) -> krylov.KrylovState:
     """The shapes of a piece of ``rows`` basis vectors and ``columns`` Hessenberg columns."""
+    a = ctx.config.arnoldi
     return krylov.KrylovState(
-        krylov_basis=jax.tree.map(lambda x: x[:rows], state["krylov_basis"]),
-        hessenberg=state["hessenberg"][:, :columns],
+        krylov_basis=jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct((rows, *x.shape), a.basis_dtype), ctx.vectors_like
+        ),
+        hessenberg=jax.ShapeDtypeStruct((a.num_iters + 1, columns), np.float32),
     )
 
 
@@ -148,14 +155,13 @@ def _piece_bounds(previous: int, done: int) -> tuple[tuple[int, int], tuple[int,
     return (previous + 1 if previous else 0, done + 1), (previous, done)
 
 
-def iterate(ctx: Context, params: Any) -> krylov.ArnoldiResult:
+def iterate(ctx: Context, params: Any, storage: basis_storage.Storage) -> krylov.ArnoldiResult:
     """Alg. 1 lines 1–10 from the latest Krylov checkpoint (or from q_0), saving every
     ``arnoldi.checkpoint_every`` iterations, at the last one and at a preemption."""
     a = ctx.config.arnoldi
-    init = _init(ctx)
     with ctx.checkpointer(KRYLOV, max_to_keep=None) as ckpt:
         pieces = Pieces(ckpt)
-        start, state = _restore(ctx, pieces, init)
+        start, state = _restore(ctx, pieces, storage)
         if start:
             hessenberg = sharding.replicated_to_host(state["hessenberg"])
             completed = krylov.completed_iterations(hessenberg, start)
@@ -163,28 +169,33 @@ def iterate(ctx: Context, params: Any) -> krylov.ArnoldiResult:
                 return krylov.ArnoldiResult(state, completed, "broke down in an earlier run")
         logging.info("influence over %s", ctx.selection.describe(ctx.params_like))
         logging.info(
-            "Krylov basis: %d vectors x %d params in %s, %.1f MiB on the most loaded device (mesh %s)",
+            "Krylov basis: %d vectors x %d params in %s, %s (basis_storage=%s, mesh %s)",
             a.num_iters + 1,
             sum(x.size for x in jax.tree.leaves(ctx.vectors_like)),
             a.basis_dtype,
-            sharding.bytes_per_device(state["krylov_basis"]) / 2**20,
+            storage.describe(state),
+            a.basis_storage,
             dict(ctx.mesh.shape),
         )
         if start == a.num_iters:
             return krylov.ArnoldiResult(state, start, None)
-        result = _loop(ctx, params, pieces, start, state)
+        result = _loop(ctx, params, pieces, start, state, storage)
         ckpt.wait_until_finished()
     return result
 
 
 def _loop(
-    ctx: Context, params: Any, pieces: Pieces, start: int, state: krylov.KrylovState
+    ctx: Context,
+    params: Any,
+    pieces: Pieces,
+    start: int,
+    state: krylov.KrylovState,
+    storage: basis_storage.Storage,
 ) -> krylov.ArnoldiResult:
     """Iterations start + 1 … n, each followed by a save when due (the piece since the last
     save: ``checkpoints/pieces.py``); a preemption saves and stops."""
     a, ckpt = ctx.config.arnoldi, pieces.checkpointer
     fingerprint = ctx.fingerprint(*KRYLOV_FIELDS)
-    take = programs.jit_take_piece(programs.krylov_shardings(ctx.vector_sh, ctx.mesh))
     guard = finite.Guard(
         "arnoldi", "the HVP norm", "check the trained params and the data for non-finite values"
     )
@@ -195,7 +206,7 @@ def _loop(
         guard.check(f"the last Krylov state is of iteration {pieces.last}")
         rows, columns = _piece_bounds(pieces.last, done)
         meta = {"fingerprint": fingerprint, "iteration": done, "rows": rows, "columns": columns}
-        pieces.save(done, take(state, rows, columns), meta)
+        pieces.save(done, storage.take(state, rows, columns), meta)
 
     with ctx.progress("arnoldi", a.num_iters) as progress:
 
@@ -212,13 +223,12 @@ def _loop(
                     f"Arnoldi preempted; Krylov state saved at iteration {done}"
                 )
 
-        step_fn = programs.jit_arnoldi_step(
+        step_fn = storage.step(
             make_hvp(ctx.task.per_example_loss, ctx.config.l2, ctx.selection),
             ctx.param_sh,
-            ctx.vector_sh,
-            ctx.mesh,
             a.breakdown_tol,
             a.orthogonalization,
+            a.block_rows,
         )
         logging.info("running Arnoldi iterations %d to %d", start + 1, a.num_iters)
         result = krylov.run_arnoldi(
@@ -236,7 +246,9 @@ def _loop(
     return result
 
 
-def distill_pairs(ctx: Context, result: krylov.ArnoldiResult) -> Fitted:
+def distill_pairs(
+    ctx: Context, result: krylov.ArnoldiResult, storage: basis_storage.Storage
+) -> Fitted:
     """Alg. 1 lines 11–18: the top-p̃ Ritz pairs, G = Uᵀ Q sharded like the params."""
     d = ctx.config.distill
     hessenberg = sharding.replicated_to_host(result.state["hessenberg"])
@@ -245,9 +257,7 @@ def distill_pairs(ctx: Context, result: krylov.ArnoldiResult) -> Fitted:
         pairs = distill.ritz_pairs(hessenberg, m, d.top_k, d.positive_only, d.symmetric)
     except ValueError as e:
         raise InputError(f"distill: {e}") from e
-    eigvecs = programs.jit_to_parameter_space(ctx.vector_sh, ctx.mesh)(
-        np.asarray(pairs.coords, np.float32), result.state["krylov_basis"]
-    )
+    eigvecs = storage.to_parameter_space(np.asarray(pairs.coords, np.float32), result.state)
     block = hessenberg[:m, :m]
     ritz_values = np.linalg.eigvalsh(0.5 * (block + block.T))
     negative = negative_mass_fraction(ritz_values, d.top_k)

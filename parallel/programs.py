@@ -112,6 +112,7 @@ def jit_arnoldi_step(
     mesh: Mesh,
     breakdown_tol: float,
     orthogonalization: str,
+    block_rows: int = krylov.DEFAULT_BLOCK_ROWS,
 ) -> krylov.StepFn:
     """Algorithm 1 lines 3–9 jitted over the mesh; the incoming state is donated (no second copy
     of the basis). ``param_sh`` lays out the full params, ``vector_sh`` the vectors the basis is
@@ -123,6 +124,7 @@ def jit_arnoldi_step(
         hvp,
         breakdown_tol=breakdown_tol,
         orthogonalization=orthogonalization,
+        block_rows=block_rows,
     )
     return jax.jit(
         step,

@@ -1,0 +1,210 @@
+"""Krylov basis rows kept off the devices: in host memory or on disk, moved to the devices a block
+at a time (``arnoldi.basis_storage``; issue: the basis of a 1B–8B model does not fit in HBM).
+
+A store holds ``num_blocks × block_rows`` rows (the last block padded with zero rows), each row a
+vector laid out like the (selected) params. Every process holds only its own shards, as the
+devices would: a leaf split over 'model' is split the same way in host memory or on disk.
+
+- ``HostStore``: each block is a stacked pytree of JAX arrays in host memory (the ``pinned_host``
+  memory kind, which DMA engines read without a staging copy; ``unpinned_host`` where a backend
+  has only that). The first ``device_blocks`` blocks may stay in device memory (``auto``): they
+  are read in place.
+- ``DiskStore``: one tensorstore zarr3 array per leaf and shard, a chunk per row, under a
+  directory of the workdir. Reads run on tensorstore's threads, so a block read is issued a
+  block ahead of its use (``fetch`` returns at once; the getter waits).
+
+``fetch(j)`` starts moving block j to the devices and returns a getter for it: the caller asks for
+block j + 1 before it computes on block j, so each transfer overlaps the previous block's compute
+(double buffering; ``parallel/krylov_storage.py``).
+"""
+
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import tensorstore as ts
+
+from influence import pytree
+from parallel.sharding import stacked_shardings
+
+Getter = Callable[[], Any]
+DEVICE = "device"
+
+
+def host_memory_kind() -> str | None:
+    """``pinned_host`` where the devices have it, else ``unpinned_host``, else None."""
+    kinds = {m.kind for m in jax.local_devices()[0].addressable_memories()}
+    return next((k for k in ("pinned_host", "unpinned_host") if k in kinds), None)
+
+
+def with_kind(shardings: Any, kind: str) -> Any:
+    return jax.tree.map(lambda s: s.with_memory_kind(kind), shardings)
+
+
+class HostStore:
+    """Blocks of rows as JAX arrays in host memory (the first ``device_blocks`` on the devices)."""
+
+    def __init__(
+        self, like: Any, num_rows: int, block_rows: int, vector_sh: Any, device_blocks: int = 0
+    ) -> None:
+        kind = host_memory_kind()
+        if kind is None:
+            raise ValueError("the devices have no host memory kind to keep the basis in")
+        self.block_rows = block_rows
+        self.num_blocks = math.ceil(num_rows / block_rows)
+        self.device_sh = stacked_shardings(vector_sh)
+        self.kinds = [DEVICE if j < device_blocks else kind for j in range(self.num_blocks)]
+        zeros = lambda: pytree.stacked_zeros(like, block_rows)  # noqa: E731
+        self.blocks = [
+            jax.jit(zeros, out_shardings=with_kind(self.device_sh, kind))() for kind in self.kinds
+        ]
+        self._write = {k: _row_writer(k, with_kind(self.device_sh, k)) for k in set(self.kinds)}
+
+    def write_row(self, row: int, vector: Any) -> None:
+        j, i = divmod(row, self.block_rows)
+        self.blocks[j] = self._write[self.kinds[j]](self.blocks[j], vector, i)
+
+    def fetch(self, j: int) -> Getter:
+        block = self.blocks[j]
+        if self.kinds[j] != DEVICE:
+            block = jax.device_put(block, self.device_sh)  # asynchronous: a DMA
+        return lambda: block
+
+    def bytes_per_device(self) -> tuple[int, int]:
+        """(bytes in device memory, bytes in host memory) of the most loaded device's shards."""
+        on = [b for b, k in zip(self.blocks, self.kinds, strict=True) if k == DEVICE]
+        off = [b for b, k in zip(self.blocks, self.kinds, strict=True) if k != DEVICE]
+        return _shard_bytes(on), _shard_bytes(off)
+
+    def close(self) -> None:
+        self.blocks = []
+
+
+def _row_writer(kind: str, block_sh: Any) -> Callable[[Any, Any, int], Any]:
+    """(block, vector, i) → the block with row i set to the vector (donated, kept in ``kind``)."""
+
+    def write(block: Any, vector: Any, i: jax.Array) -> Any:
+        def leaf(b: jax.Array, v: jax.Array) -> jax.Array:
+            v = v.astype(b.dtype)[None]
+            if kind != DEVICE:
+                v = jax.device_put(v, jax.memory.Space.Host)
+            return jax.lax.dynamic_update_slice_in_dim(b, v, i, 0)
+
+        return jax.tree.map(leaf, block, vector)
+
+    return jax.jit(write, donate_argnums=0, out_shardings=block_sh)
+
+
+def _shard_bytes(blocks: list[Any]) -> int:
+    per_device: dict[Any, int] = {}
+    for leaf in jax.tree.leaves(blocks):
+        for shard in leaf.addressable_shards:
+            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+    return max(per_device.values(), default=0)
+
+
+class DiskStore:
+    """Rows in tensorstore zarr3 arrays under ``directory``: one per leaf and distinct shard this
+    process holds, shape (rows, *shard), one chunk per row (a row is written once)."""
+
+    def __init__(
+        self, directory: Path, like: Any, num_rows: int, block_rows: int, vector_sh: Any
+    ) -> None:
+        self.directory = Path(directory) / f"process_{jax.process_index()}"
+        shutil.rmtree(self.directory, ignore_errors=True)  # scratch: rebuilt from the pieces
+        self.block_rows = block_rows
+        self.num_blocks = math.ceil(num_rows / block_rows)
+        self.device_sh = stacked_shardings(vector_sh)
+        self.like, self.treedef = jax.tree.flatten(like)
+        self.shards: list[dict[tuple, list[jax.Device]]] = []  # per leaf: index → its devices
+        self.arrays: list[dict[tuple, Any]] = []
+        rows = self.num_blocks * block_rows
+        for n, (leaf, sh) in enumerate(zip(self.like, jax.tree.leaves(vector_sh), strict=True)):
+            index_map = sh.addressable_devices_indices_map(leaf.shape)
+            groups: dict[tuple, list[jax.Device]] = {}
+            for device, index in index_map.items():
+                groups.setdefault(_key(index, leaf.shape), []).append(device)
+            self.shards.append(groups)
+            self.arrays.append(
+                {
+                    key: _open(self.directory / f"leaf{n}_{i}", rows, key, leaf.dtype)
+                    for i, key in enumerate(groups)
+                }
+            )
+        self.pending: list[Any] = []
+
+    def write_row(self, row: int, vector: Any) -> None:
+        """Start writing row ``row`` (the writes finish before any later read)."""
+        for leaf, arrays in zip(jax.tree.leaves(vector), self.arrays, strict=True):
+            done: set[tuple] = set()
+            for shard in leaf.addressable_shards:
+                key = _key(shard.index, leaf.shape)
+                if key not in done:
+                    done.add(key)
+                    data = np.asarray(shard.data).astype(arrays[key].dtype.numpy_dtype)
+                    self.pending.append(arrays[key][row].write(data))
+
+    def flush(self) -> None:
+        for future in self.pending:
+            future.result()
+        self.pending = []
+
+    def fetch(self, j: int) -> Getter:
+        self.flush()
+        rows = slice(j * self.block_rows, (j + 1) * self.block_rows)
+        reads = [{key: a[rows].read() for key, a in arrays.items()} for arrays in self.arrays]
+        return lambda: self._assemble(reads)
+
+    def _assemble(self, reads: list[dict[tuple, Any]]) -> Any:
+        leaves = []
+        for leaf, groups, futures, sh in zip(
+            self.like, self.shards, reads, jax.tree.leaves(self.device_sh), strict=True
+        ):
+            shape = (self.block_rows, *leaf.shape)
+            parts = [
+                jax.device_put(futures[key].result(), device)
+                for key, devices in groups.items()
+                for device in devices
+            ]
+            leaves.append(jax.make_array_from_single_device_arrays(shape, sh, parts))
+        return jax.tree.unflatten(self.treedef, leaves)
+
+    def bytes_per_device(self) -> tuple[int, int]:
+        rows = self.num_blocks * self.block_rows
+        size = sum(
+            math.prod(_shape(key)) * leaf.dtype.itemsize
+            for leaf, groups in zip(self.like, self.shards, strict=True)
+            for key in list(groups)[:1]
+        )
+        return 0, rows * size
+
+    def close(self) -> None:
+        self.flush()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _key(index: tuple, shape: tuple[int, ...]) -> tuple:
+    """A shard's index as hashable (start, stop) pairs."""
+    return tuple(s.indices(n)[:2] for s, n in zip(index, shape, strict=True))
+
+
+def _shape(key: tuple) -> tuple[int, ...]:
+    return tuple(stop - start for start, stop in key)
+
+
+def _open(path: Path, rows: int, key: tuple, dtype: Any) -> Any:
+    shape = (rows, *_shape(key))
+    spec = {
+        "driver": "zarr3",
+        "kvstore": {"driver": "file", "path": str(path)},
+        "metadata": {
+            "shape": list(shape),
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [1, *shape[1:]]}},
+            "data_type": np.dtype(dtype).name,
+        },
+    }
+    return ts.open(spec, create=True, delete_existing=True).result()
