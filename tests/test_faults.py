@@ -328,3 +328,29 @@ def test_compatible_changes_on_resume(finished: Path, tmp_path: Path) -> None:
     )
     assert resumed.code == 0 and "(1 resumed)" in resumed.output, resumed.output[-3000:]
     fi.assert_same_scores(workdir, reference, rtol=1e-5)
+
+
+def test_sigkill_with_the_basis_in_host_memory_resumes_on_disk(
+    trained: Path, finished: Path, tmp_path: Path
+) -> None:
+    """arnoldi.basis_storage=host killed as the save of iteration 8 starts (SIGKILL: the basis in
+    host memory is lost, the piece of iteration 4 is not) resumes with basis_storage=disk from its
+    last complete piece and ends with the eigenvalues of an uninterrupted disk run bit for bit (both stream the same
+    blocks through the same programs), and within 1e-6 of the device basis'; the disk's scratch
+    copy of the basis is gone once the fit ends."""
+    streamed = ("--config.arnoldi.orthogonalization=bcgs2", "--config.arnoldi.block_rows=5")
+    host, disk = (f"--config.arnoldi.basis_storage={where}" for where in ("host", "disk"))
+    reference = with_params(trained, tmp_path / "reference")
+    assert fi.run("arnoldi", reference, 1, *FLAGS, *streamed, disk).code == 0
+    workdir = with_params(trained, tmp_path / "killed")
+    env = {failpoints.ENV: "arnoldi_saved=8"}
+    assert fi.run("arnoldi", workdir, 1, *FLAGS, *streamed, host, env=env).code == -9
+    saved = fi.steps(fi.results(workdir) / "krylov")
+    assert saved[0] == 4 and saved[-1] <= 8
+    resumed = fi.run("arnoldi", workdir, 1, *FLAGS, *streamed, disk)
+    assert resumed.code == 0, resumed.output[-3000:]
+    assert f"resuming Arnoldi at iteration {saved[-1]}" in resumed.output
+    assert "MiB on disk (basis_storage=disk" in resumed.output
+    np.testing.assert_array_equal(fi.eigvals(workdir), fi.eigvals(reference))
+    np.testing.assert_allclose(fi.eigvals(workdir), fi.eigvals(finished), rtol=1e-6)
+    assert not list((fi.results(workdir) / "krylov_basis").glob("process_*"))
