@@ -166,9 +166,7 @@ def _bcgs_pass(
     def body(j: jax.Array, carry: tuple[Params, jax.Array]) -> tuple[Params, jax.Array]:
         first = j * size
         row0 = jnp.minimum(first, total - size)
-        block = jax.tree.map(
-            lambda s: jax.lax.dynamic_slice_in_dim(s, row0, size, 0), krylov_basis
-        )
+        block = jax.tree.map(lambda s: jax.lax.dynamic_slice_in_dim(s, row0, size, 0), krylov_basis)
         return block_pass(block, *carry, row0, first, k)
 
     return jax.lax.fori_loop(0, k // size + 1, body, (w, coeffs))

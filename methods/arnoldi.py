@@ -22,7 +22,7 @@ from influence import distill, krylov
 from influence.hvp import make_hvp
 from methods import basis_storage, checks
 from methods.base import Context, Fitted, Kind, Method, fitted
-from parallel import programs, sharding
+from parallel import offload, programs, sharding
 from runtime import failpoints, finite, preemption
 from runtime.config import Block
 from runtime.errors import InputError
@@ -93,6 +93,11 @@ def check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         raise InputError(f"arnoldi.checkpoint_every={a.checkpoint_every} must be at least 1")
     if a.basis_dtype not in BASIS_DTYPES:
         raise InputError(f"arnoldi.basis_dtype={a.basis_dtype!r}; choose one of {BASIS_DTYPES}")
+    if a.basis_dtype != "float32" and (why := offload.dtype_unsupported(a.basis_dtype)):
+        raise InputError(
+            f"arnoldi.basis_dtype={a.basis_dtype}: the {jax.default_backend()} backend cannot "
+            f"store the basis in it ({why}); use arnoldi.basis_dtype=float32"
+        )
     basis_storage.check(a)
 
 

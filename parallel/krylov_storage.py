@@ -178,15 +178,16 @@ class Streamed:
         return step
 
     def _sweeps(self, sweep: Callable, w: Any, coeffs: jax.Array, k: int) -> tuple[Any, Any]:
-        """Two BCGS passes over blocks 0 … k // B, each block's transfer started one block ahead."""
+        """Two BCGS passes over blocks 0 … k // B."""
         size = self.store.block_rows
-        order = list(range(k // size + 1)) * 2
-        pending = self.store.fetch(order[0])
-        for n, j in enumerate(order):
-            block = pending()
-            if n + 1 < len(order):
-                pending = self.store.fetch(order[n + 1])
+        blocks = list(range(k // size + 1)) * 2
+
+        def use(j: int, block: Any) -> None:
+            nonlocal w, coeffs
             w, coeffs = sweep(block, w, coeffs, j * size, j * size, k)
+            return coeffs
+
+        _stream(self.store, blocks, use)
         return w, coeffs
 
     def to_parameter_space(self, coords: np.ndarray, state: krylov.KrylovState) -> Any:
@@ -206,13 +207,13 @@ class Streamed:
             out_shardings=eig_sh,
             donate_argnums=0,
         )
-        blocks = padded.shape[1] // size
-        pending = self.store.fetch(0)
-        for j in range(blocks):
-            block = pending()
-            if j + 1 < blocks:
-                pending = self.store.fetch(j + 1)
+
+        def use(j: int, block: Any) -> Any:
+            nonlocal g
             g = add(g, padded[:, j * size : (j + 1) * size], block)
+            return g
+
+        _stream(self.store, list(range(padded.shape[1] // size)), use)
         return g
 
     def describe(self, state: krylov.KrylovState) -> str:
@@ -224,6 +225,26 @@ class Streamed:
         if self.store is not None:
             self.store.close()
             self.store = None
+
+
+def _stream(
+    store: HostStore | DiskStore, blocks: list[int], use: Callable[[int, Any], Any]
+) -> None:
+    """``use(j, block j)`` for each of ``blocks`` in order, double buffered: while block n's
+    compute runs, block n + 1's transfer runs, started once block n − 1's compute has finished.
+    So at most two blocks are on the devices: JAX dispatches asynchronously, and without the wait
+    the host would queue the transfers of a whole sweep ahead of the compute (measured: the
+    resident memory of a disk run grew by a row per iteration)."""
+    pending = store.fetch(blocks[0])
+    previous = None
+    for n, j in enumerate(blocks):
+        block = pending()
+        done = use(j, block)
+        if previous is not None:
+            jax.block_until_ready(previous)
+        if n + 1 < len(blocks):
+            pending = store.fetch(blocks[n + 1])
+        previous = done
 
 
 def _rows_of(blocks: tuple, start: jax.Array, count: int) -> Any:

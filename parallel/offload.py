@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
@@ -39,6 +40,20 @@ def host_memory_kind() -> str | None:
     """``pinned_host`` where the devices have it, else ``unpinned_host``, else None."""
     kinds = {m.kind for m in jax.local_devices()[0].addressable_memories()}
     return next((k for k in ("pinned_host", "unpinned_host") if k in kinds), None)
+
+
+def dtype_unsupported(dtype: str) -> str | None:
+    """Why the devices cannot store a basis in ``dtype`` (None: they can): a row written into
+    a stacked array of it and a float32-accumulated dot product, compiled and run once."""
+    try:
+        basis = jnp.zeros((2, 8), dtype)
+        basis = jax.jit(lambda b, v: b.at[1].set(v.astype(b.dtype)))(basis, jnp.ones(8))
+        dot = jax.jit(lambda b: jnp.dot(b, b[1], preferred_element_type=jnp.float32))(basis)
+        if float(dot[1]) != 8.0:
+            return f"a {dtype} dot product gave {float(dot[1])}, not 8"
+    except Exception as e:  # XLA raises many types for an unsupported type
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
 
 
 def with_kind(shardings: Any, kind: str) -> Any:
@@ -145,7 +160,7 @@ class DiskStore:
                 key = _key(shard.index, leaf.shape)
                 if key not in done:
                     done.add(key)
-                    data = np.asarray(shard.data).astype(arrays[key].dtype.numpy_dtype)
+                    data = np.asarray(shard.data).astype(arrays[key].dtype.numpy_dtype, copy=False)
                     self.pending.append(arrays[key][row].write(data))
 
     def flush(self) -> None:

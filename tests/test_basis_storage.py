@@ -179,3 +179,46 @@ def test_a_basis_larger_than_host_memory_or_the_disk_is_refused(
     basis_storage._check_host(3 * 2**30, 2 * 2**30)  # two of the three GiB stay on the devices
     with pytest.raises(InputError, match=r"GiB on disk under .* is free; free space there"):
         basis_storage._check_disk(tmp_path / "results" / "krylov_basis", 2**60)
+
+
+def test_auto_keeps_what_fits_the_budget_on_the_devices(tmp_path: Path) -> None:
+    """arnoldi.basis_storage=auto on the runlocal preset (13 rows of 2,410 float32 params, 9.4 KiB
+    a row): a budget that holds the basis keeps it wholly on the devices; 0.1 MiB holds the
+    working rows and one block of 2 rows, the rest goes to host memory; 0.05 MiB, no block."""
+    from methods import arnoldi
+    from stages import setup
+    from tests.pipeline_helpers import tiny_config
+
+    def planned(budget_mb: float) -> krylov_storage.Storage:
+        config = tiny_config(
+            arnoldi__basis_storage="auto",
+            arnoldi__orthogonalization="bcgs2",
+            arnoldi__block_rows=2,
+            arnoldi__memory_budget_mb=budget_mb,
+        )
+        return basis_storage.make(setup.context(config, tmp_path / str(budget_mb), arnoldi.check))
+
+    assert isinstance(planned(1.0), krylov_storage.OnDevice)
+    for budget_mb, on_device in ((0.1, 1), (0.05, 0)):
+        storage = planned(budget_mb)
+        assert isinstance(storage, krylov_storage.Streamed)
+        storage.init(jax.random.key(0))
+        kinds = storage.store.kinds
+        assert kinds == ["device"] * on_device + ["pinned_host"] * (7 - on_device)
+        storage.close()
+
+
+def test_bfloat16_on_a_backend_without_it_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe runs on this backend (CPU has bfloat16); a backend whose probe fails gets one
+    line naming the dtype, the backend and the way out, before any work."""
+    from methods import arnoldi
+    from parallel import offload
+    from tests.pipeline_helpers import tiny_config
+
+    assert offload.dtype_unsupported("bfloat16") is None
+    config = tiny_config(arnoldi__basis_dtype="bfloat16")
+    monkeypatch.setattr(offload, "dtype_unsupported", lambda dtype: "XlaRuntimeError: no bf16")
+    with pytest.raises(
+        InputError, match=r"cannot store the basis in it .* use arnoldi.basis_dtype=f"
+    ):
+        arnoldi.check(config, make_mesh(1, 1, 1))
