@@ -87,3 +87,20 @@ def test_krylov_saves_benchmark_prints_its_ratios() -> None:
     assert re.search(r"^piece bytes, last regular save / first = [0-9.]+", out, re.M)
     assert re.search(r"^whole-state bytes / piece bytes at k = 9: [0-9.]+", out, re.M)
     assert re.search(r"piece 12 GB = [0-9]+ s, whole state 241 GB = [0-9]+ s per save", out)
+
+
+def test_basis_storage_benchmark_runs_under_its_cap() -> None:
+    """The capped run on a tiny basis: three children (device uncapped, disk capped twice), the
+    top Ritz values of the synthetic diagonal HVP found, the capped and uncapped runs equal."""
+    out = run(
+        "benchmarks.basis_storage",
+        "--part=cap",
+        "--params=300000",
+        "--check_params=200000",
+        "--num_iters=12",
+        "--cap_gb=4",
+        "--block_rows=4",
+    )
+    diff = re.search(r"top-10 λ max rel\. diff\. ([0-9.e+-]+)", out)
+    assert diff and float(diff.group(1)) <= 1e-6, out[-2000:]
+    assert re.search(r"^\| disk, capped \| 300,000 \|", out, re.M), out[-2000:]
