@@ -239,12 +239,11 @@ def _stream(
     previous = None
     for n, j in enumerate(blocks):
         block = pending()
-        done = use(j, block)
-        if previous is not None:
+        if previous is not None:  # before ``use`` may donate it
             jax.block_until_ready(previous)
+        previous = use(j, block)
         if n + 1 < len(blocks):
             pending = store.fetch(blocks[n + 1])
-        previous = done
 
 
 def _rows_of(blocks: tuple, start: jax.Array, count: int) -> Any:
