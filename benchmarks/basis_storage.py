@@ -252,7 +252,7 @@ def cap(workdir: Path) -> None:
     basis_gb = (n + 1) * FLAGS.params * 4 / 1e9
     print(
         f"\nsynthetic diag HVP, n = {n}, bcgs2 blocks of {FLAGS.block_rows}, "
-        f"storage={FLAGS.storage}, cap (prlimit --as) {cap_gb} GB"
+        f"storage={FLAGS.storage}, cap ({big['cap']}) {cap_gb} GB"
     )
     print("| run | params | basis GB | basis / cap | peak RSS GB | s | max rel. err. top-10 λ |")
     print("|---|---|---|---|---|---|---|")
