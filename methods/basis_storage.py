@@ -9,7 +9,6 @@ work and sized from the mesh (``parallel/krylov_storage.py`` holds the programs)
   free memory of a device), else as many blocks as fit there and the rest in host memory.
 """
 
-import math
 import os
 import shutil
 from typing import Any
@@ -20,7 +19,7 @@ import numpy as np
 
 from methods.base import Context
 from parallel.krylov_storage import OnDevice, Storage, Streamed
-from parallel.offload import DiskStore, HostStore, host_memory_kind
+from parallel.offload import DiskStore, HostStore, host_memory_kind, row_bytes
 from parallel.products import budget_bytes
 from runtime.errors import InputError
 
@@ -60,8 +59,9 @@ def make(ctx: Context, storage: str | None = None) -> Storage:
         lambda x: jax.ShapeDtypeStruct(x.shape, np.dtype(a.basis_dtype)), ctx.vectors_like
     )
     rows = a.num_iters + 1
-    row_bytes = process_row_bytes(like, ctx.vector_sh)
-    if storage == "device" or (storage == "auto" and _device_blocks(ctx, row_bytes) is None):
+    device_row, process_row = row_bytes(like, ctx.vector_sh)
+    on_device = _device_blocks(a, device_row) if storage == "auto" else 0
+    if storage == "device" or on_device is None:
         return OnDevice(like, a.num_iters, ctx.vector_sh, ctx.mesh)
     if storage == "disk":
         directory = ctx.results / "krylov_basis"
@@ -70,36 +70,19 @@ def make(ctx: Context, storage: str | None = None) -> Storage:
                 f"arnoldi.basis_storage=disk keeps the basis under the workdir, which must be a "
                 f"local or mounted path, not {ctx.workdir}; use arnoldi.basis_storage=host"
             )
-        _check_disk(directory, rows * row_bytes)
+        _check_disk(directory, rows * process_row)
         make_store = lambda: DiskStore(directory, like, rows, a.block_rows, ctx.vector_sh)  # noqa: E731
     else:
-        on_device = _device_blocks(ctx, row_bytes) if storage == "auto" else 0
-        _check_host(rows * row_bytes, a.block_rows * row_bytes * (on_device or 0))
+        _check_host(rows * process_row, a.block_rows * process_row * on_device)
         make_store = lambda: HostStore(  # noqa: E731
-            like, rows, a.block_rows, ctx.vector_sh, on_device or 0
+            like, rows, a.block_rows, ctx.vector_sh, on_device
         )
     return Streamed(make_store, like, a.num_iters, ctx.vector_sh, ctx.mesh)
 
 
-def process_row_bytes(like: Any, vector_sh: Any) -> int:
-    """Bytes of one basis row this process holds (each distinct shard of its devices once)."""
-    total = 0
-    for leaf, sh in zip(jax.tree.leaves(like), jax.tree.leaves(vector_sh), strict=True):
-        shards = {
-            tuple(s.indices(n)[:2] for s, n in zip(index, leaf.shape, strict=True))
-            for index in sh.addressable_devices_indices_map(leaf.shape).values()
-        }
-        total += sum(math.prod(b - a for a, b in key) for key in shards) * leaf.dtype.itemsize
-    return total
-
-
-def _device_blocks(ctx: Context, row_bytes: int) -> int | None:
-    """``auto``: how many blocks of rows fit the device budget; None when the whole basis does.
-
-    The budget is per device; a row's bytes per device are this process' row bytes over its
-    devices (an even split over 'model': the shards' layout)."""
-    a = ctx.config.arnoldi
-    per_device = row_bytes / max(1, len({d for d in ctx.mesh.local_devices}))
+def _device_blocks(a: ml_collections.ConfigDict, per_device: int) -> int | None:
+    """``auto``: how many blocks of rows fit the device budget (per device; ``per_device``: a
+    row's bytes on a device); None when the whole basis does."""
     budget = budget_bytes(a.memory_budget_mb)
     if (a.num_iters + 1) * per_device <= budget:
         return None

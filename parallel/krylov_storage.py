@@ -41,7 +41,9 @@ class OnDevice:
 
     def __init__(self, like: Any, num_iters: int, vector_sh: Any, mesh: Mesh) -> None:
         self.like, self.num_iters, self.vector_sh, self.mesh = like, num_iters, vector_sh, mesh
-        self.state_sh = programs.krylov_shardings(vector_sh, mesh)
+        state_sh = programs.krylov_shardings(vector_sh, mesh)
+        self._take = programs.jit_take_piece(state_sh)
+        self._write = programs.jit_write_piece(state_sh)
 
     def init(self, key: jax.Array) -> krylov.KrylovState:
         fn = programs.jit_init_krylov_state(self.like, self.num_iters, self.vector_sh, self.mesh)
@@ -50,12 +52,12 @@ class OnDevice:
     def take(
         self, state: krylov.KrylovState, rows: tuple[int, int], columns: tuple[int, int]
     ) -> krylov.KrylovState:
-        return programs.jit_take_piece(self.state_sh)(state, rows, columns)
+        return self._take(state, rows, columns)
 
     def write(
         self, state: krylov.KrylovState, piece: krylov.KrylovState, r0: int, c0: int
     ) -> krylov.KrylovState:
-        return programs.jit_write_piece(self.state_sh)(state, piece, r0, c0)
+        return self._write(state, piece, r0, c0)
 
     def step(
         self, hvp: HVP, param_sh: Any, breakdown_tol: float, orthogonalization: str, block: int

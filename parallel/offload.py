@@ -133,7 +133,7 @@ class DiskStore:
         shutil.rmtree(self.directory, ignore_errors=True)  # scratch: rebuilt from the pieces
         self.block_rows = block_rows
         self.num_blocks = math.ceil(num_rows / block_rows)
-        self.device_sh = stacked_shardings(vector_sh)
+        self.device_sh, self.vector_sh = stacked_shardings(vector_sh), vector_sh
         self.like, self.treedef = jax.tree.flatten(like)
         self.shards: list[dict[tuple, list[jax.Device]]] = []  # per leaf: index → its devices
         self.arrays: list[dict[tuple, Any]] = []
@@ -189,17 +189,27 @@ class DiskStore:
         return jax.tree.unflatten(self.treedef, leaves)
 
     def bytes_per_device(self) -> tuple[int, int]:
-        rows = self.num_blocks * self.block_rows
-        size = sum(
-            math.prod(_shape(key)) * leaf.dtype.itemsize
-            for leaf, groups in zip(self.like, self.shards, strict=True)
-            for key in list(groups)[:1]
-        )
-        return 0, rows * size
+        """(0, bytes on disk for this process)."""
+        like = jax.tree.unflatten(self.treedef, self.like)
+        return 0, self.num_blocks * self.block_rows * row_bytes(like, self.vector_sh)[1]
 
     def close(self) -> None:
         self.flush()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def row_bytes(like: Any, vector_sh: Any) -> tuple[int, int]:
+    """(bytes of one row on a device, bytes of one row this process holds: each distinct shard
+    of its devices once, as a store keeps it)."""
+    device = process = 0
+    for leaf, sh in zip(jax.tree.leaves(like), jax.tree.leaves(vector_sh), strict=True):
+        item = np.dtype(leaf.dtype).itemsize
+        device += math.prod(sh.shard_shape(leaf.shape)) * item
+        keys = {
+            _key(i, leaf.shape) for i in sh.addressable_devices_indices_map(leaf.shape).values()
+        }
+        process += sum(math.prod(_shape(key)) for key in keys) * item
+    return device, process
 
 
 def _key(index: tuple, shape: tuple[int, ...]) -> tuple:
