@@ -35,22 +35,24 @@ jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-# The files that take longest on 2 cores, started first (about 280, 200, 170, 155, 140, 140, 140,
-# 135 and 115 seconds of a worker's time in a run of 2026-12-07 with --durations). launch/test.sh
-# passes --no-loadscope-reorder, so xdist's loadfile hands out files in this order; by default it
-# sorts them by test count, which starts a one-test file of minutes last while the other worker
-# idles.
+# The files that take longest on 2 cores, started first (about 360, 255, 180, 180, 175, 170, 145,
+# 120, 120, 90, 60 and 45 seconds of a worker's time in a run of 2026-12-07 evening with
+# --durations). launch/test.sh passes --no-loadscope-reorder, so xdist's loadfile hands out files
+# in this order; by default it sorts them by test count, which starts a one-test file of minutes
+# last while the other worker idles.
 LONGEST_FIRST = (
     "test_faults.py",
     "test_multiprocess.py",
-    "test_preemption.py",
-    "test_methods.py",
-    "test_lora_text.py",
-    "test_translation.py",
     "test_benchmarks.py",
+    "test_methods.py",
     "test_vision.py",
     "test_readme.py",
     "test_report.py",
+    "test_translation.py",
+    "test_lora_text.py",
+    "test_preemption.py",
+    "test_factorised.py",
+    "test_basis_storage.py",
 )
 
 
