@@ -6,7 +6,8 @@
 - ``Streamed``: the rows in a ``parallel/offload.py`` store (host memory, disk, or host memory
   with its first blocks on the devices). An iteration is the HVP program, then Gram–Schmidt as
   BCGS2 (``krylov.block_pass``): two sweeps over the blocks of rows 0 … k, block j + 1's transfer
-  started before block j's compute (double buffering), then lines 8–9 and q_{k+1} written back.
+  running while block j's compute runs (double buffering, ``_stream``), then lines 8–9 and
+  q_{k+1} written back.
   Only q_k, w, two blocks in flight and the Hessenberg matrix are on the devices. MGS cannot
   stream (k + 1 dependent reads of one row each) and CGS2 reads the basis four times (its update
   needs every dot product first): BCGS2 reads it twice, in blocks large enough to hide the
@@ -184,7 +185,7 @@ class Streamed:
         size = self.store.block_rows
         blocks = list(range(k // size + 1)) * 2
 
-        def use(j: int, block: Any) -> None:
+        def use(j: int, block: Any) -> jax.Array:
             nonlocal w, coeffs
             w, coeffs = sweep(block, w, coeffs, j * size, j * size, k)
             return coeffs
