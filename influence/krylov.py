@@ -155,8 +155,15 @@ def block_pass(
     return w, coeffs.at[rows].add(c, mode="drop")
 
 
+DEFAULT_BLOCK_ROWS = 8
+
+
 def _bcgs_pass(
-    krylov_basis: Params, w: Params, coeffs: jax.Array, k: jax.Array, block_rows: int
+    krylov_basis: Params,
+    w: Params,
+    coeffs: jax.Array,
+    k: jax.Array,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
 ) -> tuple[Params, jax.Array]:
     """One BCGS sweep over a device-resident basis: blocks of ``block_rows`` rows up to row k
     (the last block's start is clamped to fit; its rows already swept are masked)."""
@@ -178,7 +185,6 @@ ORTHOGONALIZATION = {
     "dgks": _mgs_pass,
     "mgs2": _mgs_pass,
 }
-DEFAULT_BLOCK_ROWS = 8
 
 # Daniel, Gragg, Kaufman & Stewart (1976): a Gram–Schmidt pass that keeps more than 1/√2 of
 # ‖w‖ has cancelled too little to lose orthogonality, and the re-orthogonalisation pass is skipped.

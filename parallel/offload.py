@@ -14,8 +14,8 @@ devices would: a leaf split over 'model' is split the same way in host memory or
   block ahead of its use (``fetch`` returns at once; the getter waits).
 
 ``fetch(j)`` starts moving block j to the devices and returns a getter for it: the caller asks for
-block j + 1 before it computes on block j, so each transfer overlaps the previous block's compute
-(double buffering; ``parallel/krylov_storage.py``).
+block j + 1 once block j's compute is dispatched, so each transfer overlaps the previous block's
+compute (double buffering; ``parallel/krylov_storage._stream``).
 """
 
 import math
@@ -30,7 +30,7 @@ import numpy as np
 import tensorstore as ts
 
 from influence import pytree
-from parallel.sharding import stacked_shardings
+from parallel.sharding import bytes_per_device, stacked_shardings
 
 Getter = Callable[[], Any]
 DEVICE = "device"
@@ -93,7 +93,7 @@ class HostStore:
         """(bytes in device memory, bytes in host memory) of the most loaded device's shards."""
         on = [b for b, k in zip(self.blocks, self.kinds, strict=True) if k == DEVICE]
         off = [b for b, k in zip(self.blocks, self.kinds, strict=True) if k != DEVICE]
-        return _shard_bytes(on), _shard_bytes(off)
+        return bytes_per_device(on), bytes_per_device(off)
 
     def close(self) -> None:
         self.blocks = []
@@ -112,14 +112,6 @@ def _row_writer(kind: str, block_sh: Any) -> Callable[[Any, Any, int], Any]:
         return jax.tree.map(leaf, block, vector)
 
     return jax.jit(write, donate_argnums=0, out_shardings=block_sh)
-
-
-def _shard_bytes(blocks: list[Any]) -> int:
-    per_device: dict[Any, int] = {}
-    for leaf in jax.tree.leaves(blocks):
-        for shard in leaf.addressable_shards:
-            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
-    return max(per_device.values(), default=0)
 
 
 class DiskStore:
