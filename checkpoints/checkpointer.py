@@ -10,6 +10,12 @@ asynchronous save never became a step (Orbax writes into a temporary directory a
 the end). A step that exists but cannot be read (a truncated file, a disk error) is moved aside
 to ``<step>.unreadable-<time>`` with a warning and the previous step is used; when no step can be
 read the job stops with an error instead of starting over from zero.
+
+Several managers may save at once (training's asynchronous state save still finishing in its
+thread while the params after an epoch are kept): Orbax's managers synchronise every save through
+barriers whose names are the same for every manager unless ``barrier_sync_key_prefix`` differs,
+and two processes of a job then fail with "Barrier ... is already ongoing". Each Checkpointer's
+prefix is its directory's last components (``_barrier_prefix``), the same on every process.
 """
 
 import dataclasses
@@ -29,6 +35,14 @@ from runtime.errors import first_line
 
 STATE = "state"
 META = "meta"
+
+
+def _barrier_prefix(directory: epath.Path) -> str:
+    """Orbax's barrier-name prefix for a manager of ``directory``: distinct between the
+    directories one job saves to at once, equal on every process. The last three components, not
+    the whole path: a relative workdir made absolute may differ between hosts' working
+    directories."""
+    return "_".join(directory.parts[-3:]).replace("/", "_")
 
 
 class CheckpointError(UserError):
@@ -76,6 +90,9 @@ class Checkpointer:
             save_decision_policy=policies.FixedIntervalPolicy(self.save_interval_steps),
             enable_async_checkpointing=self.async_save,
             create=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix=_barrier_prefix(self.directory)
+            ),
         )
         self._manager = _Manager(self.directory, options=options)
 

@@ -59,3 +59,19 @@ def test_whole_states_of_an_earlier_version_are_refused(tmp_path: Path) -> None:
     with pytest.raises(IncompatibleCheckpointError, match="whole states written by an earlier"):
         _restore(tmp_path / "k")
     assert (tmp_path / "k" / "4").exists()
+
+
+def test_each_directory_has_its_own_barrier_names(tmp_path: Path, monkeypatch) -> None:
+    """Orbax names its save barriers after ``barrier_sync_key_prefix``: two managers saving at once
+    (training's asynchronous state, the params kept after an epoch) need different prefixes, and
+    one directory the same prefix on every process, whatever its working directory (the race
+    itself: tests/test_multiprocess.py::test_two_checkpointers_save_at_once)."""
+
+    def prefix(directory: Path | str) -> str:
+        with Checkpointer(directory) as ckpt:
+            return ckpt._manager._multiprocessing_options.barrier_sync_key_prefix
+
+    names = {prefix(tmp_path / "w" / name) for name in ("train_state", "epoch_params", "params")}
+    assert len(names) == 3
+    monkeypatch.chdir(tmp_path)
+    assert prefix("w/params") == prefix(tmp_path / "w" / "params")
