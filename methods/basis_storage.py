@@ -77,7 +77,21 @@ def make(ctx: Context, storage: str | None = None) -> Storage:
         make_store = lambda: HostStore(  # noqa: E731
             like, rows, a.block_rows, ctx.vector_sh, on_device
         )
-    return Streamed(make_store, like, a.num_iters, ctx.vector_sh, ctx.mesh)
+    return Streamed(
+        make_store, like, a.num_iters, ctx.vector_sh, ctx.mesh, _eig_rows(ctx, a, device_row)
+    )
+
+
+def _eig_rows(ctx: Context, a: ml_collections.ConfigDict, per_device: int) -> int | None:
+    """Rows of G = Uᵀ Q the devices accumulate at once beside two blocks of the basis: None (all
+    p̃ at once, G left on the devices) when they fit the budget, else as many as fit, G in host
+    memory (a sweep of the basis per group)."""
+    top_k = ctx.config.distill.top_k
+    row = per_device * 4 // np.dtype(a.basis_dtype).itemsize  # G is float32
+    spare = budget_bytes(a.memory_budget_mb) - WORKING_BLOCKS * a.block_rows * per_device
+    if top_k * row <= spare or host_memory_kind() is None:
+        return None
+    return max(1, int(spare // row))
 
 
 def _device_blocks(a: ml_collections.ConfigDict, per_device: int) -> int | None:

@@ -6,7 +6,7 @@
 - ``Streamed``: the rows in a ``parallel/offload.py`` store (host memory, disk, or host memory
   with its first blocks on the devices). An iteration is the HVP program, then Gram–Schmidt as
   BCGS2 (``krylov.block_pass``): two sweeps over the blocks of rows 0 … k, block j + 1's transfer
-  running while block j's compute runs (double buffering, ``_stream``), then lines 8–9 and
+  running while block j's compute runs (double buffering, ``offload.stream``), then lines 8–9 and
   q_{k+1} written back.
   Only q_k, w, two blocks in flight and the Hessenberg matrix are on the devices. MGS cannot
   stream (k + 1 dependent reads of one row each) and CGS2 reads the basis four times (its update
@@ -26,11 +26,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh
 
 from influence import krylov, pytree
 from influence.hvp import HVP
-from parallel import programs
+from parallel import offload, programs
 from parallel.offload import DiskStore, HostStore
 from parallel.sharding import batch_sharding, bytes_per_device, replicated, stacked_shardings
 
@@ -89,8 +90,12 @@ class Streamed:
         num_iters: int,
         vector_sh: Any,
         mesh: Mesh,
+        eig_rows: int | None = None,
     ) -> None:
+        """``eig_rows``: rows of G the devices accumulate at once (``to_parameter_space``); None:
+        all of them, G left on the devices."""
         self.make_store, self.like, self.num_iters = make_store, like, num_iters
+        self.eig_rows = eig_rows
         self.vector_sh, self.mesh = vector_sh, mesh
         self.store: HostStore | DiskStore | None = None
         self.head: tuple[int, Any] | None = None  # (row, the row on the devices): the next q_k
@@ -190,12 +195,33 @@ class Streamed:
             w, coeffs = sweep(block, w, coeffs, j * size, j * size, k)
             return coeffs
 
-        _stream(self.store, blocks, use)
+        offload.stream(self.store.fetch, blocks, use)
         return w, coeffs
 
     def to_parameter_space(self, coords: np.ndarray, state: krylov.KrylovState) -> Any:
-        """G = Uᵀ Q (Alg. 1 line 17) accumulated block by block over the first m rows."""
+        """G = Uᵀ Q (Alg. 1 line 17) accumulated block by block over the first m rows; with
+        ``eig_rows`` below p̃, ``eig_rows`` rows of G at a time (a sweep of the basis each), each
+        group moved to host memory once done: G in host memory (the score job streams it,
+        ``parallel/tangent_stream.py``), the devices never holding more than a group."""
         del state
+        top = coords.shape[0]
+        if self.eig_rows is None or self.eig_rows >= top:
+            return self._accumulate(coords)
+        host_sh = offload.with_kind(stacked_shardings(self.vector_sh), offload.host_memory_kind())
+        logging.info(
+            "G (%d rows) distilled into host memory, %d rows a sweep of the basis",
+            top,
+            self.eig_rows,
+        )
+        groups = []
+        for start in range(0, top, self.eig_rows):
+            group = self._accumulate(coords[start : start + self.eig_rows])
+            groups.append(jax.block_until_ready(jax.device_put(group, host_sh)))
+            del group
+        return offload.concat_rows(groups, host_sh)
+
+    def _accumulate(self, coords: np.ndarray) -> Any:
+        """Uᵀ ``coords`` on the devices, one sweep of the basis."""
         size, (top, m) = self.store.block_rows, coords.shape
         padded = np.zeros((top, math.ceil(m / size) * size), np.float32)
         padded[:, :m] = coords
@@ -216,7 +242,7 @@ class Streamed:
             g = add(g, padded[:, j * size : (j + 1) * size], block)
             return g
 
-        _stream(self.store, list(range(padded.shape[1] // size)), use)
+        offload.stream(self.store.fetch, list(range(padded.shape[1] // size)), use)
         return g
 
     def describe(self, state: krylov.KrylovState) -> str:
@@ -228,25 +254,6 @@ class Streamed:
         if self.store is not None:
             self.store.close()
             self.store = None
-
-
-def _stream(
-    store: HostStore | DiskStore, blocks: list[int], use: Callable[[int, Any], Any]
-) -> None:
-    """``use(j, block j)`` for each of ``blocks`` in order, double buffered: while block n's
-    compute runs, block n + 1's transfer runs, started once block n − 1's compute has finished.
-    So at most two blocks are on the devices: JAX dispatches asynchronously, and without the wait
-    the host would queue the transfers of a whole sweep ahead of the compute (measured: the
-    resident memory of a disk run grew by a row per iteration)."""
-    pending = store.fetch(blocks[0])
-    previous = None
-    for n, j in enumerate(blocks):
-        block = pending()
-        if previous is not None:  # before ``use`` may donate it
-            jax.block_until_ready(previous)
-        previous = use(j, block)
-        if n + 1 < len(blocks):
-            pending = store.fetch(blocks[n + 1])
 
 
 def _rows_of(blocks: tuple, start: jax.Array, count: int) -> Any:

@@ -15,7 +15,7 @@ devices would: a leaf split over 'model' is split the same way in host memory or
 
 ``fetch(j)`` starts moving block j to the devices and returns a getter for it: the caller asks for
 block j + 1 once block j's compute is dispatched, so each transfer overlaps the previous block's
-compute (double buffering; ``parallel/krylov_storage._stream``).
+compute (double buffering; ``stream``).
 """
 
 import math
@@ -54,6 +54,60 @@ def dtype_unsupported(dtype: str) -> str | None:
     except Exception as e:  # XLA raises many types for an unsupported type
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return None
+
+
+def stream(fetch: Callable[[int], Getter], keys: list[int], use: Callable[[int, Any], Any]) -> None:
+    """``use(j, fetch(j)())`` for each of ``keys`` in order, double buffered: while item n's
+    compute runs, item n + 1's transfer runs, started once item n − 1's compute (what ``use``
+    returned) has finished. So at most two items are on the devices: JAX dispatches
+    asynchronously, and without the wait the host would queue the transfers of a whole sweep
+    ahead of the compute (measured: the resident memory of a disk run grew by a row per
+    iteration). The Krylov basis' blocks (``parallel/krylov_storage.py``) and the score job's
+    tangent chunks (``parallel/tangent_stream.py``) stream through it."""
+    pending = fetch(keys[0])
+    previous = None
+    for n, j in enumerate(keys):
+        item = pending()
+        if previous is not None:  # before ``use`` may donate it
+            jax.block_until_ready(previous)
+        previous = use(j, item)
+        if n + 1 < len(keys):
+            pending = fetch(keys[n + 1])
+
+
+def local_rows(parts: list[jax.Array], device: jax.Device) -> np.ndarray:
+    """The rows of stacked arrays ``parts`` (one leaf, rows in order) that ``device`` holds, as
+    one numpy array: a host-side copy, whatever memory the parts are in."""
+    rows = []
+    for part in parts:
+        (shard,) = (s for s in part.addressable_shards if s.device == device)
+        rows.append(np.asarray(shard.data))
+    return np.concatenate(rows) if len(rows) > 1 else rows[0]
+
+
+def place(per_device: dict[jax.Device, np.ndarray], shape: tuple, sharding: Any) -> jax.Array:
+    """One global array of ``shape`` laid out by ``sharding`` (its memory kind included) from
+    each local device's part: ``device_put`` of numpy only, so nothing is computed on arrays in
+    host memory (which backends support unevenly)."""
+    kind = sharding.memory_kind
+    arrays = [
+        jax.device_put(data, jax.sharding.SingleDeviceSharding(device, memory_kind=kind))
+        for device, data in per_device.items()
+    ]
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def concat_rows(pieces: list[Any], shardings: Any) -> Any:
+    """Stacked pytrees → their rows in one stacked pytree laid out by ``shardings`` (e.g. in host
+    memory), assembled on the host a leaf at a time."""
+    leaves = [jax.tree.leaves(p) for p in pieces]
+    out = []
+    for i, sh in enumerate(jax.tree.leaves(shardings)):
+        parts = [piece[i] for piece in leaves]
+        shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+        devices = [s.device for s in parts[0].addressable_shards]
+        out.append(place({d: local_rows(parts, d) for d in devices}, shape, sh))
+    return jax.tree.unflatten(jax.tree.structure(pieces[0]), out)
 
 
 def with_kind(shardings: Any, kind: str) -> Any:

@@ -14,6 +14,12 @@ Every row the products program computes for an example x is, in this order (``ro
   self-influence, ``parallel/operator_products.py``).
 
 TracIn repeats this at each kept checkpoint, its rows summed with the learning rates.
+
+``score.eigvecs_storage`` says where these rows live while every batch is projected onto them: on
+the devices (``device``), or in host memory, streamed to them a chunk at a time by forward mode
+(``host``: ``parallel/tangent_stream.py``, ``parallel/streamed_products.py``; G of a 1B–8B model
+does not fit in HBM). ``auto`` keeps them on the devices when they take at most half of
+``score.memory_budget_mb``'s budget.
 """
 
 from typing import Any
@@ -21,11 +27,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from influence import scoring
 from methods import passes
 from methods.base import Context, Kind, Operator
-from parallel import operator_products, products, sharding
+from methods.basis_storage import GIB, available_host_bytes
+from parallel import offload, operator_products, products, sharding, streamed_products
+from parallel.tangent_stream import HostTangents, apply_inverse
+from runtime.errors import InputError
 from scoring import queries, row_layout
 
 
@@ -65,17 +75,47 @@ def layout(
     )
 
 
+def storage(ctx: Context) -> str:
+    """Where the tangents live, ``device`` or ``host`` (``score.eigvecs_storage``; module
+    docstring): auto weighs the most rows there can be (p̃, the queries, v̄) against the budget,
+    and keeps them on the devices for an operator method or ``score.mode=reverse``."""
+    s = ctx.config.score
+    if s.eigvecs_storage == "host" and offload.host_memory_kind() is None:
+        raise InputError(
+            "score.eigvecs_storage=host: the devices have no host memory kind to keep the "
+            "eigenvectors in; set score.eigvecs_storage=device"
+        )
+    if s.eigvecs_storage != "auto" or ctx.method.kind is Kind.OPERATOR or s.mode == "reverse":
+        return "device" if s.eigvecs_storage == "auto" else s.eigvecs_storage
+    num_rows = ctx.method.vectors(ctx.config, ctx.selection.num_params(ctx.params_like))
+    num_rows += s.num_queries + int(bool(s.validation))
+    need = num_rows * offload.row_bytes(ctx.vectors_like, ctx.vector_sh)[0]
+    budget = products.budget_bytes(s.memory_budget_mb)
+    where = "device" if need <= budget // 2 else "host"
+    logging.info(
+        "score.eigvecs_storage=auto: %s (%d tangents take %.0f MiB per device; budget %.0f MiB)",
+        where,
+        num_rows,
+        need / products.MIB,
+        budget / products.MIB,
+    )
+    return where
+
+
 def build(
     ctx: Context,
     models: list[tuple[Any, float]],
     eig_state: dict[str, Any],
     eigvals: np.ndarray,
     rows: row_layout.Layout,
+    where: str = "device",
 ) -> tuple[list[tuple[Any, Any, float]], Operator | None]:
     """([(params, tangents, weight)] of every scored model, the method's ``Operator`` or None):
-    the tangents in the order of the ``rows`` layout (module docstring). ``models``: [(params,
-    weight)], the final params with weight 1, or TracIn's kept checkpoints with their learning
-    rates (``Method.checkpoints``)."""
+    the tangents in the order of the ``rows`` layout (module docstring), ``HostTangents`` where
+    ``where`` is host. ``models``: [(params, weight)], the final params with weight 1, or
+    TracIn's kept checkpoints with their learning rates (``Method.checkpoints``)."""
+    if where == "host":
+        return [(at, _host(ctx, at, eig_state, eigvals, rows), w) for at, w in models], None
     method, num_queries = ctx.method, ctx.config.score.num_queries
     operator = None
     if method.kind is Kind.OPERATOR:
@@ -105,12 +145,71 @@ def build(
     return weighted, operator
 
 
-def program(
-    ctx: Context, operator: Operator | None, rows: row_layout.Layout, num_steps: int
-) -> products.Program | operator_products.OperatorProgram:
-    """The products program of the rows: per-example gradients and ``operator.solve`` for an
-    ``Operator`` method, else forward or reverse mode as ``score.mode`` says."""
+def _host(
+    ctx: Context, at: Any, eig_state: dict[str, Any], eigvals: np.ndarray, rows: row_layout.Layout
+) -> HostTangents:
+    """The tangents of one model in host memory, in chunks sized to the budget (two chunks take
+    at most half of it); P v̄ streamed over G's chunks and written in v̄'s row."""
     s = ctx.config.score
+    pieces = [eig_state["eigvecs"]]
+    if rows.num_dots:
+        pieces.append(queries.query_gradients(ctx, at, s.num_queries))
+    if rows.validation:
+        v = mean_gradient(ctx, at)
+        pieces.append(jax.tree.map(lambda x: x / rows.sigma, v) if rows.intrinsic else v)
+    row_device, row_process = offload.row_bytes(ctx.vectors_like, ctx.vector_sh)
+    num_rows = sum(jax.tree.leaves(p)[0].shape[0] for p in pieces)
+    need, have = num_rows * row_process, available_host_bytes()
+    if need > have:  # the chunks are cut beside the pieces: the rows twice, briefly
+        raise InputError(
+            f"score.eigvecs_storage=host: {num_rows} tangents need {need / GIB:.2f} GiB more host "
+            f"memory on this process and {have / GIB:.2f} GiB is available; lower distill.top_k "
+            "or score.num_queries, or use more processes"
+        )
+    budget = products.budget_bytes(s.memory_budget_mb)
+    width = s.tangent_chunk or max(1, budget // (4 * row_device))
+    try:
+        tangents = HostTangents(pieces, width, ctx.vector_sh)
+    except ValueError as e:
+        raise InputError(str(e)) from e
+    if rows.validation and not rows.intrinsic:
+        inverse = apply_inverse(tangents, rows.num_vectors, eigvals, pieces[-1], rows.sigma)
+        tangents.set_row(tangents.num_rows - 1, inverse)
+    logging.info(
+        "score.eigvecs_storage=host: %d tangents in %d chunks of %d, %.0f MiB per chunk per device",
+        tangents.num_rows,
+        tangents.num_chunks,
+        tangents.width,
+        tangents.width * row_device / products.MIB,
+    )
+    return tangents
+
+
+def program(
+    ctx: Context,
+    operator: Operator | None,
+    rows: row_layout.Layout,
+    num_steps: int,
+    where: str = "device",
+) -> products.Program | operator_products.OperatorProgram | streamed_products.StreamedProgram:
+    """The products program of the rows: per-example gradients and ``operator.solve`` for an
+    ``Operator`` method, forward mode over chunks of tangents in host memory, else forward or
+    reverse mode as ``score.mode`` says."""
+    s = ctx.config.score
+    if where == "host":
+        if s.mode == "auto":
+            logging.info("score.mode=auto: forward (the tangents are in host memory)")
+        return streamed_products.StreamedProgram(
+            ctx.task.per_example_loss,
+            ctx.param_sh,
+            ctx.vector_sh,
+            ctx.mesh,
+            ctx.selection,
+            batch_size=s.batch_size,
+            memory_budget_mb=s.memory_budget_mb,
+            tangent_chunk=s.tangent_chunk,
+            sqnorm=rows.sigma is not None,
+        )
     if operator is not None:
         return operator_products.OperatorProgram(
             ctx.task.per_example_loss,

@@ -17,7 +17,7 @@ from checkpoints import fingerprint
 from checkpoints.checkpointer import Checkpointer, UnreadableCheckpointError
 from checkpoints.fingerprint import FIX, meta_check
 from methods.base import Context, Fitted
-from parallel import sharding
+from parallel import offload, sharding, tangent_stream
 from runtime import outputs, workdir
 from runtime.errors import InputError
 from stages.setup import train_fingerprint
@@ -74,19 +74,23 @@ def restore_epoch_params(ctx: Context) -> list[tuple[Any, float]]:
     return found
 
 
-def _target(ctx: Context) -> dict[str, Any]:
-    """Restore target of a fitted artifact: G (k, …) sharded like the (selected) params, λ
-    replicated, k as the method says; an operator method's fitted state alone (Orbax saves no
-    empty array), as its ``operator_like`` says."""
+def _target(ctx: Context, host: bool = False) -> dict[str, Any]:
+    """Restore target of a fitted artifact: G (k, …) sharded like the (selected) params (in the
+    devices' host memory with ``host``: ``score.eigvecs_storage``), λ replicated, k as the method
+    says; an operator method's fitted state alone (Orbax saves no empty array), as its
+    ``operator_like`` says."""
     if ctx.method.operator_like is not None:
         return {"operator": ctx.method.operator_like(ctx)}
     top_k = ctx.method.vectors(ctx.config, ctx.selection.num_params(ctx.params_like))
     repl = sharding.replicated(ctx.mesh)
+    stacked = sharding.stacked_shardings(ctx.vector_sh)
+    if host:
+        stacked = offload.with_kind(stacked, tangent_stream.host_kind())
     return {
         "eigvecs": jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct((top_k, *x.shape), x.dtype, sharding=s),
             ctx.vectors_like,
-            sharding.stacked_shardings(ctx.vector_sh),
+            stacked,
         ),
         "eigvals": jax.ShapeDtypeStruct((top_k,), np.float32, sharding=repl),
         "ritz_residuals": jax.ShapeDtypeStruct((top_k,), np.float32, sharding=repl),
@@ -130,7 +134,7 @@ def save_fitted(ctx: Context, fitted: Fitted) -> dict[str, Any]:
     return summary
 
 
-def find_fitted(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]] | None:
+def find_fitted(ctx: Context, host: bool = False) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """(state, meta) of the method's artifact if it was fitted for this config, else None; an
     artifact that cannot be read raises ``UnreadableCheckpointError``.
 
@@ -146,7 +150,7 @@ def find_fitted(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]] | None:
         return None
     with Checkpointer(directory, async_save=False) as ckpt:
         what = f"the fit of {ctx.method.name} in {directory}"
-        found = ckpt.restore_latest(_target(ctx), meta_check(expected, what, FIX))
+        found = ckpt.restore_latest(_target(ctx, host), meta_check(expected, what, FIX))
     if found is None:
         return None
     _, state, meta = found
@@ -159,11 +163,11 @@ def find_fitted(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]] | None:
     return state, meta
 
 
-def restore_fitted(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
+def restore_fitted(ctx: Context, host: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """The method's artifact (G sharded like the params) and its meta, after checking it comes
     from this config; a clear error if it is absent or unreadable."""
     try:
-        found = find_fitted(ctx)
+        found = find_fitted(ctx, host)
     except UnreadableCheckpointError as e:
         raise UnreadableCheckpointError(
             f"{e}; `python -m jobs.fit` with the same --config and --workdir fits it again"

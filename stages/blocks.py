@@ -102,6 +102,10 @@ SCORE = Block(
         # and reverse mode splits batches into calls to stay under it. 0: half the free memory.
         "memory_budget_mb": 0.0,
         "tangent_chunk": 0,  # >0: forward mode's tangents per chunk, as given; 0: fitted
+        # Where G's eigenvectors (and the query gradients, v̄) live while scoring: "device", or
+        # "host" memory, streamed to forward mode a chunk at a time (a 1B–8B model's G does not
+        # fit in HBM); "auto": on the devices if they take at most half the memory budget.
+        "eigvecs_storage": "auto",
         "read_threads": 2,  # threads reading/decoding batches ahead; 0: read inline
         "read_ahead": 4,  # batches read ahead of the one on the devices
         "num_queries": 16,  # eval examples traced back to their top training examples

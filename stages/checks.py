@@ -5,7 +5,8 @@ import ml_collections
 from jax.sharding import Mesh
 
 from influence import scoring
-from methods import checks
+from methods import checks, registry
+from methods.base import Kind
 from parallel import products
 from runtime.errors import InputError
 from tasks.base import Task
@@ -24,6 +25,29 @@ def check_train(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         raise InputError(
             f"train.keep_epochs={tuple(config.train.keep_epochs)}: epochs count from 1 (the "
             "params after the first epoch)"
+        )
+
+
+def _check_eigvecs_storage(config: ml_collections.ConfigDict) -> None:
+    """``score.eigvecs_storage``: a known place; host streams to forward mode only, and only a
+    method's eigenvectors and query gradients (an operator method solves on the devices)."""
+    s, storages = config.score, ("auto", "device", "host")
+    if s.eigvecs_storage not in storages:
+        raise InputError(
+            f"score.eigvecs_storage={s.eigvecs_storage!r}; choose one of {', '.join(storages)}"
+        )
+    if s.eigvecs_storage != "host":
+        return
+    if s.mode == "reverse":
+        raise InputError(
+            "score.eigvecs_storage=host streams the tangents to forward mode, and "
+            "score.mode=reverse reads them all for every batch; set score.mode=forward (or "
+            "auto), or score.eigvecs_storage=device"
+        )
+    if registry.of(config).kind is Kind.OPERATOR:
+        raise InputError(
+            f"score.eigvecs_storage=host: method {registry.of(config).name} scores through its operator "
+            "on the devices and has no eigenvectors to stream; set score.eigvecs_storage=device"
         )
 
 
@@ -52,6 +76,7 @@ def check_score(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         raise InputError(f"score.tangent_chunk={s.tangent_chunk} must be 0 (off) or positive")
     if s.mode not in products.MODES:
         raise InputError(f"score.mode={s.mode!r}; choose one of {', '.join(products.MODES)}")
+    _check_eigvecs_storage(config)
     if s.memory_budget_mb < 0:
         raise InputError(
             f"score.memory_budget_mb={s.memory_budget_mb} must be 0 (half the free memory) or "

@@ -49,7 +49,8 @@ CHECK = checks.check_score
 def run(config: ml_collections.ConfigDict, directory: epath.PathLike) -> None:
     ctx = context(config, directory, CHECK)
     params, ctx = artifacts.restore_params(ctx)
-    eig_state, eig_meta = artifacts.restore_fitted(ctx)
+    where = tangents.storage(ctx)
+    eig_state, eig_meta = artifacts.restore_fitted(ctx, host=where == "host")
     eigvals = sharding.replicated_to_host(eig_state["eigvals"]) + np.float32(config.distill.damping)
     layout = _layout(ctx, eigvals, eig_meta)
     scores_dir = ctx.results / workdir.SCORES
@@ -61,10 +62,11 @@ def run(config: ml_collections.ConfigDict, directory: epath.PathLike) -> None:
     weighted, operator = [], None
     if len(plan):
         models = artifacts.restore_epoch_params(ctx) if ctx.method.checkpoints else [(params, 1.0)]
-        weighted, operator = tangents.build(ctx, models, eig_state, eigvals, layout)
+        weighted, operator = tangents.build(ctx, models, eig_state, eigvals, layout, where)
+    del eig_state  # G lives on in the tangents (host: as their chunks)
     if not has_meta:
         _write_meta(ctx, expected, eigvals, layout)
-    program = tangents.program(ctx, operator, layout, len(plan))
+    program = tangents.program(ctx, operator, layout, len(plan), where)
     seconds = _Loop(ctx, plan, weighted, program, writer).run()
     if len(plan) > 1:  # throughput after the first step (which compiles), all processes
         scored = sum(p.stop - p.start - p.done for p in remaining)

@@ -46,6 +46,15 @@ def test_bad_score_field_stops_the_pipeline_before_training(tmp_path):
         ({"distill__damping": -1.0}, "distill.damping=-1.0 must be >= 0"),
         ({"distill__tail": "ritz", "score__num_queries": 257}, "takes at most 256 queries"),
         ({"score__query_block": 0}, "score.query_block >= 1"),
+        ({"score__eigvecs_storage": "disk"}, "choose one of auto, device, host"),
+        (
+            {"score__eigvecs_storage": "host", "score__mode": "reverse"},
+            "set score.mode=forward (or auto), or score.eigvecs_storage=device",
+        ),
+        (
+            {"score__eigvecs_storage": "host", "method__name": "lissa"},
+            "method lissa scores through its operator on the devices",
+        ),
     ],
 )
 def test_bad_tail_and_query_fields(tmp_path, overrides, named):

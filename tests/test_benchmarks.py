@@ -104,3 +104,17 @@ def test_basis_storage_benchmark_runs_under_its_cap() -> None:
     diff = re.search(r"top-10 λ max rel\. diff\. ([0-9.e+-]+)", out)
     assert diff and float(diff.group(1)) <= 1e-6, out[-2000:]
     assert re.search(r"^\| disk, capped \| 300,000 \|", out, re.M), out[-2000:]
+
+
+def test_eigvecs_storage_benchmark_prints_its_ratio() -> None:
+    """Forward mode with G in host memory (chunks of 3 of 8 tangents, the last padded) projects
+    as with G on the devices."""
+    out = run(
+        "benchmarks.eigvecs_storage",
+        "--top_k=8",
+        "--batch_size=32",
+        "--num_batches=2",
+        "--chunk=3",
+    )
+    host = re.search(r"^\| host \| [0-9.]+ \| [0-9.]+ \| ([0-9.e+-]+) \|", out, re.M)
+    assert host and float(host.group(1)) <= 1e-6, out[-2000:]

@@ -9,7 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from parallel import offload, products
+from scoring import tangents
 from stages import fit, score, train
+from stages.setup import context
 from tests.pipeline_helpers import eigvals, results, steps, tiny_config
 
 # End-to-end runs of the jobs: the full suite only (launch/test.sh --fast skips them).
@@ -87,3 +90,51 @@ def test_relative_workdir(tmp_path, monkeypatch):
     work = tmp_path / "rel/work"
     assert steps(work / "params") and steps(results(work) / "krylov") == [2, 4]
     assert (results(work) / "fit.json").exists()
+
+
+def test_eigenvectors_in_host_memory_score_as_on_the_devices(trained_workdir, tmp_path, caplog):
+    """G off the devices from the fit to the scores, on 8 fake devices (G sharded over 'model'):
+    a basis in host memory under a budget that holds 3 rows of G beside two blocks distills G
+    into host memory 3 rows a sweep; ``score.eigvecs_storage=host`` restores G there, cuts it with
+    the query gradients and v̄ into chunks of 3 tangents (the last padded) and streams them to
+    forward mode; P v̄ streamed over G's chunks; ‖∇ℓ‖² from its own pass. Every column
+    (self-influence, the tail's, the queries', the validation influence) matches G on the devices
+    from a device basis; and under a budget they would take more than half of, ``auto`` streams."""
+    config = tiny_config(
+        arnoldi__orthogonalization="bcgs2",
+        arnoldi__block_rows=2,
+        mesh__num_devices=8,
+        mesh__data=4,
+        mesh__model=2,
+        score__mode="forward",
+        score__validation=True,
+        score__num_queries=4,
+        distill__tail="damping",
+    )
+    config.mesh.min_shard_size = 64
+    device = _copy_params(trained_workdir, tmp_path / "device")
+    fit.run(config, device)
+    score.run(config, device)
+    host = _copy_params(trained_workdir, tmp_path / "host")
+    ctx = context(config, host, score.CHECK)
+    row = offload.row_bytes(ctx.vectors_like, ctx.vector_sh)[0] / products.MIB
+    config.arnoldi.basis_storage, config.arnoldi.memory_budget_mb = "host", (4 + 3.5) * row
+    config.score.eigvecs_storage, config.score.tangent_chunk = "host", 3
+    with caplog.at_level(logging.INFO):
+        fit.run(config, host)
+        score.run(config, host)
+    assert "G (8 rows) distilled into host memory, 3 rows a sweep" in caplog.text
+    assert re.search(r"eigvecs_storage=host: 13 tangents in 5 chunks of 3", caplog.text)
+    np.testing.assert_allclose(eigvals(host), eigvals(device), rtol=1e-6)
+    for split in ("train", "eval"):
+        want = pd.read_parquet(results(device) / "scores" / split).sort_values("id")
+        got = pd.read_parquet(results(host) / "scores" / split).sort_values("id")
+        assert list(got.columns) == list(want.columns)
+        for column in want.columns:
+            np.testing.assert_allclose(
+                np.stack(got[column]), np.stack(want[column]), rtol=1e-5, atol=1e-6
+            )
+    config.score.eigvecs_storage, need = "auto", 13 * row
+    for budget, where in ((2.01 * need, "device"), (1.99 * need, "host")):
+        ctx.config.score.memory_budget_mb = budget
+        assert tangents.storage(ctx) == where
