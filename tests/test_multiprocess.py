@@ -73,6 +73,23 @@ LAYOUTS = {
         4,
         {"mesh__data": 1, "mesh__model": -1, "mesh__min_shard_size": 64},
     ),
+    # Off the devices (docs/large_models.md): the basis in host memory, G distilled into host
+    # memory a row a sweep (a budget below one row), scored from host memory in chunks of 3.
+    "2x2-off-device": (
+        2,
+        2,
+        {
+            "mesh__model": 2,
+            "mesh__min_shard_size": 64,
+            "arnoldi__basis_storage": "host",
+            "arnoldi__orthogonalization": "bcgs2",
+            "arnoldi__block_rows": 4,
+            "arnoldi__memory_budget_mb": 0.001,
+            "score__eigvecs_storage": "host",
+            "score__tangent_chunk": 3,
+            "score__mode": "forward",
+        },
+    ),
 }
 
 
@@ -94,6 +111,9 @@ def test_processes_match_single_process(reference, tmp_path, layout):
     assert f"{num_processes} processes" in output
     groups = 1 if "model" in layout else num_processes
     assert f"({groups} row groups)" in output
+    if layout == "2x2-off-device":
+        assert "G (8 rows) distilled into host memory, 1 rows a sweep" in output, output[-3000:]
+        assert "score.eigvecs_storage=host: 8 tangents in 3 chunks of 3" in output, output[-3000:]
     if mesh.get("score__mode") == "auto":
         chosen = [line.rsplit("chose ", 1)[1] for line in output.splitlines() if "; chose " in line]
         assert len(chosen) == 1 and chosen[0] in ("forward", "reverse"), output[-3000:]
