@@ -89,6 +89,8 @@ def test_readme_commands_run_as_written(tmp_path: Path) -> None:
         arnoldi = workdirs / workdir / "methods" / "arnoldi"
         assert (arnoldi / "fit.json").exists(), workdir
         assert (arnoldi / "metrics.json").exists(), workdir
+    # docs/large_models.md: a fit with the basis on disk, scored with G in host memory.
+    assert list((workdirs / "offload" / "methods" / "arnoldi" / "scores" / "train").glob("*"))
     # The overrides that pick another method on the smoke run's params (docs/methods.md).
     for method in ("randproj", "lissa"):
         assert (workdirs / "smoke" / "methods" / method / "metrics.json").exists(), method
