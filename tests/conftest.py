@@ -53,6 +53,7 @@ LONGEST_FIRST = (
     "test_preemption.py",
     "test_factorised.py",
     "test_basis_storage.py",
+    "test_pipeline.py",
 )
 
 
