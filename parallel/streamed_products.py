@@ -122,8 +122,3 @@ class StreamedProgram:
             parts.append(self._norms(params, self._none, local))
             keep = np.append(keep, tangents.num_chunks * tangents.width)
         return Columns(parts, keep)
-
-    @property
-    def plan(self) -> products.Plan | None:
-        """The forward program's plan (what ``products.Program.plan`` says for device tangents)."""
-        return None if self._forward is None else self._forward.plan

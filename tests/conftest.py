@@ -53,7 +53,6 @@ LONGEST_FIRST = (
     "test_preemption.py",
     "test_factorised.py",
     "test_basis_storage.py",
-    "test_pipeline.py",
 )
 
 
