@@ -196,20 +196,17 @@ def program(
     ``Operator`` method, forward mode over chunks of tangents in host memory, else forward or
     reverse mode as ``score.mode`` says."""
     s = ctx.config.score
+    model = (ctx.task.per_example_loss, ctx.param_sh, ctx.vector_sh, ctx.mesh, ctx.selection)
+    sizing = {
+        "batch_size": s.batch_size,
+        "memory_budget_mb": s.memory_budget_mb,
+        "tangent_chunk": s.tangent_chunk,
+        "sqnorm": rows.sigma is not None,
+    }
     if where == "host":
         if s.mode == "auto":
             logging.info("score.mode=auto: forward (the tangents are in host memory)")
-        return streamed_products.StreamedProgram(
-            ctx.task.per_example_loss,
-            ctx.param_sh,
-            ctx.vector_sh,
-            ctx.mesh,
-            ctx.selection,
-            batch_size=s.batch_size,
-            memory_budget_mb=s.memory_budget_mb,
-            tangent_chunk=s.tangent_chunk,
-            sqnorm=rows.sigma is not None,
-        )
+        return streamed_products.StreamedProgram(*model, **sizing)
     if operator is not None:
         return operator_products.OperatorProgram(
             ctx.task.per_example_loss,
@@ -221,15 +218,4 @@ def program(
             num_steps=num_steps,
             name=ctx.method.name,
         )
-    return products.Program(
-        ctx.task.per_example_loss,
-        ctx.param_sh,
-        ctx.vector_sh,
-        ctx.mesh,
-        ctx.selection,
-        batch_size=s.batch_size,
-        mode=s.mode,
-        memory_budget_mb=s.memory_budget_mb,
-        tangent_chunk=s.tangent_chunk,
-        sqnorm=rows.sigma is not None,
-    )
+    return products.Program(*model, mode=s.mode, **sizing)
