@@ -51,3 +51,28 @@ def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
     """Σ_k (R_k − R_{k−1}) P_k over thresholds, as in scikit-learn."""
     c = curves(labels, scores)
     return float(np.sum(np.diff(c.recall) * c.precision[1:]))
+
+
+def ranked_retrieval(
+    relevant: np.ndarray, above: np.ndarray, ties: np.ndarray, negatives: int, k: int = 10
+) -> dict[str, float]:
+    """How well one query's ranking of the training examples finds its relevant ones (fact
+    tracing: the passages that state the fact; Chang et al. 2024), from counts a stream over the
+    examples can gather: ``relevant`` the relevant examples' scores, ``above`` / ``ties`` how many
+    of the ``negatives`` other examples score strictly above / equal to each.
+
+    recall@k: the fraction of relevant examples among the top k; MRR: 1 / the rank of the first
+    relevant one; AUC: the chance that a relevant example outranks another (ties count ½),
+    equal to ``roc_auc`` over all examples.
+    """
+    relevant = np.asarray(relevant, np.float64)
+    if relevant.size == 0:
+        raise ValueError("a query without relevant examples has no retrieval metrics")
+    higher = (relevant[None, :] > relevant[:, None]).sum(axis=1)  # relevant ones above each
+    ranks = 1 + np.asarray(above) + higher
+    auc = (negatives - np.asarray(above) - 0.5 * np.asarray(ties)) / max(negatives, 1)
+    return {
+        f"recall_at_{k}": float(np.mean(ranks <= k)),
+        "mrr": float(1.0 / ranks.min()),
+        "auc": float(np.mean(auc)),
+    }

@@ -43,6 +43,9 @@ FIT_JSON = "fit.json"
 SCORES = "scores"
 SCORES_META = "scores/meta.json"
 METRICS_JSON = "metrics.json"
+QUERY_RETRIEVAL_JSON = (
+    "query_retrieval.json"  # evaluate: traced queries against their relevant examples
+)
 ROC_PR_PNG = "roc_pr.png"
 SPECTRUM_PNG = "spectrum.png"
 # What only the first layout kept at the top of a workdir: Arnoldi's results (trained params are

@@ -8,6 +8,7 @@ as each row's ``query_dots`` (the query gradients were extra tangents or GEMM co
 are written.
 """
 
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -61,32 +62,56 @@ def trace(
     query_block) block of influences), and merged into a running top-k per query and kind, so
     what is held is one part, one block and (num_queries × top_k) candidates.
     """
-    queries = outputs.read_parquet_dir(scores_dir / "eval")
-    queries = queries.slice(0, min(num_queries, queries.num_rows))
-    g_query, query_ids = row_layout.projections(queries), queries.column("id").to_numpy()
-    names = ("influence", "influence_tail") if sigma is not None else ("influence",)
-    if intrinsic:
-        names = ("influence",)
+    query_table, names, blocks = influences(
+        scores_dir, eigvals, num_queries, sigma, query_block, intrinsic
+    )
+    query_ids = query_table.column("id").to_numpy()
     best = {kind: _TopK(top_k, len(query_ids), len(names)) for kind in KINDS}
-    for file in sorted((scores_dir / "train").glob("part-*.parquet")):
-        part = outputs.read_parquet(file)
-        g, ids = row_layout.projections(part), part.column("id").to_numpy()
-        dots = row_layout.projections(part, "query_dots") if sigma is not None else None
-        for start in range(0, len(query_ids), query_block):
-            block = slice(start, min(start + query_block, len(query_ids)))
-            values = (
-                [] if intrinsic else [np.asarray(scoring.influence(g, g_query[block], eigvals))]
-            )
-            if sigma is not None:
-                values.append(
-                    np.asarray(scoring.influence(g, g_query[block], eigvals, dots[:, block], sigma))
-                )
-            values = np.stack(values, axis=-1)  # (rows, queries in the block, names)
-            for kind, sign in KINDS.items():
-                best[kind].merge(block, sign * values[..., -1], values, ids)
+    for part, block, values in blocks:
+        for kind, sign in KINDS.items():
+            best[kind].merge(block, sign * values[..., -1], values, part.column("id").to_numpy())
     tables = [best[kind].table(kind, query_ids, names) for kind in KINDS]
     outputs.write_parquet(scores_dir / TOPK_FILE, pa.concat_tables(tables))
     logging.info("traced %d queries to their top-%d training examples", len(query_ids), top_k)
+
+
+Blocks = Iterator[tuple[pa.Table, slice, np.ndarray]]
+
+
+def influences(
+    scores_dir: epath.Path,
+    eigvals: np.ndarray,
+    num_queries: int,
+    sigma: float | None,
+    query_block: int = QUERY_BLOCK,
+    intrinsic: bool = False,
+) -> tuple[pa.Table, tuple[str, ...], Blocks]:
+    """(the first ``num_queries`` eval rows, the names of the values, the blocks): each block is
+    (a training part, a slice of the queries, their influences (part rows × queries in the slice
+    × names)), the parts read one at a time. Names: ``influence`` (Alg. 1, line 26) and, with the
+    tail's ``sigma``, ``influence_tail`` last; a method's own σ (``intrinsic``) is in
+    ``influence`` itself. The last name is the ranking."""
+    queries = outputs.read_parquet_dir(scores_dir / "eval")
+    queries = queries.slice(0, min(num_queries, queries.num_rows))
+    g_query = row_layout.projections(queries)
+    names = ("influence", "influence_tail") if sigma is not None else ("influence",)
+    if intrinsic:
+        names = ("influence",)
+
+    def blocks() -> Blocks:
+        for file in sorted((scores_dir / "train").glob("part-*.parquet")):
+            part = outputs.read_parquet(file)
+            g = row_layout.projections(part)
+            dots = row_layout.projections(part, "query_dots") if sigma is not None else None
+            for start in range(0, len(g_query), query_block):
+                block = slice(start, min(start + query_block, len(g_query)))
+                values = [] if intrinsic else [scoring.influence(g, g_query[block], eigvals)]
+                if sigma is not None:
+                    tail = scoring.influence(g, g_query[block], eigvals, dots[:, block], sigma)
+                    values.append(tail)
+                yield part, block, np.stack([np.asarray(v) for v in values], axis=-1)
+
+    return queries, names, blocks()
 
 
 # Proponents rank by decreasing influence, opponents by increasing.

@@ -4,7 +4,10 @@ Training examples are ranked by self-influence; the ones whose label was flipped
 Writes metrics.json (AUC, AP, recall when inspecting the top x%), roc_pr.png and spectrum.png.
 With ``score.validation`` the ranking by harm to the mean validation loss (−validation_influence,
 the DataInf / HyperINF protocol) is reported beside it (``*_validation``); with ``distill.tail``
-the tail-corrected self-influence (``*_tail``).
+the tail-corrected self-influence (``*_tail``). For a task with a ``relevance_column`` (the LM's
+planted facts), each traced query's ranking of the training examples is measured against the ones
+relevant to it (``scoring/retrieval.py``): ``query_retrieval.json`` per query, the means in
+metrics.json (``query_*``, ``query_*_tail``).
 """
 
 import matplotlib
@@ -25,6 +28,7 @@ from methods import registry
 from runtime import outputs, workdir
 from runtime.errors import InputError
 from runtime.tensorboard import ScalarWriter
+from scoring import retrieval
 
 INSPECT_FRACTIONS = (0.05, 0.1, 0.2, 0.3)
 # The rankings of the training examples a scores directory may hold, the first present the
@@ -166,6 +170,7 @@ def run(config: ml_collections.ConfigDict, directory: epath.PathLike) -> dict[st
         other = retrieval_metrics(flipped, values)
         result.update({f"{k}_{SUFFIXES[name]}": v for k, v in other.items() if k != "random_ap"})
         logging.info("ranked by %s: AUC %.4f, AP %.4f", name, other["auc"], other["ap"])
+    result.update(_query_retrieval(results, config, scores_meta))
     if jax.process_index() == 0:
         _write(results, result, flipped, scores, m, eig)
     logging.info(
@@ -176,6 +181,38 @@ def run(config: ml_collections.ConfigDict, directory: epath.PathLike) -> dict[st
         m["random_ap"],
     )
     return result
+
+
+def _query_retrieval(
+    results: epath.Path, config: ml_collections.ConfigDict, scores_meta: dict
+) -> dict[str, float]:
+    """The traced queries' retrieval of their relevant training examples (mean recall@10, MRR,
+    AUC per ranking), with the per-query rows in ``query_retrieval.json``; {} for a task without
+    a relevance column or a run that traced no query."""
+    column, num_queries = scores_meta.get("relevance_column"), config.score.num_queries
+    if not column or not num_queries:
+        return {}
+    rows = retrieval.retrieval(
+        results / workdir.SCORES,
+        np.asarray(scores_meta["eigvals"], np.float32),
+        num_queries,
+        column,
+        scores_meta.get("tail_sigma"),
+        bool(scores_meta.get("intrinsic_sigma")),
+    )
+    means = {}
+    for name, per_query in rows.items():
+        suffix = "_tail" if name.endswith("_tail") else ""
+        for key in ("recall_at_10", "mrr", "auc"):
+            means[f"query_{key}{suffix}"] = float(np.mean([r[key] for r in per_query]))
+        logging.info(
+            "%d traced queries' relevant training examples (%s) by %s: recall@10 %.3f, MRR %.3f, "
+            "AUC %.3f", len(per_query), column, name, *(means[f"query_{k}{suffix}"]
+            for k in ("recall_at_10", "mrr", "auc")),
+        )  # fmt: skip
+    if jax.process_index() == 0 and rows:
+        outputs.write_json(results / workdir.QUERY_RETRIEVAL_JSON, rows)
+    return means
 
 
 def _write(

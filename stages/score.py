@@ -134,6 +134,7 @@ def _write_meta(
         "intrinsic_sigma": layout.intrinsic,
         "task": ctx.task.name,
         "corruption_column": ctx.task.corruption_column,
+        "relevance_column": ctx.task.relevance_column,
     }
     outputs.write_json(ctx.results / workdir.SCORES_META, meta)
 

@@ -44,10 +44,11 @@ def evaluate(
         return {}
 
     def sums(params: Any, batch: dict[str, jax.Array], mask: jax.Array) -> dict[str, jax.Array]:
-        values = {"loss": task.per_example_loss(params, batch)}
-        if task.metrics is not None:
-            values.update(task.metrics(params, batch))
-        return {k: jnp.sum(jnp.where(mask, v, 0.0)) for k, v in values.items()}
+        out = {"loss": jnp.sum(jnp.where(mask, task.per_example_loss(params, batch), 0.0))}
+        for k, v in (task.metrics(params, batch) if task.metrics else {}).items():
+            counted = mask & jnp.isfinite(v)  # NaN: the metric does not apply to the example
+            out[k], out[f"{k} count"] = jnp.sum(jnp.where(counted, v, 0.0)), jnp.sum(counted)
+        return out
 
     total = jax.jit(sums, out_shardings=sharding.replicated(mesh))
     rows = sharding.local_rows(mesh, batch_size)
@@ -58,7 +59,11 @@ def evaluate(
         real = sharding.to_global({"mask": mask[rows]}, mesh, batch_size)["mask"]
         for k, v in total(params, batch, real).items():
             result[k] = result.get(k, 0.0) + float(v)
-    return {k: v / source.num_examples for k, v in result.items()}
+    means = {"loss": result["loss"] / source.num_examples}
+    for k in result:
+        if k != "loss" and not k.endswith(" count") and result[f"{k} count"]:
+            means[k] = result[k] / result[f"{k} count"]
+    return means
 
 
 # The input checks of this stage; a job of several stages runs them all before the first.

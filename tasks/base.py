@@ -51,8 +51,14 @@ class Task:
         of mislabeled / shuffled retrieval), or None when there is none.
       ground_truth_columns: columns recorded for each corrupted training example
         (``corrupted.parquet``), e.g. the clean and the noisy label.
+      relevance_column: an int column of both splits naming what a traced query is about: a
+        training example is relevant to an eval example when their values are equal and ≥ 0
+        (the LM task's planted facts: the passages that state the fact its query asks for).
+        The evaluate stage then measures how well the influence ranking of each traced query
+        retrieves its relevant examples (recall@10, MRR, AUC); None: no such ground truth.
       metrics: (params, batch) → per-example values (e.g. {'accuracy': 0/1}) averaged over a split
-        after training; None: the mean loss only.
+        after training, over the examples where a value is finite (NaN: it does not apply to
+        that example); None: the mean loss only.
       corpus_metrics: (params, source) → quality measures of trained params over a whole split
         that are not means of per-example values (BLEU of greedy translations); computed on one
         host, by the data-filtering comparison (``benchmarks/filtering.py``), not by the stages.
@@ -88,6 +94,7 @@ class Task:
     record_columns: tuple[str, ...] = ()
     corruption_column: str | None = None
     ground_truth_columns: tuple[str, ...] = ()
+    relevance_column: str | None = None
     metrics: Metrics | None = None
     corpus_metrics: CorpusMetrics | None = None
     param_include: str = ""

@@ -14,6 +14,7 @@ ALIASES = {
     "translation": "tasks.translation",
     "vision": "tasks.vision",
     "lora_text": "tasks.lora_text",
+    "lm": "tasks.lm",
 }
 
 

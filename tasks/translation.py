@@ -26,10 +26,7 @@ Per-example loss: mean token cross-entropy over the non-padding target tokens.
 
 import dataclasses
 import importlib.util
-import io
-import json
 import sqlite3
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -38,17 +35,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 
 from checkpoints import fingerprint
 from tasks.base import Task
 from tasks.permutation import Permutation
 from tasks.sources import ArraySource, Columns, DataError, Source, TfdsSource, tfds_location
+from tasks.tokenizer import EOS, PAD, UNK, Tokenizer, tokenizer_for, train_tokenizer
 from tasks.transformer import PRESETS, Transformer, TransformerConfig
 
-PAD, EOS, UNK = 0, 1, 2
+__all__ = ["EOS", "PAD", "UNK", "Tokenizer", "train_tokenizer"]  # tests read them from here
 BIBLE_PREFIX = "bible:"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FIELDS = ("source", "source_lang", "target_lang", "num_train", "vocab_size")
@@ -133,122 +129,6 @@ def open_corpus(d: ml_collections.ConfigDict) -> Source:
     )
 
 
-class Tokenizer:
-    """SentencePiece with this task's ids (0 pad, 1 EOS, 2 unknown); ``encode`` pads/truncates."""
-
-    def __init__(self, model_proto: bytes, max_len: int):
-        import sentencepiece as spm
-
-        self.proto, self.max_len = model_proto, max_len
-        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
-        self.truncated = self.seen = 0
-        self._count = threading.Lock()  # encode runs in the prefetch threads
-
-    @property
-    def vocab_size(self) -> int:
-        return self._sp.get_piece_size()
-
-    def encode(self, texts: np.ndarray) -> np.ndarray:
-        """(len(texts), max_len) int32 ids, each sentence followed by EOS, 0-padded; longer ones
-        are cut to max_len (EOS kept last) and counted."""
-        out = np.zeros((len(texts), self.max_len), np.int32)
-        cut = 0
-        for i, ids in enumerate(self._sp.encode([str(t) for t in texts])):
-            ids = [*ids, EOS]
-            if len(ids) > self.max_len:
-                ids = [*ids[: self.max_len - 1], EOS]
-                cut += 1
-            out[i, : len(ids)] = ids
-        with self._count:
-            self.truncated += cut
-            self.seen += len(texts)
-            truncated, seen = self.truncated, self.seen
-        if truncated:
-            logging.log_every_n_seconds(
-                logging.WARNING,
-                "%d of %d sequences read so far were longer than data.max_len=%d tokens and "
-                "truncated",
-                60,
-                truncated,
-                seen,
-                self.max_len,
-            )
-        return out
-
-    def decode(self, ids: np.ndarray) -> list[str]:
-        """Token ids back to text, up to the first EOS."""
-        rows = []
-        for row in np.asarray(ids):
-            row = [int(t) for t in row]
-            row = row[: row.index(EOS)] if EOS in row else row
-            rows.append(self._sp.decode([t for t in row if t != PAD]))
-        return rows
-
-
-def train_tokenizer(sentences: Iterator[str], vocab_size: int) -> bytes:
-    """A unigram SentencePiece model over ``sentences`` (flax examples/wmt/tokenizer.py settings:
-    full character coverage), in memory, single-threaded so it is reproducible."""
-    import sentencepiece as spm
-
-    model = io.BytesIO()
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=sentences,
-            model_writer=model,
-            vocab_size=vocab_size,
-            model_type="unigram",
-            character_coverage=1.0,
-            pad_id=PAD,
-            eos_id=EOS,
-            unk_id=UNK,
-            bos_id=-1,
-            num_threads=1,
-            shuffle_input_sentence=False,
-            minloglevel=2,
-        )
-    except RuntimeError as e:
-        raise DataError(
-            f"the tokenizer cannot be trained on this text ({e}); lower data.vocab_size"
-        ) from e
-    return model.getvalue()
-
-
-def tokenizer_for(d: ml_collections.ConfigDict, train: Source, workdir: epath.Path) -> Tokenizer:
-    """The workdir's tokenizer if it was trained from this config's data, else trained now on the
-    training text by process 0 and saved (the other processes wait, then read it)."""
-    directory = epath.Path(workdir) / TOKENIZER_DIR
-    model_path, meta_path = directory / "spm.model", directory / "meta.json"
-    expected = fingerprint.fields(d, TOKENIZER_FIELDS, prefix="data.")
-    if not model_path.exists() and jax.process_index() == 0:
-        logging.info(
-            "training a %d-piece tokenizer on %d training pairs", d.vocab_size, train.num_examples
-        )
-
-        def sentences() -> Iterator[str]:
-            for start in range(0, train.num_examples, 4096):
-                columns = train.take(np.arange(start, min(start + 4096, train.num_examples)))
-                for pair in zip(columns["source"], columns["target"], strict=True):
-                    yield from (str(s) for s in pair)
-
-        proto = train_tokenizer(sentences(), d.vocab_size)
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / "meta.json.tmp"
-        tmp.write_text(json.dumps({"fingerprint": expected}))
-        (directory / "spm.model.tmp").write_bytes(proto)
-        tmp.rename(meta_path)
-        (directory / "spm.model.tmp").rename(model_path)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("tokenizer ready")
-    saved = json.loads(meta_path.read_text())["fingerprint"]
-    fingerprint.check(
-        saved,
-        expected,
-        f"the tokenizer in {directory}",
-        "use a new --workdir, or restore the config it was trained with",
-    )
-    return Tokenizer(model_path.read_bytes(), d.max_len)
-
-
 @dataclasses.dataclass(frozen=True)
 class Shuffle:
     """Which training positions get another pair's target, computed per position (memory flat
@@ -328,7 +208,16 @@ def splits(
     order = Permutation(total, seed)
     shuffle = Shuffle.make(d.num_train, d.shuffle_fraction, seed + 1)
     raw = TokenizedPairs(corpus, order, 0, d.num_train, shuffle, None)
-    tokenizer = tokenizer_for(d, raw, workdir)
+
+    def texts() -> Iterator[str]:
+        for start in range(0, raw.num_examples, 4096):
+            columns = raw.take(np.arange(start, min(start + 4096, raw.num_examples)))
+            for pair in zip(columns["source"], columns["target"], strict=True):
+                yield from (str(s) for s in pair)
+
+    expected = fingerprint.fields(d, TOKENIZER_FIELDS, prefix="data.")
+    directory = epath.Path(workdir) / TOKENIZER_DIR
+    tokenizer = tokenizer_for(directory, expected, texts, d.vocab_size, d.max_len)
     return {
         "train": dataclasses.replace(raw, tokenizer=tokenizer),
         "eval": TokenizedPairs(corpus, order, d.num_train, d.num_eval, None, tokenizer),

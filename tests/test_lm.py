@@ -1,0 +1,197 @@
+"""The language-model task (tasks/lm.py, tasks/gpt.py, tasks/facts.py) and fact tracing
+(scoring/retrieval.py): planted facts are where they are said to be, each query's loss covers its
+answer only, the streamed retrieval metrics equal the ones computed from every score at once, and
+bad input is one line."""
+
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from configs import lm as lm_config
+from influence import metrics
+from influence.hvp import make_hvp, make_mean_loss
+from scoring import queries
+from tasks import facts, lm
+from tasks.gpt import Gpt, GptConfig
+from tests.pipeline_helpers import results, run_job
+
+CONFIG = "configs/lm.py:runlocal"
+
+
+def test_ranked_retrieval_equals_the_metrics_over_all_scores() -> None:
+    """recall@10, MRR and AUC from the streamed counts against ranks and ``roc_auc`` computed
+    over every score at once (ties included)."""
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        scores = np.round(rng.standard_normal(300), 1 if trial % 2 else 6)  # odd trials: ties
+        relevant = np.zeros(300, bool)
+        relevant[rng.choice(300, size=int(rng.integers(1, 6)), replace=False)] = True
+        s, others = scores[relevant], scores[~relevant]
+        above = (others[None] > s[:, None]).sum(1)
+        ties = (others[None] == s[:, None]).sum(1)
+        got = metrics.ranked_retrieval(s, above, ties, int((~relevant).sum()), k=10)
+        ranks = 1 + (scores[None] > s[:, None]).sum(1)  # 1 + every example strictly above
+        assert got["mrr"] == pytest.approx(1.0 / ranks.min())
+        assert got["recall_at_10"] == pytest.approx(np.mean(ranks <= 10))
+        assert got["auc"] == pytest.approx(metrics.roc_auc(relevant, scores))
+
+
+def test_facts_are_invented_and_planted_in_distinct_wordings() -> None:
+    corpus_words = {"abel", "zion"}
+    invented = facts.invent(8, seed=0, corpus_words=corpus_words)
+    names = [w.lower() for f in invented for w in (*f.subject.split(), f.object)]
+    assert len(set(names)) == len(names) and not set(names) & corpus_words
+    passages = [[f"verse {i}a.", f"verse {i}b."] for i in range(40)]
+    texts, fact = facts.plant(passages, invented, copies=3, seed=1)
+    for k, f in enumerate(invented):
+        planted = [texts[i] for i in np.flatnonzero(fact == k)]
+        assert len(planted) == 3
+        statements = {f.statement(c) for c in range(3)}
+        assert len(statements) == 3 and all(any(s in t for s in statements) for t in planted)
+        assert len({next(s for s in statements if s in t) for t in planted}) == 3
+        assert not any(f.prompt in t for t in texts)  # the query is a paraphrase
+    assert all(texts[i] == " ".join(passages[i]) for i in np.flatnonzero(fact < 0))
+    with pytest.raises(ValueError, match="need as many passages"):
+        facts.plant(passages[:5], invented, copies=3, seed=1)
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory: pytest.TempPathFactory):
+    return lm.get_task(lm_config.get_config("runlocal"), tmp_path_factory.mktemp("lm_task"))
+
+
+def test_queries_have_their_loss_on_the_answer_only(task) -> None:
+    """The first eval rows are the facts' queries: the masked tokens decode to the object's name,
+    the unmasked ones to the prompt; a passage's loss covers all its tokens."""
+    config = lm_config.get_config("runlocal")
+    evaluation = task.splits["eval"]
+    rows = evaluation.take(np.arange(config.data.num_facts + 2))
+    tokenizer = task.splits["train"].tokenizer
+    for i in range(config.data.num_facts):
+        tokens, mask = rows["tokens"][i], rows["loss_mask"][i].astype(bool)
+        assert mask.any() and not mask[0]
+        assert tokenizer.decode(tokens[mask][None])[0] == rows["answer"][i]
+        assert rows["text"][i].endswith(" " + rows["answer"][i]) and rows["fact"][i] == i
+    passage = config.data.num_facts
+    assert (rows["loss_mask"][passage] == (rows["tokens"][passage] > 0)).all()
+    assert rows["fact"][passage] == -1
+
+
+def test_planted_and_scrambled_passages(task) -> None:
+    train = task.splits["train"]
+    rows = train.take(np.arange(train.num_examples))
+    config = lm_config.get_config("runlocal")
+    counts = np.bincount(rows["fact"][rows["fact"] >= 0])
+    assert (counts == config.data.fact_copies).all() and counts.size == config.data.num_facts
+    assert not (rows["scrambled"] & (rows["fact"] >= 0)).any()
+    assert rows["scrambled"].sum() == round(config.data.scramble_fraction * train.num_examples)
+    verses = [" ".join(p) for p in lm.bible_passages("4", 1)]  # runlocal: a verse a passage
+    for text, fact, scrambled, id_ in zip(
+        rows["text"], rows["fact"], rows["scrambled"], rows["id"], strict=True
+    ):
+        original = verses[id_]
+        if scrambled:  # the passage's own words, in another order
+            assert text != original and sorted(text.split()) == sorted(original.split())
+        elif fact < 0:
+            assert text == original
+        else:
+            assert original in text and len(text) > len(original)
+
+
+def test_gpt_hvp_equals_hessian_times_v() -> None:
+    """make_hvp of the LM's loss (answer-masked rows among them) against jax.hessian."""
+    model = Gpt(
+        GptConfig(vocab_size=12, emb_dim=4, num_heads=2, num_layers=1, mlp_dim=4, max_len=6)
+    )
+    loss, _ = lm.make_losses(model)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, 12, size=(4, 6)).astype(np.int32)
+    tokens[1, 4:] = 0
+    mask = (tokens > 0).astype(np.int32)
+    mask[2, :3] = 0  # a query: the loss on its last tokens only
+    batch = {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(mask)}
+    params = model.init(jax.random.key(0), batch["tokens"])["params"]
+    flat, unravel = ravel_pytree(params)
+    mean = make_mean_loss(loss, 1e-3)
+    hessian = jax.jit(jax.hessian(lambda f: mean(unravel(f), batch)))(flat)
+    v = jnp.asarray(rng.standard_normal(flat.size), jnp.float32)
+    got = ravel_pytree(jax.jit(make_hvp(loss, 1e-3))(params, batch, unravel(v)))[0]
+    want = hessian @ v
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory):
+    """The runlocal LM pipeline with the Ritz tail (both rankings traced)."""
+    workdir = tmp_path_factory.mktemp("lm")
+    result = run_job("pipeline", workdir, "--config.distill.tail=ritz", config=CONFIG)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+@pytest.mark.slow
+def test_fact_tracing_metrics_equal_the_full_ranking(pipeline) -> None:
+    """query_retrieval.json against the ranking of every training passage by each query's
+    influence, read whole, and metrics.json's means of it."""
+    out = results(pipeline)
+    rows = json.loads((out / "query_retrieval.json").read_text())
+    meta = json.loads((out / "scores" / "meta.json").read_text())
+    config = lm_config.get_config("runlocal")
+    table, names, blocks = queries.influences(
+        out / "scores",
+        np.asarray(meta["eigvals"], np.float32),
+        config.score.num_queries,
+        meta["tail_sigma"],
+    )
+    assert names == ("influence", "influence_tail") and set(rows) == set(names)
+    parts = list(blocks)
+    fact = np.concatenate([p.column("fact").to_numpy() for p, _, _ in parts])
+    values = np.concatenate([v for _, _, v in parts])  # (train rows, queries, names)
+    for n, name in enumerate(names):
+        assert len(rows[name]) == config.data.num_facts
+        for row in rows[name]:
+            q = int(np.flatnonzero(table.column("id").to_numpy() == row["query_id"])[0])
+            relevant = fact == row["fact"]
+            assert relevant.sum() == row["relevant"] == config.data.fact_copies
+            assert row["auc"] == pytest.approx(metrics.roc_auc(relevant, values[:, q, n]))
+            ranks = 1 + (values[:, q, n][None] > values[relevant, q, n][:, None]).sum(1)
+            assert row["mrr"] == pytest.approx(1.0 / ranks.min())
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["query_auc"] == pytest.approx(np.mean([r["auc"] for r in rows["influence"]]))
+    assert "query_mrr_tail" in summary
+
+
+@pytest.mark.slow
+def test_trained_model_reports_answered_facts(pipeline) -> None:
+    """'answered' is averaged over the queries only (NaN on passages): a fraction, not NaN."""
+    meta = json.loads(next((pipeline / "params").glob("*/meta/metadata")).read_text())
+    assert 0.0 <= meta["eval_answered"] <= 1.0 and 0.0 < meta["eval_token_accuracy"] < 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (("--config.data.num_facts=200",), r"data.num_facts=200 × data.fact_copies=3"),
+        (("--config.data.max_len=8",), r"a fact query is \d+ tokens, more than data.max_len=8"),
+        (("--config.data.source=bible:zz",), r"no such Bible"),
+    ],
+)
+def test_bad_input_is_one_line(flags, message, tmp_path) -> None:
+    result = run_job("train", tmp_path, *flags, config=CONFIG)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.search(message, last), last
+
+
+def test_scores_record_the_fact_column(task) -> None:
+    assert task.output_columns() == ("id", "fact", "scrambled")
+    assert task.relevance_column == "fact"
+    frame = pd.DataFrame({"fact": task.splits["train"].take(np.arange(8))["fact"]})
+    assert frame["fact"].dtype == np.int64
