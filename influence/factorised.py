@@ -191,6 +191,55 @@ def make_factorised_products(
     return project
 
 
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One factorised call's per-example statistics: its kernel and bias leaves (slash paths in
+    the differentiated tree; bias None when not differentiated), whether it is an ``nn.Dense``,
+    its inputs x (B, T, in) and output gradients δ = ∂ℓ/∂y (B, T, out), positions flattened (a
+    conv's x are its raw NHWC inputs, not patches)."""
+
+    kernel: str
+    bias: str | None
+    dense: bool
+    inputs: jax.Array
+    deltas: jax.Array
+
+
+def make_layer_records(
+    per_example_loss: PerExampleLoss,
+    selection: Selection | None = None,
+    vary: Callable[[jax.Array], jax.Array] | None = None,
+) -> Callable[[Params, Batch], list[Record]]:
+    """``records(params, batch) -> [Record]``, one per factorised call of the forward pass whose
+    kernel is selected, in call order: the layer inputs and output gradients from which K-FAC's
+    factors E[x xᵀ] and E[δ δᵀ] are formed (``methods/ekfac.py``), from the same single vmapped
+    backward pass as the projections above, never a per-example gradient. ``vary`` as there."""
+    vary = vary or (lambda x: x)
+
+    def records(params: Params, batch: Batch) -> list[Record]:
+        loss, primal = restricted(per_example_loss, jax.tree.map(vary, params), selection)
+        flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(primal).items()}
+        one = lambda ex: jax.tree.map(lambda x: x[None], ex)  # noqa: E731
+        calls, outputs = _calls(loss, primal, one(jax.tree.map(lambda x: x[0], batch)), set(flat))
+        example_loss = _perturbed_loss(loss, flat, calls, one)
+        eps = [vary(jnp.zeros(s.shape, s.dtype)) for s in outputs]
+        grad = jax.grad(example_loss, has_aux=True)
+        deltas, inputs = jax.vmap(grad, in_axes=(None, None, 0))(eps, {}, batch)
+        rows = jax.tree.leaves(batch)[0].shape[0]
+        return [
+            Record(
+                c.kernel,
+                c.bias,
+                isinstance(c.module, nn.Dense),
+                x.reshape(rows, -1, x.shape[-1]),
+                d.reshape(rows, -1, d.shape[-1]),
+            )
+            for c, x, d in zip(calls, inputs, deltas, strict=True)
+        ]
+
+    return records
+
+
 def _perturbed_loss(loss: Callable, flat: dict, calls: list, one: Callable) -> Callable:
     """(ε per factorised call, the other leaves, one example) → (its loss with each call's output
     shifted by its ε, each call's input): ∂ℓ/∂ε is the output gradient of that call."""

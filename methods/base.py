@@ -7,7 +7,7 @@ fan-out, resumption and outputs:
   orthonormal rows, eigenvalues λ) and H⁻¹ ≈ Gᵀ diag(1/λ) G, plus (I − GᵀG)/σ where
   ``distill.tail`` sets a σ; self-influence Σᵢ gᵢ²/λᵢ and train → test ⟨g(x)/λ, g(z)⟩ with
   g = G∇ℓ (Schioppa et al. 2022, Alg. 1 lines 24–26).
-- ``OPERATOR`` (lissa, cg, hyperinf, datainf): P ≈ (H + λI)⁻¹ applied to vectors (iterative
+- ``OPERATOR`` (lissa, cg, hyperinf, datainf, ekfac): P ≈ (H + λI)⁻¹ applied to vectors (iterative
   solves over HVPs, or per-layer inverses a ``fit`` computes once); train → test ⟨∇ℓ(x), P∇ℓ(z)⟩
   with the solved query gradients as tangents, self-influence ⟨∇ℓ(x), P∇ℓ(x)⟩ from each example's
   gradient (``parallel/operator_products.py``).

@@ -1,5 +1,6 @@
 """Passes over the data that several methods make: HVPs on blocks of vectors (LiSSA, CG, exact)
-and data-parallel statistics of per-example gradients (HyperINF's GFIM, DataInf).
+and data-parallel statistics of per-example gradients (HyperINF's GFIM, DataInf, EK-FAC's
+corrected eigenvalues) or of dense layers' inputs and output gradients (EK-FAC's factors).
 
 Every pass reads its batches with ``tasks/batching.py`` (each process its own rows) and runs one
 jitted, sharded program per batch from a Python loop (a conv HVP inside ``lax`` loops runs ~15×
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from influence import factorised
 from influence.hvp import make_hvp
 from methods.base import Context
 from parallel import programs, sharding
@@ -96,20 +98,60 @@ def gradient_statistics(
     name: str,
     batch_size: int,
     split: str = "train",
+    num_examples: int | None = None,
+    operands: Any = None,
 ) -> tuple[Any, int]:
     """(Σ over every example of ``split`` of ``reduce(per-example gradients, mask)``, N): one
-    data-parallel pass over the split in padded batches of ``batch_size``; ``reduce``
-    gets a device's rows (stacked gradients over the selected leaves) and their 0/1 mask and
-    returns per-row-summed statistics, added up over the devices by one all-reduce per leaf."""
-    source = ctx.split(split)
+    data-parallel pass over the split (its first ``num_examples``, if given) in padded batches of
+    ``batch_size``; ``reduce`` gets a device's rows (stacked gradients over the selected leaves)
+    and their 0/1 mask (and ``operands``, replicated, when given: arrays the statistics need,
+    passed to the program as arguments) and returns per-row-summed statistics, added up over the
+    devices by one all-reduce per leaf."""
     program = programs.jit_example_rows(
-        ctx.task.per_example_loss,
-        ctx.param_sh,
-        ctx.mesh,
-        ctx.selection,
-        reduce=reduce,
+        ctx.task.per_example_loss, ctx.param_sh, ctx.mesh, ctx.selection, _with(reduce, operands)
     )
-    batches = list(batching.padded_batches(0, source.num_examples, batch_size))
+    return _statistics_pass(ctx, params, program, operands, name, batch_size, split, num_examples)
+
+
+def layer_statistics(
+    ctx: Context,
+    params: Any,
+    reduce: Callable[[list[factorised.Record], jax.Array], Any],
+    name: str,
+    batch_size: int,
+    split: str = "train",
+    num_examples: int | None = None,
+    operands: Any = None,
+) -> tuple[Any, int]:
+    """``gradient_statistics`` of the selected dense layers' inputs and output gradients
+    (``influence.factorised.Record``s) instead of per-example gradients: K-FAC's factors."""
+    program = programs.jit_layer_sums(
+        ctx.task.per_example_loss, ctx.param_sh, ctx.mesh, ctx.selection, _with(reduce, operands)
+    )
+    return _statistics_pass(ctx, params, program, operands, name, batch_size, split, num_examples)
+
+
+def _with(reduce: Callable[..., Any], operands: Any) -> Callable[[Any, jax.Array, Any], Any]:
+    """The programs' (rows, mask, operands) reduce of a ``reduce`` that takes operands only when
+    there are some."""
+    return reduce if operands is not None else lambda rows, mask, _: reduce(rows, mask)
+
+
+def _statistics_pass(
+    ctx: Context,
+    params: Any,
+    program: Callable[[Any, dict, jax.Array, Any], Any],
+    operands: Any,
+    name: str,
+    batch_size: int,
+    split: str,
+    num_examples: int | None,
+) -> tuple[Any, int]:
+    """The sum of ``program(params, batch, mask, operands)`` over the first ``num_examples`` (default: all)
+    of ``split`` in padded global batches, each process reading its own rows."""
+    source = ctx.split(split)
+    count = source.num_examples if num_examples is None else min(num_examples, source.num_examples)
+    batches = list(batching.padded_batches(0, count, batch_size))
     total = None
     with ctx.progress(name, len(batches)) as progress:
         for step, (positions, mask) in enumerate(batches, start=1):
@@ -119,7 +161,7 @@ def gradient_statistics(
             weights = sharding.to_global(
                 {"mask": mask[rows].astype(np.float32)}, ctx.mesh, batch_size
             )
-            sums = program(params, batch, weights["mask"])
+            sums = program(params, batch, weights["mask"], operands)
             total = sums if total is None else jax.tree.map(jnp.add, total, sums)
             progress(step)
-    return total, source.num_examples
+    return total, count

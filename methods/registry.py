@@ -25,6 +25,7 @@ BUILTIN = {
     "cg": "methods.cg:CG",
     "hyperinf": "methods.hyperinf:HYPERINF",
     "datainf": "methods.datainf:DATAINF",
+    "ekfac": "methods.ekfac:EKFAC",
 }
 
 

@@ -1,4 +1,4 @@
-"""Scoring by an ``Operator`` (``methods/base.py``): LiSSA, CG, HyperINF, DataInf.
+"""Scoring by an ``Operator`` (``methods/base.py``): LiSSA, CG, HyperINF, DataInf, EK-FAC.
 
 These methods have no eigenvectors to project onto: their self-influence is the quadratic form
 ⟨∇ℓ(x), P∇ℓ(x)⟩ of each example's own gradient under their approximation P ≈ (H + λI)⁻¹, so each

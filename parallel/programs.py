@@ -226,17 +226,19 @@ def jit_example_rows(
     param_sh: Any,
     mesh: Mesh,
     selection: Selection | None = None,
-    reduce: Callable[[Any, jax.Array], Any] | None = None,
+    reduce: Callable[[Any, jax.Array, Any], Any] | None = None,
 ) -> Callable[..., Any]:
     """(params, tangents, batch) → (per-example gradients ∇ℓ(x) over the selected leaves,
     stacked with rows sharded over 'data'; (rows, k) products ⟨∇ℓ(x), t_j⟩ with the k stacked
     ``tangents``), each device computing its own rows under ``shard_map`` (as the reverse
     products: the SPMD-partitioned vmapped conv gradients were wrong, see ``jit_products``).
 
-    With ``reduce(grads, mask) → sums`` (a pytree) the program is (params, batch, mask) → the
-    sums over every row of the global batch, replicated: per-device partial sums of the rows'
-    statistics (``mask`` marks the real rows of a padded batch) and one ``psum`` over 'data' per
-    leaf (the all-reduce of a data-parallel statistics pass, ``methods/passes.py``).
+    With ``reduce(grads, mask, operands) → sums`` (a pytree) the program is (params, batch, mask,
+    operands) → the sums over every row of the global batch, replicated: per-device partial sums
+    of the rows' statistics (``mask`` marks the real rows of a padded batch; ``operands``, any
+    replicated pytree the statistics need, e.g. EK-FAC's eigenbases, passed as arguments rather
+    than baked into the program as constants) and one ``psum`` over 'data' per leaf (the
+    all-reduce of a data-parallel statistics pass, ``methods/passes.py``).
     """
     vary = lambda x: jax.lax.pcast(x, DATA_AXIS, to="varying")  # noqa: E731
 
@@ -251,17 +253,42 @@ def jit_example_rows(
         )
         return grads, jnp.asarray(dots, jnp.float32)
 
-    def sums(params: Any, batch: dict, mask: jax.Array) -> Any:
-        stats = reduce(grads_of(params, batch), mask)
-        return jax.tree.map(lambda s: jax.lax.psum(s, DATA_AXIS), stats)
-
-    repl, rows_sh = replicated(mesh), batch_sharding(mesh)
-    if reduce is None:
-        program = jax.shard_map(
-            rows, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)), out_specs=P(DATA_AXIS)
-        )
-        return jax.jit(program, in_shardings=(param_sh, repl, rows_sh))
+    if reduce is not None:
+        return _jit_sums(lambda p, b, m, o: reduce(grads_of(p, b), m, o), param_sh, mesh)
     program = jax.shard_map(
-        sums, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)), out_specs=P()
+        rows, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)), out_specs=P(DATA_AXIS)
     )
-    return jax.jit(program, in_shardings=(param_sh, rows_sh, rows_sh), out_shardings=repl)
+    return jax.jit(program, in_shardings=(param_sh, replicated(mesh), batch_sharding(mesh)))
+
+
+def jit_layer_sums(
+    per_example_loss: Callable,
+    param_sh: Any,
+    mesh: Mesh,
+    selection: Selection | None,
+    reduce: Callable[[list[factorised.Record], jax.Array, Any], Any],
+) -> Callable[..., Any]:
+    """(params, batch, mask, operands) → Σ over the real rows of ``reduce(records, mask,
+    operands)``, replicated:
+    ``jit_example_rows``' statistics pass over the selected dense layers' inputs and output
+    gradients (``influence.factorised.make_layer_records``) instead of per-example gradients
+    (K-FAC's factors, ``methods/ekfac.py``): per-device sums, one ``psum`` over 'data' per leaf."""
+    vary = lambda x: jax.lax.pcast(x, DATA_AXIS, to="varying")  # noqa: E731
+    records = factorised.make_layer_records(per_example_loss, selection, vary)
+    return _jit_sums(lambda p, b, m, o: reduce(records(p, b), m, o), param_sh, mesh)
+
+
+def _jit_sums(stats: Callable[[Any, dict, jax.Array, Any], Any], param_sh: Any, mesh: Mesh) -> Any:
+    """``stats(params, rows, mask, operands)`` of each device's rows of a 'data'-sharded batch,
+    summed over the devices (one ``psum`` per leaf) and replicated: a data-parallel statistics
+    program, (params, batch, mask, operands) → sums."""
+
+    def sums(params: Any, batch: dict, mask: jax.Array, operands: Any) -> Any:
+        partial = stats(params, batch, mask, operands)
+        return jax.tree.map(lambda s: jax.lax.psum(s, DATA_AXIS), partial)
+
+    rows_sh, repl = batch_sharding(mesh), replicated(mesh)
+    program = jax.shard_map(
+        sums, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS), P()), out_specs=P()
+    )
+    return jax.jit(program, in_shardings=(param_sh, rows_sh, rows_sh, repl), out_shardings=repl)

@@ -274,11 +274,14 @@ def test_lissa_refuses_a_damping_below_the_negative_curvature(reference, tmp_pat
     assert not (workdir / "methods" / "lissa" / "scores" / "meta.json").exists()
 
 
-@pytest.mark.parametrize("name", ["hyperinf", "datainf"])
+@pytest.mark.parametrize("name", ["hyperinf", "datainf", "ekfac"])
 def test_layerwise_methods_on_four_devices_match_one(reference, tmp_path, name):
     """The data-parallel statistics pass (per-device sums, one all-reduce per leaf) and the
     operator scorer (each device its own rows) give one device's scores on a 'data' axis of 4;
-    over the dense layer only (a conv kernel is refused in one line, before any work)."""
+    over the dense layer only (a conv kernel is refused in one line, before any work). The
+    float32 sums differ in order between the two, and EK-FAC's eigenbasis of near-degenerate
+    factor eigenvalues turns with them: its validation influences (up to ~16) moved by up to
+    7.7e-6, so the absolute tolerance is relative to each column's largest value."""
     with pytest.raises(InputError, match=r"Conv_0/kernel has shape \(5, 5, 1, 4\)"):
         context(method_config(name), reference.workdir, fit.CHECK)
     tables = []
@@ -289,4 +292,7 @@ def test_layerwise_methods_on_four_devices_match_one(reference, tmp_path, name):
         directory = _run(config, reference, tmp_path / f"devices{devices}")
         tables.append(pd.read_parquet(directory / "scores" / "train").set_index("id").sort_index())
     for column in ("self_influence", "validation_influence"):
-        np.testing.assert_allclose(tables[1][column], tables[0][column], rtol=1e-4, atol=1e-6)
+        want = tables[0][column]
+        np.testing.assert_allclose(
+            tables[1][column], want, rtol=1e-4, atol=1e-6 * max(1.0, np.abs(want).max())
+        )
