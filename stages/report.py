@@ -39,7 +39,7 @@ from jax.sharding import Mesh
 from scipy import stats
 
 from methods import registry
-from methods.base import Context, Method
+from methods.base import Context, Kind, Method
 from runtime import outputs, workdir
 from runtime.errors import InputError
 from stages import artifacts, checks, evaluate, fit, gallery, report_text, score, train
@@ -72,9 +72,12 @@ CHECK = check
 
 def _variant(config: ml_collections.ConfigDict, method: Method, top_k: int, **fields: Any):
     """``config`` for ``method`` (at p̃ = ``top_k`` if it keeps p̃ eigenpairs), with other fields
-    (dotted names with '__' for '.') set."""
+    (dotted names with '__' for '.') set. ``distill.tail`` is kept for the eigenpair methods only:
+    the others approximate H⁻¹ in every direction, there is no subspace to add a tail to."""
     sub = config.copy_and_resolve_references()
     sub.method.name = method.name
+    if method.kind is not Kind.EIGENPAIR:
+        sub.distill.tail = "none"
     if method.keeps_top_k:
         sub.distill.top_k = top_k
     for dotted, value in fields.items():
@@ -181,6 +184,7 @@ def _row(method: Method, label: str, directory: epath.Path, times: dict, metrics
         "fit_s": times["fit"],
         "score_s": times["score"],
         **{m: metrics[m] for m in ("auc", "ap", "recall_at_10pct", "recall_at_20pct")},
+        **{m: v for m, v in metrics.items() if m.startswith("query_")},  # fact tracing
         "eigvals": outputs.read_json(eig)["eigvals"] if eig.exists() else None,
         "eig_file": str(eig) if eig.exists() else None,
     }

@@ -158,6 +158,28 @@ def _table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _query_table(rows: list[dict]) -> list[str]:
+    """The traced queries' retrieval of their relevant training examples (a task with a
+    ``relevance_column``: the LM's planted facts), a row per ranking of each run; [] without."""
+    if not any("query_auc" in r for r in rows):
+        return []
+    lines = [
+        "Traced queries against the training examples relevant to them (planted facts: the",
+        "passages that state each; means over the queries):",
+        "",
+        "| method | p̃ | ranking | recall@10 | MRR | AUC |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        for suffix, ranking in (("", "influence"), ("_tail", "influence + tail")):
+            if f"query_auc{suffix}" in r:
+                top_k = r["top_k"] if r["swept"] else "–"
+                values = (r[f"query_{k}{suffix}"] for k in ("recall_at_10", "mrr", "auc"))
+                cells = [r["method"], str(top_k), ranking, *(f"{v:.3f}" for v in values)]
+                lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"# Influence report: {report['task']} / {report['model']}",
@@ -170,6 +192,7 @@ def markdown(report: dict) -> str:
         "Times in seconds, from the run that computed each result (compile included); the",
         "first row of a method with shared state (Arnoldi's Krylov iterations) includes it.",
         "",
+        *_query_table(report["rows"]),
         "![Figure 1](report_eigenvalues.png)",
         "",
     ]
