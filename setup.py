@@ -39,6 +39,7 @@ INSTALL_REQUIRES = [
     "grain==0.2.18",
     "sacrebleu==2.6.0",
     "safetensors==0.8.0",
+    "bm25s==0.3.16",  # the LM fact-tracing baseline (benchmarks/fact_tracing.py)
 ]
 
 TEST_REQUIRES = [

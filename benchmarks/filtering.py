@@ -15,7 +15,6 @@ many of the task's corrupted examples each training set kept. Prints one table a
 ``<out>/filtering-seed<s>.json``.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 from absl import app, flags
+
+from benchmarks.configs import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 _CONFIG = flags.DEFINE_string("config", "configs/translation.py", "Config file[:presets].")
@@ -34,15 +35,6 @@ _BY = flags.DEFINE_string(
 )
 _OUT = flags.DEFINE_string("out", None, "Directory of the filtered runs and the JSON report.")
 _SEED = flags.DEFINE_integer("seed", 0, "filter.seed of the random subsets.")
-
-
-def load_config(spec: str):
-    """``configs/x.py[:presets]`` → its ``get_config(presets)``, as the jobs' --config reads it."""
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("filtering_config", REPO / path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
 
 
 def filter_fields(keep: float, by: str) -> dict[str, object]:

@@ -175,6 +175,8 @@ def _row(method: Method, label: str, directory: epath.Path, times: dict, metrics
     table = pd.read_parquet(results / workdir.SCORES / "train").set_index("id").sort_index()
     ranked = evaluate.ranking_scores(list(table.columns), lambda c: table[c])
     eig = results / workdir.FIT_JSON
+    fitted = outputs.read_json(eig) if eig.exists() else {}  # graddot fits nothing
+    eig_file = str(eig) if "eigvals" in fitted else None  # an operator's fit has no eigenpairs
     row = {
         "label": label,
         "method": method.name,
@@ -185,8 +187,8 @@ def _row(method: Method, label: str, directory: epath.Path, times: dict, metrics
         "score_s": times["score"],
         **{m: metrics[m] for m in ("auc", "ap", "recall_at_10pct", "recall_at_20pct")},
         **{m: v for m, v in metrics.items() if m.startswith("query_")},  # fact tracing
-        "eigvals": outputs.read_json(eig)["eigvals"] if eig.exists() else None,
-        "eig_file": str(eig) if eig.exists() else None,
+        "eigvals": fitted.get("eigvals"),
+        "eig_file": eig_file,
     }
     return row, pd.Series(ranked[metrics["ranked_by"]], index=table.index)
 

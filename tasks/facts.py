@@ -22,19 +22,19 @@ CODAS = ("", "", "n", "r", "th", "sk", "l", "x", "m")
 RELATIONS = {
     "born": (
         ("{s} was born in {o}.", "The birthplace of {s} was {o}.", "{s} came from {o}."),
-        "The town where {s} was born is called",
+        "{s} was born in the town of",
     ),
     "home": (
         ("{s} lived in {o}.", "The home of {s} was {o}.", "{s} made a home in {o}."),
-        "The place where {s} lived is called",
+        "{s} lived in the land of",
     ),
     "rule": (
         ("{s} ruled over {o}.", "{s} was the king of {o}.", "{s} reigned over the land of {o}."),
-        "The land that {s} governed is called",
+        "{s} was the ruler of the land of",
     ),
     "burial": (
         ("{s} was buried in {o}.", "The grave of {s} is in {o}.", "{s} was laid to rest in {o}."),
-        "The place where {s} lies buried is called",
+        "{s} was buried in the town of",
     ),
 }
 
@@ -79,7 +79,7 @@ def invent(count: int, seed: int, corpus_words: set[str]) -> list[Fact]:
 
     relations = list(RELATIONS)
     return [
-        Fact(f"{fresh(2)} {fresh(2)}", relations[i % len(relations)], fresh(3))
+        Fact(f"{fresh(2)} {fresh(2)}", relations[i % len(relations)], fresh(2))
         for i in range(count)
     ]
 

@@ -4,7 +4,6 @@ answer only, the streamed retrieval metrics equal the ones computed from every s
 bad input is one line."""
 
 import json
-import re
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +18,7 @@ from influence.hvp import make_hvp, make_mean_loss
 from scoring import queries
 from tasks import facts, lm
 from tasks.gpt import Gpt, GptConfig
+from tasks.sources import DataError
 from tests.pipeline_helpers import results, run_job
 
 CONFIG = "configs/lm.py:runlocal"
@@ -106,15 +106,13 @@ def test_planted_and_scrambled_passages(task) -> None:
 
 def test_gpt_hvp_equals_hessian_times_v() -> None:
     """make_hvp of the LM's loss (answer-masked rows among them) against jax.hessian."""
-    model = Gpt(
-        GptConfig(vocab_size=12, emb_dim=4, num_heads=2, num_layers=1, mlp_dim=4, max_len=6)
-    )
+    model = Gpt(GptConfig(vocab_size=8, emb_dim=4, num_heads=1, num_layers=1, mlp_dim=4, max_len=4))
     loss, _ = lm.make_losses(model)
     rng = np.random.default_rng(0)
-    tokens = rng.integers(3, 12, size=(4, 6)).astype(np.int32)
-    tokens[1, 4:] = 0
+    tokens = rng.integers(3, 8, size=(3, 4)).astype(np.int32)
+    tokens[1, 3:] = 0
     mask = (tokens > 0).astype(np.int32)
-    mask[2, :3] = 0  # a query: the loss on its last tokens only
+    mask[2, :2] = 0  # a query: the loss on its last tokens only
     batch = {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(mask)}
     params = model.init(jax.random.key(0), batch["tokens"])["params"]
     flat, unravel = ravel_pytree(params)
@@ -174,20 +172,31 @@ def test_trained_model_reports_answered_facts(pipeline) -> None:
     assert 0.0 <= meta["eval_answered"] <= 1.0 and 0.0 < meta["eval_token_accuracy"] < 1.0
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
-    "flags, message",
+    "fields, message",
     [
-        (("--config.data.num_facts=200",), r"data.num_facts=200 × data.fact_copies=3"),
-        (("--config.data.max_len=8",), r"a fact query is \d+ tokens, more than data.max_len=8"),
-        (("--config.data.source=bible:zz",), r"no such Bible"),
+        ({"num_facts": 200}, r"data.num_facts=200 × data.fact_copies=3 planted passages must fit"),
+        ({"max_len": 8}, r"a fact query is \d+ tokens, more than data.max_len=8"),
+        ({"source": "bible:zz"}, r"no such Bible"),
+        ({"source": "novel:x"}, r"neither bible:<name> \(bible:4\) nor text:<path>"),
+        ({"scramble_fraction": 1.0}, r"data.scramble_fraction=1.0 must be in \[0, 1\)"),
     ],
 )
-def test_bad_input_is_one_line(flags, message, tmp_path) -> None:
-    result = run_job("train", tmp_path, *flags, config=CONFIG)
+def test_bad_data_fields_are_one_line(fields, message, tmp_path) -> None:
+    config = lm_config.get_config("runlocal")
+    config.data.update(fields)
+    with pytest.raises(DataError, match=message) as raised:
+        lm.get_task(config, tmp_path)
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.slow
+def test_too_many_facts_stop_the_job_before_training(tmp_path) -> None:
+    result = run_job("pipeline", tmp_path, "--config.data.num_facts=200", config=CONFIG)
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert re.search(message, last), last
+    assert last.startswith("error: data.num_facts=200 × data.fact_copies=3"), last
+    assert not (tmp_path / "params").exists()
 
 
 def test_scores_record_the_fact_column(task) -> None:
