@@ -43,12 +43,19 @@ def with_ones(inputs: jax.Array) -> jax.Array:
 def factor_sums(
     inputs: jax.Array, deltas: jax.Array, mask: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(Σ m_b Σ_t a aᵀ, Σ m_b Σ_t δ δᵀ, Σ m_b T) of a batch: inputs (B, T, in), output gradients
-    (B, T, out), 0/1 rows ``mask`` (B,); float32, every position of a row counted."""
+    """(Σ_b Σ_t w a aᵀ, Σ_b Σ_t w δ δᵀ, Σ w) of a batch: inputs (B, T, in), output gradients
+    (B, T, out), 0/1 rows ``mask`` (B,); float32.
+
+    w_bt = m_b where the position's output gradient is not all zero, else 0: a position the loss
+    cannot reach (padding after a sequence's end: with the loss masked there and padded keys
+    masked in attention, its δ is exactly 0 in every layer) stays out of A, as kronfluence keeps
+    out the positions its attention mask marks, without the task having to name its padding.
+    S is unchanged by it (a zero δ adds nothing)."""
     x, d = inputs.astype(jnp.float32), deltas.astype(jnp.float32)
-    a = jnp.einsum("b,bti,btj->ij", mask, x, x, precision=HIGHEST)
-    s = jnp.einsum("b,bti,btj->ij", mask, d, d, precision=HIGHEST)
-    return a, s, jnp.sum(mask) * x.shape[1]
+    live = mask[:, None] * jnp.any(d != 0, axis=-1)
+    a = jnp.einsum("bt,bti,btj->ij", live, x, x, precision=HIGHEST)
+    s = jnp.einsum("bt,bti,btj->ij", live, d, d, precision=HIGHEST)
+    return a, s, jnp.sum(live)
 
 
 def eigenbasis(covariance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 import pytest
 
+from influence import ekfac as ekfac_math
 from influence import scoring
 from influence.selection import Selection
 from methods import dense_layers, ekfac, registry
@@ -282,3 +283,20 @@ def test_a_kernel_of_another_layer_is_one_line_when_the_fit_traces(tmp_path):
     params = jax.device_put(ctx.task.init_params(jax.random.key(0)), ctx.param_sh)
     with pytest.raises(InputError, match=r"^method.name=ekfac: DenseGeneral_0/kernel is not the "):
         ekfac.fit(ctx, params)
+
+
+def test_positions_the_loss_cannot_reach_stay_out_of_the_input_factor() -> None:
+    """Padding after a sequence's end has δ = 0 (the loss is masked there): A sums a aᵀ over the
+    other positions of the rows in the mask only, and counts them."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5, 4)).astype(np.float32)
+    d = rng.standard_normal((3, 5, 2)).astype(np.float32)
+    d[0, 3:] = 0.0  # row 0: two padded positions
+    mask = np.array([1.0, 1.0, 0.0], np.float32)  # row 2: batch padding
+    a, s, count = ekfac_math.factor_sums(jnp.asarray(x), jnp.asarray(d), jnp.asarray(mask))
+    live = [(0, t) for t in range(3)] + [(1, t) for t in range(5)]
+    want_a = sum(np.outer(x[b, t], x[b, t]) for b, t in live)
+    want_s = sum(np.outer(d[b, t], d[b, t]) for b, t in live)
+    np.testing.assert_allclose(a, want_a, rtol=1e-5)
+    np.testing.assert_allclose(s, want_s, rtol=1e-5)
+    assert int(count) == len(live)
