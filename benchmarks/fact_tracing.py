@@ -104,6 +104,40 @@ def bm25_rows(workdir: Path) -> list[dict]:
     return rows
 
 
+def memorisation(workdir: Path) -> dict[str, float]:
+    """How far the trained model learnt the facts: the fraction it answers (greedy decoding from
+    the prefix says the object) and the answer's mean token loss, after the paraphrased query and
+    after the prefix of each wording trained on, and the loss of another fact's object after the
+    query (what an unlearnt answer costs)."""
+    import jax.numpy as jnp
+
+    from stages import checks, setup
+    from stages.artifacts import restore_params
+    from tasks import lm
+
+    config = load_config(_CONFIG.value)
+    params, ctx = restore_params(setup.context(config, workdir, checks.check_train))
+    tokenizer = ctx.split("train").tokenizer
+    facts = lm.build_corpus(config.data, config.seed).facts
+    wrong = [facts[(i + 1) % len(facts)].object for i in range(len(facts))]
+    cases = {"query": ([f.prompt for f in facts], [f.object for f in facts])}
+    for w in range(3):
+        prefixes = [f.statement(w).split(f.object)[0].rstrip() for f in facts]
+        cases[f"wording {w}"] = (prefixes, [f.object for f in facts])
+    cases["query, another fact's object"] = ([f.prompt for f in facts], wrong)
+    out = {}
+    for name, (prefixes, answers) in cases.items():
+        tokens = np.zeros((len(facts), config.data.max_len), np.int32)
+        mask = np.zeros_like(tokens)
+        pairs = zip(tokenizer.ids(prefixes), tokenizer.ids(answers), strict=True)
+        for i, (p, a) in enumerate(pairs):
+            tokens[i, : len(p) + len(a)], mask[i, len(p) : len(p) + len(a)] = p + a, 1
+        batch = {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(mask)}
+        out[f"{name}: answered"] = float(np.mean(ctx.task.metrics(params, batch)["answered"]))
+        out[f"{name}: answer loss"] = float(np.mean(ctx.task.per_example_loss(params, batch)))
+    return out
+
+
 def influence_rows(report: dict) -> list[dict]:
     rows = []
     for r in report["rows"]:
@@ -127,6 +161,7 @@ def main(argv: list[str]) -> None:
     report, seconds = run_report(workdir)
     rows = influence_rows(report) + bm25_rows(workdir)
     meta = json.loads(next((workdir / "params").glob("*/meta/metadata")).read_text())
+    learnt = memorisation(workdir)
     summary = {
         "config": _CONFIG.value,
         "include": _INCLUDE.value,
@@ -137,6 +172,7 @@ def main(argv: list[str]) -> None:
         "train_loss": meta.get("train_loss"),
         "report_wall_s": seconds,
         "notes": report["notes"],
+        "memorisation": learnt,
         "rows": rows,
     }
     (workdir / "fact_tracing.json").write_text(json.dumps(summary, indent=2))
@@ -155,6 +191,8 @@ def main(argv: list[str]) -> None:
         )
     for note in report["notes"]:
         print(f"- {note}")
+    for name, value in learnt.items():
+        print(f"{name}: {value:.3f}")
 
 
 if __name__ == "__main__":

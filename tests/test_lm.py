@@ -4,6 +4,7 @@ answer only, the streamed retrieval metrics equal the ones computed from every s
 bad input is one line."""
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ from scoring import queries
 from tasks import facts, lm
 from tasks.gpt import Gpt, GptConfig
 from tasks.sources import DataError
-from tests.pipeline_helpers import results, run_job
+from tests.pipeline_helpers import results, run_job, run_module
 
 CONFIG = "configs/lm.py:runlocal"
 
@@ -125,12 +126,38 @@ def test_gpt_hvp_equals_hessian_times_v() -> None:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory):
-    """The runlocal LM pipeline with the Ritz tail (both rankings traced)."""
+def benchmark(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """benchmarks/fact_tracing.py on the runlocal preset with Arnoldi alone: its report runs
+    train → fit → score → evaluate with the Ritz tail (both rankings traced); (workdir, what it
+    printed)."""
     workdir = tmp_path_factory.mktemp("lm")
-    result = run_job("pipeline", workdir, "--config.distill.tail=ritz", config=CONFIG)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
+    printed = run_module(
+        "benchmarks.fact_tracing",
+        f"--config={CONFIG}",
+        f"--workdir={workdir}",
+        "--methods=arnoldi",
+        "--keep_epochs=1",
+    )
+    return workdir, printed
+
+
+@pytest.fixture(scope="module")
+def pipeline(benchmark) -> Path:
+    """The Arnoldi run of the benchmark's report (its own workdir, the params linked)."""
+    top_k = lm_config.get_config("runlocal").distill.top_k
+    return benchmark[0] / "report" / f"arnoldi_p{top_k}"
+
+
+@pytest.mark.slow
+def test_benchmark_prints_each_ranking_beside_bm25(benchmark) -> None:
+    workdir, printed = benchmark
+    rows = [
+        line.split(" | ")[0].strip("| ") for line in printed.splitlines() if line.startswith("| ")
+    ]
+    assert rows[1:] == ["arnoldi", "arnoldi + tail", "BM25 (prompt)", "BM25 (prompt + answer)"]
+    summary = json.loads((workdir / "fact_tracing.json").read_text())
+    assert all(0.0 <= r["auc"] <= 1.0 for r in summary["rows"])
+    assert set(summary["memorisation"]) >= {"query: answered", "wording 0: answer loss"}
 
 
 @pytest.mark.slow
