@@ -141,7 +141,16 @@ SCORES_FINGERPRINT = (
 REPORT = Block(
     "report",
     {
-        "methods": ("arnoldi", "randproj", "randselect", "exact", "graddot", "tracin", "lissa"),
+        "methods": (
+            "arnoldi",
+            "randproj",
+            "randselect",
+            "exact",
+            "graddot",
+            "tracin",
+            "lissa",
+            "ekfac",
+        ),
         "top_ks": (5, 10, 20, 50, 100),
         "converged_tol": 1e-2,  # relative Ritz residual of a converged pair
     },
