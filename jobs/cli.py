@@ -6,6 +6,7 @@ checkpoint) ends the process with one line on stderr, ``error: ...``, and exit c
 expensive work.
 """
 
+import functools
 import importlib
 import logging as logging_std
 import os
@@ -260,9 +261,11 @@ def start_runtime() -> None:
         fail(str(e))
 
 
-def main(stage_modules: Sequence[str]) -> None:
+def main(stage_modules: Sequence[str], options: Callable[[], dict[str, Any]] | None = None) -> None:
     """The body of every ``jobs/*.py``: parse flags, then run the stages, each the ``run`` of a
-    module named here (``"stages.fit"``).
+    module named here (``"stages.fit"``). ``options``: keyword arguments of every stage's
+    ``run`` beyond the config and workdir, read from the job's own flags once they are parsed
+    (``jobs.explain``'s prompts).
 
     The stage modules are imported only once the process knows it runs them: a multi-process
     job's supervisor (``parallel/supervisor.py``) never does, so it stays a small process (1 s and
@@ -275,6 +278,8 @@ def main(stage_modules: Sequence[str]) -> None:
         start_runtime()
         modules = [importlib.import_module(name) for name in stage_modules]
         checks = [m.CHECK for m in modules if hasattr(m, "CHECK")] if len(modules) > 1 else []
-        run_stages([m.run for m in modules], _CONFIG.value, _WORKDIR.value, checks)
+        kwargs = options() if options is not None else {}
+        stages = [functools.partial(m.run, **kwargs) for m in modules]
+        run_stages(stages, _CONFIG.value, _WORKDIR.value, checks)
 
     app.run(_main, flags_parser=_parse_flags)

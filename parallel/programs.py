@@ -13,7 +13,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from influence import distill, factorised, krylov, scoring
+from influence import distill, factorised, krylov, scoring, tokens
 from influence.hvp import HVP
 from influence.selection import Selection
 from parallel.mesh import DATA_AXIS
@@ -218,6 +218,25 @@ def jit_example_grads(
         functools.partial(scoring.example_grads, per_example_loss, selection=selection),
         in_shardings=(param_sh, replicated(mesh)),
         out_shardings=stacked_shardings(vector_sh),
+    )
+
+
+def jit_token_products(
+    per_token_loss: Callable,
+    param_sh: Any,
+    vector_sh: Any,
+    mesh: Mesh,
+    selection: Selection | None = None,
+    tangent_chunk: int | None = None,
+) -> tokens.TokenProducts:
+    """(params, tangents, batch) → (batch, k, length) per-token contributions ⟨∇ℓ_t(x), v_j⟩ of a
+    'data'-sharded batch to the k stacked ``tangents`` (``influence/tokens.py``: one forward-mode
+    JVP), replicated: they are few (k × length per row), and every process then ranks the whole
+    batch by its rows' sums (the explain stage's running top-k)."""
+    return jax.jit(
+        tokens.make_token_products(per_token_loss, selection, tangent_chunk),
+        in_shardings=(param_sh, stacked_shardings(vector_sh), batch_sharding(mesh)),
+        out_shardings=replicated(mesh),
     )
 
 

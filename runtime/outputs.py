@@ -45,3 +45,14 @@ def read_parquet_dir(directory: epath.PathLike, columns: list[str] | None = None
 def read_parquet(path: epath.PathLike, columns: list[str] | None = None) -> pa.Table:
     with epath.Path(path).open("rb") as f:
         return pq.read_table(f, columns=columns)
+
+
+def write_text(path: epath.PathLike, text: str) -> None:
+    """Process 0 writes ``text`` (UTF-8), atomically (temp + rename) like ``write_json``."""
+    if jax.process_index() != 0:
+        return
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

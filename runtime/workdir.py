@@ -14,6 +14,7 @@
         scores/<split>/part-XXXXX-of-YYYYY.parquet, scores/meta.json,
         scores/influence_topk.parquet
         metrics.json, roc_pr.png, spectrum.png, tensorboard/<loop>/
+        explain/          jobs.explain: explanations.parquet, tokens.parquet, explain.md
 
 Every method keeps its results in the same place, so several methods can share one workdir and
 its trained params. A workdir written by the first layout (Arnoldi's results at the top, no
@@ -43,6 +44,7 @@ FIT_JSON = "fit.json"
 SCORES = "scores"
 SCORES_META = "scores/meta.json"
 METRICS_JSON = "metrics.json"
+EXPLAIN = "explain"  # jobs.explain's outputs, rewritten by each run
 QUERY_RETRIEVAL_JSON = (
     "query_retrieval.json"  # evaluate: traced queries against their relevant examples
 )

@@ -22,6 +22,7 @@ from methods.base import Context
 from parallel import programs, sharding
 from runtime import outputs
 from scoring import row_layout
+from tasks.sources import Columns
 
 TOPK_FILE = "influence_topk.parquet"
 # Queries scored against a training part at once: the block is (part rows × QUERY_BLOCK) floats.
@@ -33,7 +34,13 @@ def query_gradients(ctx: Context, params: Any, num_queries: int) -> Any:
     process reads the same few rows)."""
     evaluation = ctx.split("eval")
     count = min(num_queries, evaluation.num_examples)
-    columns = ctx.task.model_inputs(evaluation.take(np.arange(count)))
+    return example_gradients(ctx, params, evaluation.take(np.arange(count)))
+
+
+def example_gradients(ctx: Context, params: Any, examples: Columns) -> Any:
+    """∇ℓ(z) of a few examples given as host columns (the same on every process: the batch is
+    replicated), stacked and laid out like G."""
+    columns = ctx.task.model_inputs(examples)
     repl = sharding.replicated(ctx.mesh)
     batch = {
         k: jax.make_array_from_process_local_data(repl, np.asarray(v)) for k, v in columns.items()
@@ -66,7 +73,7 @@ def trace(
         scores_dir, eigvals, num_queries, sigma, query_block, intrinsic
     )
     query_ids = query_table.column("id").to_numpy()
-    best = {kind: _TopK(top_k, len(query_ids), len(names)) for kind in KINDS}
+    best = {kind: TopK(top_k, len(query_ids), len(names)) for kind in KINDS}
     for part, block, values in blocks:
         for kind, sign in KINDS.items():
             best[kind].merge(block, sign * values[..., -1], values, part.column("id").to_numpy())
@@ -118,7 +125,7 @@ def influences(
 KINDS = {"proponent": 1.0, "opponent": -1.0}
 
 
-class _TopK:
+class TopK:
     """A running top-k over training rows for every query: keys (k, queries), the values kept
     beside them (k, queries, names) and the rows' ids; −inf keys are empty slots."""
 

@@ -116,17 +116,13 @@ def build(
     TracIn's kept checkpoints with their learning rates (``Method.checkpoints``)."""
     if where == "host":
         return [(at, _host(ctx, at, eig_state, eigvals, rows), w) for at, w in models], None
-    method, num_queries = ctx.method, ctx.config.score.num_queries
-    operator = None
-    if method.kind is Kind.OPERATOR:
-        operator = method.operator(ctx, models[-1][0], eig_state.get("operator"))
+    num_queries = ctx.config.score.num_queries
+    operator = operator_of(ctx, models[-1][0], eig_state)
     stacked = sharding.stacked_shardings(ctx.vector_sh)
     concat = jax.jit(
         lambda *trees: jax.tree.map(lambda *x: jnp.concatenate(x), *trees), out_shardings=stacked
     )
-    eigen_inverse = jax.jit(
-        lambda g, lam, v: scoring.apply_inverse(g, lam, v, rows.sigma), out_shardings=stacked
-    )
+    inverse = Preconditioner(ctx, eig_state, eigvals, rows.sigma, rows.intrinsic, operator)
     weighted = []
     for at, weight in models:
         tangents = []
@@ -135,14 +131,78 @@ def build(
         if rows.validation:
             tangents.append(mean_gradient(ctx, at))
         if tangents and operator is not None:  # one solve for all of them
-            tangents = [operator.solve(concat(*tangents) if len(tangents) > 1 else tangents[0])]
-        elif rows.validation and rows.intrinsic:  # H = σI: P v̄ = v̄ / σ
-            tangents[-1] = jax.tree.map(lambda x: x / rows.sigma, tangents[-1])
-        elif rows.validation:
-            tangents[-1] = eigen_inverse(eig_state["eigvecs"], jnp.asarray(eigvals), tangents[-1])
+            tangents = [inverse(concat(*tangents) if len(tangents) > 1 else tangents[0])]
+        elif rows.validation:  # P v̄
+            tangents[-1] = inverse(tangents[-1])
         vectors = concat(eig_state["eigvecs"], *tangents) if tangents else eig_state["eigvecs"]
         weighted.append((at, vectors, weight))
     return weighted, operator
+
+
+def operator_of(ctx: Context, params: Any, eig_state: dict[str, Any]) -> Operator | None:
+    """The ``Operator`` P of an ``OPERATOR`` method at ``params`` (its fitted state, if any,
+    from ``eig_state``); None for the other kinds."""
+    if ctx.method.kind is not Kind.OPERATOR:
+        return None
+    return ctx.method.operator(ctx, params, eig_state.get("operator"))
+
+
+class Preconditioner:
+    """``P(vectors)``: P v for each row of stacked ``vectors`` laid out like G, P the method's
+    approximation of H⁻¹ (``methods/base.py``), so that ⟨∇ℓ(x), P v⟩ is the influence of x on
+    whatever v is the gradient of (Koh & Liang 2017, eq. 2): the mean validation loss
+    (``score.validation``), a query's loss (``jobs.explain``). By kind:
+
+    - ``OPERATOR``: ``operator.solve(v)``;
+    - ``GRADIENT`` (``intrinsic``: H = σI, σ the method's own): v / σ;
+    - ``EIGENPAIR``: Gᵀ diag(1/λ) G v, plus (v − GᵀG v)/σ with the tail's σ
+      (``influence.scoring.apply_inverse``), λ the eigenvalues as scored (damping added).
+    """
+
+    def __init__(
+        self,
+        ctx: Context,
+        eig_state: dict[str, Any],
+        eigvals: np.ndarray,
+        sigma: float | None,
+        intrinsic: bool,
+        operator: Operator | None,
+    ) -> None:
+        self._operator, self._intrinsic, self._sigma = operator, intrinsic, sigma
+        self._eigvecs, self._eigvals = eig_state["eigvecs"], jnp.asarray(eigvals)
+        self._inverse = jax.jit(
+            lambda g, lam, v: scoring.apply_inverse(g, lam, v, sigma),
+            out_shardings=sharding.stacked_shardings(ctx.vector_sh),
+        )
+
+    def __call__(self, vectors: Any) -> Any:
+        if self._operator is not None:
+            return self._operator.solve(vectors)
+        if self._intrinsic:  # H = σI: P v = v / σ
+            return jax.tree.map(lambda x: x / self._sigma, vectors)
+        return self._inverse(self._eigvecs, self._eigvals, vectors)
+
+
+def method_sigma(
+    ctx: Context, eigvals: np.ndarray, eig_meta: dict[str, Any]
+) -> tuple[float | None, bool]:
+    """(σ, intrinsic): a ``GRADIENT`` method's own σ (graddot: H = I; its plain scores), else
+    ``distill.tail``'s σ beside the plain scores (None without a tail); a σ the tail cannot
+    have is a one-line ``InputError``."""
+    if ctx.method.kind is Kind.GRADIENT:
+        return ctx.method.sigma, True
+    d = ctx.config.distill
+    try:
+        sigma = scoring.tail_sigma(
+            d.tail,
+            l2=ctx.config.l2,
+            damping=d.damping,
+            ritz_values=eig_meta.get("all_ritz_values", []),
+            top_k=eigvals.size,
+        )
+    except ValueError as e:
+        raise InputError(str(e)) from e
+    return sigma, False
 
 
 def _host(

@@ -30,11 +30,9 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from checkpoints import fingerprint
-from influence import scoring
-from methods.base import Context, Kind
+from methods.base import Context
 from parallel import products, sharding
 from runtime import failpoints, finite, outputs, preemption, prefetch, workdir
-from runtime.errors import InputError
 from scoring import parts, queries, row_layout, schedule, tangents
 from stages import artifacts, blocks, checks
 from stages.setup import context
@@ -94,22 +92,7 @@ def run(config: ml_collections.ConfigDict, directory: epath.PathLike) -> None:
 def _layout(ctx: Context, eigvals: np.ndarray, eig_meta: dict[str, Any]) -> row_layout.Layout:
     """The rows' layout: σ of the method itself (graddot: H = I) makes the plain scores; else
     distill.tail's σ adds the *_tail columns beside them."""
-    intrinsic = ctx.method.kind is Kind.GRADIENT
-    d = ctx.config.distill
-    try:
-        sigma = (
-            ctx.method.sigma
-            if intrinsic
-            else scoring.tail_sigma(
-                d.tail,
-                l2=ctx.config.l2,
-                damping=d.damping,
-                ritz_values=eig_meta.get("all_ritz_values", []),
-                top_k=eigvals.size,
-            )
-        )
-    except ValueError as e:
-        raise InputError(str(e)) from e
+    sigma, intrinsic = tangents.method_sigma(ctx, eigvals, eig_meta)
     return tangents.layout(ctx, eigvals.size, sigma, intrinsic)
 
 

@@ -33,6 +33,9 @@ Metrics = Callable[[Any, Mapping[str, jax.Array]], dict[str, jax.Array]]
 CorpusMetrics = Callable[[Any, Source], dict[str, float]]
 TrainLoss = Callable[[Any, Mapping[str, jax.Array]], tuple[jax.Array, Any]]
 Augment = Callable[[Columns, np.ndarray], Columns]
+PerTokenLoss = Callable[[Any, Mapping[str, jax.Array]], jax.Array]
+QueryFromText = Callable[[Any, str, str | None, int], Columns]
+TokenTexts = Callable[[Columns], list[list[str]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +87,18 @@ class Task:
         believe a score (the report's galleries, ``stages/gallery.py``): 'caption' (one string
         per example: the given label, the prediction ...) and 'image' ((n, H, W) or (n, H, W, C)
         arrays) or 'text' (strings); None: the report shows ids and scores only.
+      per_token_loss: (params, batch) → (batch_size, length) losses whose rows sum to
+        ``per_example_loss``: each column a token's share of the example's loss (0 where a
+        token carries none). Influence splits over them exactly (``influence/tokens.py``);
+        None: the task's loss has no tokens.
+      query_from_text: (params, prompt, answer or None, steps) → the columns of ONE example
+        whose loss ``jobs.explain`` explains: the model inputs and 'continuation' (the text the
+        loss is on: the given ``answer``, or the model's greedy continuation of ``prompt`` of at
+        most ``steps`` tokens). A prompt the task cannot use (empty, too long) is a
+        ``DataError`` of one line; None: the task cannot be explained from text.
+      token_texts: (host columns of some examples) → for each, the text of its tokens in order,
+        one string per column of ``per_token_loss`` up to its last real token (what the
+        explanations print beside each token's score).
     """
 
     name: str
@@ -106,6 +121,9 @@ class Task:
     augment: Augment | None = None
     param_rank: Callable[[str], Any] | None = None
     describe: Callable[[Any, Columns], dict[str, Any]] | None = None
+    per_token_loss: PerTokenLoss | None = None
+    query_from_text: QueryFromText | None = None
+    token_texts: TokenTexts | None = None
 
     def model_inputs(self, columns: Columns) -> dict[str, np.ndarray]:
         """The columns a loss evaluation needs (what gets sharded onto devices)."""

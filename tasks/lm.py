@@ -40,6 +40,7 @@ from checkpoints import fingerprint
 from tasks import facts as facts_lib
 from tasks.base import Task
 from tasks.gpt import PRESETS, Gpt, GptConfig
+from tasks.lm_prompts import Prompts
 from tasks.permutation import Permutation
 from tasks.sources import Columns, DataError
 from tasks.tokenizer import Tokenizer, tokenizer_for
@@ -245,6 +246,17 @@ def per_token_losses(model: Gpt, params, batch) -> tuple[jax.Array, jax.Array, j
     return logits, ce, mask / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1.0)
 
 
+def make_per_token_loss(model: Gpt):
+    """(params, batch) → (batch, length) token shares w_t · ce_t of the per-example loss (its
+    rows sum to it): what influence is split over by token (``influence/tokens.py``)."""
+
+    def per_token_loss(params, batch) -> jax.Array:
+        _, ce, weights = per_token_losses(model, params, batch)
+        return ce * weights
+
+    return per_token_loss
+
+
 def make_losses(model: Gpt):
     def per_example_loss(params, batch) -> jax.Array:
         _, ce, weights = per_token_losses(model, params, batch)
@@ -278,6 +290,7 @@ def get_task(config: ml_collections.ConfigDict, workdir: epath.Path) -> Task:
     tokenizer = tokenizer_for(directory, expected, texts, d.vocab_size, d.max_len)
     model = Gpt(model_config(config, tokenizer.vocab_size))
     per_example_loss, metrics = make_losses(model)
+    prompts = Prompts(model, tokenizer)
 
     def init_params(key: jax.Array):
         return model.init(key, jnp.ones((1, d.max_len), jnp.int32))["params"]
@@ -306,6 +319,9 @@ def get_task(config: ml_collections.ConfigDict, workdir: epath.Path) -> Task:
         describe=describe,
         param_rank=_rank,
         fingerprint={"tokenizer": fingerprint.content(tokenizer.proto)},
+        per_token_loss=make_per_token_loss(model),
+        query_from_text=prompts.query_from_text,
+        token_texts=prompts.token_texts,
     )
 
 

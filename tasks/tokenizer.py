@@ -67,6 +67,11 @@ class Tokenizer:
             )
         return out
 
+    def pieces(self, ids: list[int]) -> list[str]:
+        """Each id's text as it reads in the decoded string: SentencePiece's word-start mark
+        (U+2581) as a space, EOS as its piece name."""
+        return [self._sp.id_to_piece(int(i)).replace("\u2581", " ") for i in ids]
+
     def decode(self, ids: np.ndarray) -> list[str]:
         """Token ids back to text, up to the first EOS."""
         rows = []

@@ -255,6 +255,19 @@ def make_losses(model: Transformer) -> tuple[Callable, Callable]:
     return per_example_loss, metrics
 
 
+def make_per_token_loss(model: Transformer) -> Callable:
+    """(params, batch) → (batch, length) each target token's share ce_t / n of the per-example
+    loss (n its non-padding target tokens): the rows sum to it (``Task.per_token_loss``)."""
+
+    def per_token_loss(params, batch) -> jax.Array:
+        logits = model.apply({"params": params}, batch["inputs"], batch["targets"])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        mask = (batch["targets"] > 0).astype(jnp.float32)
+        return ce * mask / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1.0)
+
+    return per_token_loss
+
+
 def greedy_translate(model: Transformer, params, inputs: jax.Array, max_len: int) -> jax.Array:
     """Greedy decoding: (batch, max_len) target ids, argmax token by token, each sentence ending
     at its first EOS (padding after). The encoder runs once; the decoder re-reads the prefix at
@@ -358,4 +371,5 @@ def get_task(config: ml_collections.ConfigDict, workdir: epath.Path) -> Task:
         corpus_metrics=corpus_metrics,
         describe=describe,
         fingerprint={"tokenizer": fingerprint.content(tokenizer.proto)},
+        per_token_loss=make_per_token_loss(model),
     )
