@@ -61,18 +61,26 @@ def ranked_retrieval(
     examples can gather: ``relevant`` the relevant examples' scores, ``above`` / ``ties`` how many
     of the ``negatives`` other examples score strictly above / equal to each.
 
-    recall@k: the fraction of relevant examples among the top k; MRR: 1 / the rank of the first
-    relevant one; AUC: the chance that a relevant example outranks another (ties count ½),
+    Ties are broken at random, in expectation: recall@k is the expected fraction of the relevant
+    examples among the top k (at most k / their number); MRR is 1 / the expected rank of the first
+    relevant one; AUC the chance that a relevant example outranks another one (ties count ½),
     equal to ``roc_auc`` over all examples.
     """
     relevant = np.asarray(relevant, np.float64)
     if relevant.size == 0:
         raise ValueError("a query without relevant examples has no retrieval metrics")
-    higher = (relevant[None, :] > relevant[:, None]).sum(axis=1)  # relevant ones above each
-    ranks = 1 + np.asarray(above) + higher
-    auc = (negatives - np.asarray(above) - 0.5 * np.asarray(ties)) / max(negatives, 1)
+    above, ties = np.asarray(above, np.float64), np.asarray(ties, np.float64)
+    pairs = relevant[None, :] - relevant[:, None]  # [i, j]: how far j scores above i
+    over = above + (pairs > 0).sum(axis=1)  # every example strictly above each relevant one
+    level = ties + (pairs == 0).sum(axis=1) - 1  # every other example tied with it
+    # Its rank is uniform over over + 1 … over + 1 + level: the chance that it is in the top k.
+    in_top = np.clip((k - over) / (level + 1), 0.0, 1.0)
+    best = int(np.argmax(relevant))  # the first relevant one: r relevant, n others at its score
+    r = int((pairs[best] == 0).sum())
+    first = over[best] + (r + ties[best] + 1) / (r + 1)
+    auc = (negatives - above - 0.5 * ties) / max(negatives, 1)
     return {
-        f"recall_at_{k}": float(np.mean(ranks <= k)),
-        "mrr": float(1.0 / ranks.min()),
+        f"recall_at_{k}": float(np.sum(in_top) / relevant.size),
+        "mrr": float(1.0 / first),
         "auc": float(np.mean(auc)),
     }
