@@ -21,9 +21,9 @@ tangents, as ``influence.scoring.make_forward_products`` does for eigenvectors.
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 
-from influence.selection import Selection, restricted
+from influence import scoring
+from influence.selection import Selection
 from influence.types import Batch, Params
 
 PerTokenLoss = Callable[[Params, Batch], jax.Array]
@@ -42,15 +42,8 @@ def make_token_products(
     The tangents span the ``selection``'s leaves: the other leaves are held fixed, i.e. their
     tangent is zero (``Selection.merge`` puts them back inside the differentiated function).
     ``tangent_chunk`` bounds memory at chunk × batch activations (``lax.map`` over chunks of
-    tangents) instead of k × batch."""
+    tangents) instead of k × batch.
 
-    def contributions(params: Params, tangents: Params, batch: Batch) -> jax.Array:
-        loss, primal = restricted(per_token_loss, params, selection)
-        _, jvp_fn = jax.linearize(lambda p: loss(p, batch), primal)
-        if tangent_chunk is None:
-            c = jax.vmap(jvp_fn)(tangents)
-        else:
-            c = jax.lax.map(jvp_fn, tangents, batch_size=tangent_chunk)
-        return jnp.swapaxes(c, 0, 1).astype(jnp.float32)
-
-    return contributions
+    It is ``make_forward_products`` on the per-token losses: that program's JVP keeps whatever
+    axes the loss returns after the example axis, here the tokens'."""
+    return scoring.make_forward_products(per_token_loss, tangent_chunk, selection)
